@@ -1,0 +1,106 @@
+"""
+One config dataclass per script, filled from a preset file and `--key=value` flags.
+
+    cfg = parse_config(Config)                 # reads sys.argv[1:]
+    python train_grpo.py config/tiny_cpu.py --lr=3e-4 --sp_size=2
+    python train_grpo.py --help                # every field, its default and its meaning
+
+A preset (config/*.py) is plain Python whose top-level assignments override fields; an assignment to a
+name that is not a field is an error (typos must not be ignored silently). The help text of a field is the
+trailing `# comment` on its line in the dataclass, so the dataclass is the single place that documents it.
+"""
+import ast
+import dataclasses
+import inspect
+import io
+import json
+import sys
+import tokenize
+import typing
+
+
+def field_comments(cls) -> dict:
+    """{field name: trailing comment} read from the dataclass source (the comment is the field's help)."""
+    comments, source = {}, inspect.getsource(cls)
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.COMMENT and i > 0:
+            line = source.splitlines()[tok.start[0] - 1].strip()
+            name = line.split(":")[0].strip()
+            if name.isidentifier() and ":" in line.split("#")[0]:
+                comments[name] = tok.string.lstrip("# ").strip()
+    return comments
+
+
+def convert(value: str, typ, name: str):
+    """Turn the text of a `--key=value` flag into the field's type; fail loudly on a mismatch."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":  # Optional[X] / X | None
+        if value.lower() in ("none", "null", ""):
+            return None
+        typ = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(typ)
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: expected true/false, got {value!r}")
+    if typ in (int, float, str):
+        try:
+            return typ(value)
+        except ValueError:
+            raise ValueError(f"--{name}: expected {typ.__name__}, got {value!r}") from None
+    if origin in (list, tuple, dict) or typ in (list, tuple, dict):  # JSON: --sizes=[64,256]
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--{name}: expected JSON, got {value!r}") from None
+        return tuple(parsed) if (origin or typ) is tuple else parsed
+    raise TypeError(f"--{name}: unsupported field type {typ}")
+
+
+def print_help(cls):
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip()
+    print(doc + "\n\nfields (preset file: name = value; command line: --name=value):")
+    comments, hints = field_comments(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        print(f"  --{f.name}={default!r}  [{type_name}]  {comments.get(f.name, '')}")
+
+
+def parse_config(cls, argv=None):
+    """Defaults <- preset file(s) (positional *.py) <- --key=value flags, in that order."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print_help(cls)
+        sys.exit(0)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        if not arg.startswith("--"):  # a preset: top-level assignments of plain Python
+            with open(arg) as fh:
+                source = fh.read()
+            scope = {}
+            exec(compile(source, arg, "exec"), {}, scope)
+            assigned = {t.id for node in ast.parse(source).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                        if isinstance(t, ast.Name)}
+            unknown = assigned - names
+            if unknown:
+                raise ValueError(f"{arg}: unknown config field(s) {sorted(unknown)}; see --help")
+            values.update({k: scope[k] for k in assigned})
+        else:
+            key, eq, value = arg[2:].partition("=")
+            if key not in names:
+                raise ValueError(f"unknown flag --{key}; see --help for the fields of {cls.__name__}")
+            values[key] = convert(value, hints[key], key) if eq else True  # a bare --flag means true
+    return cls(**values)
+
+
+def print_config(cfg):
+    """The config snapshot printed once at start-up (and saved beside the run)."""
+    for k, v in dataclasses.asdict(cfg).items():
+        print(f"  {k} = {v!r}")

@@ -1,0 +1,169 @@
+"""
+Tiny Qwen-VL models built from configs, with a byte-level BPE tokenizer trained at run time and the real
+transformers processor: the models every test and the CPU demo run on (no hub, nothing downloaded).
+
+    python data/tiny.py --out=runs/tiny-qwen2_5_vl --family=qwen2_5_vl   # writes a from_pretrained folder
+
+The folder loads with `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained`, so
+tests go through exactly the code path a real checkpoint takes. Traps handled here (notes/transformers-qwen.md):
+sum(mrope_section) == head_dim / 2; vision out_hidden_size == text hidden size; bos/eos/pad ids overridden for
+the tiny vocab; the processor's pixel budget large enough that frames already sized by data/video.py are kept.
+"""
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+# Qwen's special tokens, at fixed small ids (the order of Qwen2.5-VL's tokenizer, shifted to 0).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+                  "<|vision_pad|>", "<|VIDEO|>", "<|vision_bos|>", "<|vision_eos|>"]
+# Not special (they appear in decoded text), but single tokens so the answer format is short to learn.
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+# Qwen2.5-VL's chat template, reduced to what we use: system, user turns with text/video/image parts, assistant.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Text the BPE is trained on: our prompts, so that whole words become single tokens and prompts stay short.
+CORPUS = [
+    "You are a helpful assistant. The user asks a question, and then you solves it.",
+    "Please first think deeply about the question based on the given video, and then provide the final answer.",
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.",
+    "Question: What colour was the flash? Options: A. red B. green C. blue D. yellow",
+    "Answer with the option's letter from the given choices directly. Answer with a number.",
+    "What is the main purpose of the video? How many times does the object appear? Describe the scene.",
+    "the a an of to in is was and or what which when where who how many colour color shape count seconds",
+    "0 1 2 3 4 5 6 7 8 9 10 100 A B C D E F yes no red green blue yellow white black square circle",
+]
+
+
+def train_tokenizer(vocab_size: int = 400):
+    """Byte-level BPE trained on CORPUS, wrapped as transformers' Qwen2Tokenizer with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                             unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
+                             extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                   "vision_start_token": "<|vision_start|>",
+                                                   "vision_end_token": "<|vision_end|>"})
+    tok.add_tokens(TAG_TOKENS)
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    return tok
+
+
+@dataclass
+class TinySize:
+    hidden: int = 64            # text hidden size; also the vision tower's output size (out_hidden_size)
+    layers: int = 2             # decoder layers
+    heads: int = 4              # query heads (head_dim = hidden / heads)
+    kv_heads: int = 2           # key/value heads (GQA)
+    ffn: int = 256              # text MLP width
+    vision_hidden: int = 64     # vision tower width
+    vision_depth: int = 2       # vision blocks
+    vision_heads: int = 4       # vision attention heads
+
+
+def model_config(family: str, tok, size: TinySize = TinySize()):
+    """A transformers config for a tiny model of the given family, with the token ids of `tok`."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    head_dim = size.hidden // size.heads
+    ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
+    text = dict(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.ffn,
+                num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                max_position_embeddings=32768, tie_word_embeddings=False)
+    if family == "qwen2_5_vl":
+        t, hw = head_dim // 2 // 4, None   # mrope_section must sum to head_dim / 2: split as (t, h, w)
+        hw = (head_dim // 2 - t) // 2
+        section = [head_dim // 2 - 2 * hw, hw, hw]
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+        vision = dict(depth=size.vision_depth, hidden_size=size.vision_hidden, num_heads=size.vision_heads,
+                      intermediate_size=2 * size.vision_hidden, patch_size=14, temporal_patch_size=2,
+                      spatial_merge_size=2, window_size=112, fullatt_block_indexes=[size.vision_depth - 1],
+                      out_hidden_size=size.hidden, tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    if family == "qwen3_vl":
+        text["head_dim"] = head_dim
+        hw = (head_dim // 2) * 3 // 8
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6,
+                                   "mrope_section": [head_dim // 2 - 2 * hw, hw, hw], "mrope_interleaved": True}
+        vision = dict(depth=size.vision_depth, hidden_size=size.vision_hidden, num_heads=size.vision_heads,
+                      intermediate_size=2 * size.vision_hidden, patch_size=16, temporal_patch_size=2,
+                      spatial_merge_size=2, out_hidden_size=size.hidden, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    raise ValueError(f"unknown tiny family {family!r}; choose qwen2_5_vl or qwen3_vl")
+
+
+def make_processor(family: str, tok):
+    """The real transformers processor around our tokenizer. The pixel budget is wide so that frames which
+    data/video.py already sized to multiples of patch*merge pass through unchanged."""
+    from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLProcessor,
+                              Qwen3VLVideoProcessor)
+    size = {"shortest_edge": 28 * 28, "longest_edge": 4096 * 4096}
+    if family == "qwen2_5_vl":
+        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
+                                   video_processor=Qwen2VLVideoProcessor(size=size), tokenizer=tok,
+                                   chat_template=CHAT_TEMPLATE)
+    if family == "qwen3_vl":
+        size = {"shortest_edge": 32 * 32, "longest_edge": 4096 * 4096}
+        return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=size, patch_size=16),
+                                video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16,
+                                                                      do_sample_frames=False),
+                                tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    raise ValueError(f"unknown tiny family {family!r}")
+
+
+def make_tiny_model(out_dir: str, family: str = "qwen2_5_vl", size: TinySize = TinySize(), seed: int = 0):
+    """Build a random tiny model + tokenizer + processor and save them as a from_pretrained folder."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    model = AutoModelForImageTextToText.from_config(model_config(family, tok, size))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    make_processor(family, tok).save_pretrained(out_dir)
+    return out_dir
+
+
+@dataclass
+class TinyConfig:
+    out: str = "runs/tiny-qwen2_5_vl"   # output folder (from_pretrained-loadable)
+    family: str = "qwen2_5_vl"          # qwen2_5_vl | qwen3_vl
+    hidden: int = 64                    # text hidden size
+    layers: int = 2                     # decoder layers
+    seed: int = 0                       # weight init seed
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configurator import parse_config
+    cfg = parse_config(TinyConfig)
+    path = make_tiny_model(cfg.out, cfg.family, TinySize(hidden=cfg.hidden, layers=cfg.layers), cfg.seed)
+    print(f"wrote a tiny {cfg.family} model, tokenizer and processor to {path}")

@@ -1,0 +1,521 @@
+"""
+From (video, question) to answers: model loading, model inputs, the policy forward, two rollout engines, a CLI.
+
+    python rollout.py --model=PATH --video=clip.mp4 --question="What happens?" --num_frames=64
+    python rollout.py --model=PATH --eval=eval.jsonl --num_frames=64          # accuracy per category
+    python rollout.py --model=PATH --eval=eval.jsonl --engine=vllm            # GPU node with vllm installed
+
+Models: Qwen2.5-VL and Qwen3-VL through transformers' own classes and processors (a hub id or a local path).
+Inputs: frames decoded by data/video.py are handed to the processor *with their metadata* (without it
+Qwen2.5-VL silently assumes 24 fps); 3-D rope positions come from `rope_positions` below, which follows the
+original Qwen2.5-VL rule (transformers 5.x starts text after a video at a different position), and are passed
+explicitly everywhere, so that rollout and training log-probs agree.
+Engines: `hf_generate` (any machine: our own KV-cached decode loop, explicit positions, vision/pad tokens
+suppressed) and `VLLMEngine` (GPU nodes: one colocated vLLM per torchrun rank, sleep/wake, in-place weight
+push). Both return the same `Rollout` records. The script always prints which engine ran.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from data.datasets import Sample, format_question, load_jsonl
+
+THINK_PROMPT = (
+    "You are a helpful assistant. The user asks a question, and then you solves it.\n\n"
+    "Please first think deeply about the question based on the given video, and then provide the final answer. "
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.\n\n"
+    " Question: {question}")  # Long-RL's system_prompt_thinking, verbatim
+PLAIN_PROMPT = "{question}\nPut the final answer inside <answer> </answer> tags."
+# model_type -> frame size multiple (patch size x spatial merge)
+SUPPORTED = {"qwen2_5_vl": 28, "qwen3_vl": 32}
+SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading
+
+def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu"):
+    """(model, processor) for a supported VLM checkpoint folder or hub id."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED:
+        raise ValueError(f"{path}: model type {config.model_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED)}")
+    if dtype == "auto":
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    if attn_implementation == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            print("flash-attn is not installed: using PyTorch SDPA attention")
+            attn_implementation = "sdpa"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                        attn_implementation=attn_implementation).to(device)
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def family(model) -> str:
+    return model.config.model_type
+
+
+def token_ids(processor, tokens) -> list:
+    ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    return [i for i in ids if i is not None and i != processor.tokenizer.unk_token_id]
+
+
+def eos_ids(model, processor) -> list:
+    """Stop tokens: the tokenizer's eos plus the generation config's (Qwen: <|im_end|> and <|endoftext|>)."""
+    ids = {processor.tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model inputs
+
+@dataclass
+class Prompt:
+    """One (video, question) turned into model inputs: unpadded ids, 3-D positions and the video tensors."""
+    input_ids: torch.Tensor         # [L] long
+    positions: torch.Tensor         # [3, L] long (temporal, height, width rope positions)
+    pixel_values_videos: torch.Tensor
+    video_grid_thw: torch.Tensor    # [1, 3]
+    num_video_tokens: int
+    text: str = ""                  # the chat-templated prompt (vLLM takes this plus the frames)
+    frames: object = None           # the SampledVideo, kept for vLLM
+    sample: object = None
+
+
+def prompt_text(processor, question: str, think: bool) -> str:
+    user = (THINK_PROMPT if think else PLAIN_PROMPT).format(question=question)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": user}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def build_prompt(model, processor, question: str, video, think: bool = True, sample=None) -> Prompt:
+    """`video` is a data.video.SampledVideo (frames already sampled and resized)."""
+    text = prompt_text(processor, question, think)
+    out = processor(text=[text], videos=[video.frames], video_metadata=[video.metadata()], do_sample_frames=False,
+                    return_tensors="pt")
+    ids = out["input_ids"][0]
+    sec = out.get("second_per_grid_ts")
+    positions = rope_positions(model.config, ids, out["video_grid_thw"], None if sec is None else sec.tolist())
+    video_id = model.config.video_token_id
+    return Prompt(input_ids=ids, positions=positions, pixel_values_videos=out["pixel_values_videos"],
+                  video_grid_thw=out["video_grid_thw"], num_video_tokens=int((ids == video_id).sum()),
+                  text=text, frames=video, sample=sample)
+
+
+def load_video(path: str, cfg, model_type: str):
+    """Decode and sample one video for a model family (frame sides a multiple of its patch x merge)."""
+    from data.video import sample_frames
+    fps = cfg.fps or None  # fps, when given, takes precedence over num_frames
+    return sample_frames(path, fps=fps, num_frames=None if fps else (cfg.num_frames or None), max_frames=cfg.max_frames,
+                         max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, size_multiple=SUPPORTED[model_type])
+
+
+def rope_positions(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor, second_per_grid=None):
+    """3-D rope positions [3, L] of one unpadded sequence, by the original Qwen2.5-VL rule:
+        text token:  t = h = w = previous max + 1
+        video block: t = start + floor(i_t * second_per_grid * tokens_per_second), h = start + i_h, w = start + i_w
+                     (grid in merged tokens, start = previous max + 1)
+    Qwen3-VL puts each temporal group in its own block (timestamps between them), with i_t = 0.
+    Text after the last vision block restarts at max + 1; that is where transformers 5.x differs."""
+    merge = config.vision_config.spatial_merge_size
+    qwen3 = config.model_type == "qwen3_vl"
+    tps = getattr(config.vision_config, "tokens_per_second", 1)
+    blocks = []  # (t, h, w, seconds per temporal grid), in the order the blocks appear in the sequence
+    for v, (t, h, w) in enumerate(video_grid_thw.tolist()):
+        if qwen3:
+            blocks += [(1, h // merge, w // merge, 0.0)] * t
+        else:
+            blocks.append((t, h // merge, w // merge, 1.0 if second_per_grid is None else second_per_grid[v]))
+    ids = input_ids.tolist()
+    pos = torch.zeros(3, len(ids), dtype=torch.long)
+    i, nxt, b = 0, 0, 0
+    while i < len(ids):
+        if ids[i] == config.video_token_id:
+            t, h, w, sec = blocks[b]
+            n = t * h * w
+            ti = (torch.arange(t) * sec * tps).long().view(-1, 1, 1).expand(t, h, w).flatten()
+            hi = torch.arange(h).view(1, -1, 1).expand(t, h, w).flatten()
+            wi = torch.arange(w).view(1, 1, -1).expand(t, h, w).flatten()
+            pos[:, i:i + n] = torch.stack([ti, hi, wi]) + nxt
+            nxt = int(pos[:, i:i + n].max()) + 1
+            i, b = i + n, b + 1
+        else:
+            pos[:, i] = nxt
+            nxt, i = nxt + 1, i + 1
+    if b != len(blocks):
+        raise ValueError(f"prompt has {b} video blocks but video_grid_thw describes {len(blocks)}")
+    return pos
+
+
+def continue_positions(positions: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions of n text tokens appended after a sequence: max + 1, max + 2, ..."""
+    start = int(positions.max()) + 1 if positions.numel() else 0
+    return (torch.arange(n) + start).view(1, -1).expand(3, n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the policy forward: vision tower -> decoder hidden states -> log-probs at response positions only
+
+def encode_videos(model, prompts: list):
+    """Run the vision tower once over the videos of `prompts`; returns the model's output object whose
+    pooler_output is a tuple of per-video [tokens, hidden] tensors (Qwen3-VL also carries deepstack_features)."""
+    pixels = torch.cat([p.pixel_values_videos for p in prompts]).to(model.device)
+    grid = torch.cat([p.video_grid_thw for p in prompts]).to(model.device)
+    return model.model.get_video_features(pixels, grid, return_dict=True)
+
+
+def select_videos(feats, index: list):
+    """Features for a list of video indices (repeats allowed: n samples of one prompt share one encoding)."""
+    out = type(feats)(pooler_output=tuple(feats.pooler_output[i] for i in index))
+    if getattr(feats, "deepstack_features", None) is not None:
+        out.deepstack_features = [tuple(layer[i] for i in index) for layer in feats.deepstack_features]
+    return out
+
+
+def decoder_hidden(model, input_ids, positions, feats=None, attention_mask=None, cache=None):
+    """Decoder hidden states [B, S, H] (no lm_head: logits are made only where they are needed)."""
+    out = model.model(input_ids=input_ids, position_ids=positions, attention_mask=attention_mask,
+                      mm_encoder_outputs={"video": feats} if feats is not None else None, cache=cache,
+                      use_cache=cache is not None)
+    return out.last_hidden_state, out.cache
+
+
+def masked_logits(model, hidden, suppress_ids, temperature: float = 1.0):
+    """fp32 logits / T with the vision and pad tokens removed from the vocabulary (as at sampling time)."""
+    logits = model.lm_head(hidden).float()
+    if suppress_ids:
+        logits[..., suppress_ids] = float("-inf")
+    return logits / temperature
+
+
+def token_logprobs(model, hidden, labels, suppress_ids, temperature=1.0, chunk=1024, with_entropy=False):
+    """log p(label) for rows of `hidden` [N, H] (N = response tokens only), lm_head applied `chunk` rows at a
+    time in fp32 and recomputed in backward (checkpointed), so the memory is one chunk of [chunk, vocab]
+    logits, never [sequence, vocab]."""
+    def one_chunk(h, y):
+        logp = torch.log_softmax(masked_logits(model, h, suppress_ids, temperature), dim=-1)
+        lp = logp.gather(-1, y[:, None])[:, 0]
+        ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) if with_entropy else torch.zeros_like(lp)
+        return lp, ent
+    outs = []
+    for s in range(0, hidden.shape[0], chunk):
+        h, y = hidden[s:s + chunk], labels[s:s + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            outs.append(torch.utils.checkpoint.checkpoint(one_chunk, h, y, use_reentrant=False))
+        else:
+            outs.append(one_chunk(h, y))
+    if not outs:
+        return hidden.new_zeros(0), hidden.new_zeros(0)
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+@dataclass
+class Packed:
+    """Right-padded prompt+response sequences: causal attention then needs no mask (pads come last)."""
+    input_ids: torch.Tensor         # [B, S]
+    positions: torch.Tensor         # [3, B, S]
+    response_mask: torch.Tensor     # [B, S] bool: True at positions that *predict* a response token
+    labels: torch.Tensor            # [B, S] the next token (valid where response_mask)
+
+
+def pack(sequences: list, pad_id: int) -> Packed:
+    """sequences: (prompt ids [P], prompt positions [3, P], response ids [R]) triples."""
+    S = max(len(p) + len(r) for p, _, r in sequences)
+    B = len(sequences)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, B, S, dtype=torch.long)
+    mask = torch.zeros(B, S, dtype=torch.bool)
+    labels = torch.zeros(B, S, dtype=torch.long)
+    for b, (p, ppos, r) in enumerate(sequences):
+        r = torch.as_tensor(r, dtype=torch.long)
+        P, R = len(p), len(r)
+        ids[b, :P], ids[b, P:P + R] = p, r
+        pos[:, b, :P], pos[:, b, P:P + R] = ppos, continue_positions(ppos, R)
+        mask[b, P - 1:P + R - 1] = True        # position P-1+j predicts response token j
+        labels[b, P - 1:P + R - 1] = r
+    return Packed(ids, pos, mask, labels)
+
+
+def response_logprobs(model, packed: Packed, feats, suppress_ids, temperature=1.0, chunk=1024, with_entropy=False):
+    """Flat log-probs (and entropies) of all response tokens of a packed batch, in row-major order."""
+    dev = model.lm_head.weight.device
+    hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats)
+    mask = packed.response_mask.to(dev)
+    return token_logprobs(model, hidden[mask], packed.labels.to(dev)[mask], suppress_ids, temperature, chunk,
+                          with_entropy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the HF engine: our own decode loop with a KV cache, explicit 3-D positions and left padding
+
+@dataclass
+class Rollout:
+    prompt_index: int               # which prompt of the batch this answers
+    prompt_ids: list
+    response_ids: list              # up to and including the stop token
+    text: str
+    logprobs: list = None           # log p(token) under log_softmax(logits / T) at sampling time
+    finished: bool = True           # False: cut at max_new_tokens
+
+
+def all_ranks_done(done: torch.Tensor) -> bool:
+    """Under FSDP every rank must run the same number of forwards: stop only when all ranks are done."""
+    import torch.distributed as dist
+    flag = done.all().to(torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = flag.cpu() if dist.get_backend() == "gloo" else flag
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+@torch.no_grad()
+def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                max_new_tokens: int = 256, seed: int = 0, feats=None) -> list:
+    """n samples for each prompt. temperature 0 = greedy. Returns len(prompts) * n Rollouts, grouped by prompt.
+    The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
+    truncation), which is exactly what the training forward recomputes."""
+    dev = model.lm_head.weight.device
+    pad_id = processor.tokenizer.pad_token_id
+    stop, suppress = eos_ids(model, processor), token_ids(processor, SUPPRESS_TOKENS) + [pad_id]
+    suppress = [i for i in suppress if i not in stop]
+    feats = encode_videos(model, prompts) if feats is None else feats
+    order = [i for i in range(len(prompts)) for _ in range(n)]
+    B, L = len(order), max(len(prompts[i].input_ids) for i in order)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, B, L, dtype=torch.long)
+    attn = torch.zeros(B, L, dtype=torch.long)
+    for b, i in enumerate(order):  # left padding: every prompt ends at column L-1
+        p = prompts[i]
+        ids[b, L - len(p.input_ids):], pos[:, b, L - len(p.input_ids):] = p.input_ids, p.positions
+        attn[b, L - len(p.input_ids):] = 1
+    ids, pos, attn = ids.to(dev), pos.to(dev), attn.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    from transformers import DynamicCache
+    hidden, cache = decoder_hidden(model, ids, pos, select_videos(feats, order), attn,
+                                   DynamicCache(config=model.config.get_text_config()))
+    next_pos = pos.amax(dim=(0, 2)) + 1          # [B]
+    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    out_lp = torch.zeros(B, max_new_tokens, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    lengths = torch.full((B,), max_new_tokens, device=dev)
+    stop_t = torch.tensor(stop, device=dev)
+    for t in range(max_new_tokens):
+        logits = masked_logits(model, hidden[:, -1], suppress, temperature if temperature > 0 else 1.0)
+        logp = torch.log_softmax(logits, dim=-1)
+        if temperature <= 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = logp.exp()
+            if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                sp, si = probs.sort(dim=-1, descending=True)
+                drop = (sp.cumsum(-1) - sp) > top_p
+                probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
+            tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        out_ids[:, t], out_lp[:, t] = tok, logp.gather(-1, tok[:, None])[:, 0]
+        newly = ~done & torch.isin(tok, stop_t)
+        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+        done |= newly
+        if all_ranks_done(done) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], dim=1)
+        step_pos = next_pos.view(1, B, 1).expand(3, B, 1)
+        hidden, cache = decoder_hidden(model, tok[:, None], step_pos, None, attn, cache)
+        next_pos = next_pos + 1
+    results = []
+    for b, i in enumerate(order):
+        k = int(lengths[b])
+        resp = out_ids[b, :k].tolist()
+        results.append(Rollout(prompt_index=i, prompt_ids=prompts[i].input_ids.tolist(), response_ids=resp,
+                               text=processor.tokenizer.decode(resp, skip_special_tokens=True),
+                               logprobs=out_lp[b, :k].tolist(), finished=bool(done[b])))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the vLLM engine (GPU nodes): one colocated engine per torchrun rank, asleep while the trainer works.
+# Written against the API that vLLM 0.24 and 0.33 share (notes/vllm.md); executed with 0.24.0 (README).
+
+class VLLMEngine:
+    def __init__(self, model_path: str, gpu_memory_utilization: float = 0.5, max_model_len: int = 32768,
+                 seed: int = 0, max_frames: int = 768, enforce_eager: bool = False, sleep_level: int = 1):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights by reference
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise SystemExit("--engine=vllm needs vllm (pip install vllm on a GPU node); --engine=hf works anywhere")
+        import torch.distributed as dist
+        multi = dist.is_initialized() and dist.get_world_size() > 1
+        self.sleep_level = sleep_level  # 1 keeps weights in CPU memory; 2 leaves garbage in any weight not pushed
+        self.llm = LLM(model=model_path, enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
+                       max_model_len=max_model_len, seed=seed, dtype="bfloat16", enforce_eager=enforce_eager,
+                       limit_mm_per_prompt={"video": 1, "image": 0},
+                       # every rank builds its own engine together with the others (external_launcher)
+                       distributed_executor_backend="external_launcher" if multi else None,
+                       # log-probs after temperature: log_softmax(logits / T), what the trainer recomputes
+                       logprobs_mode="processed_logprobs")
+        self.tokenizer = self.llm.get_tokenizer()
+        self.asleep = False
+
+    def generate(self, prompts: list, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0, suppress_ids=()):
+        from vllm import SamplingParams
+        if self.asleep:
+            self.wake()
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
+                                seed=seed, logit_bias={int(i): -100.0 for i in suppress_ids} or None)
+        requests = [{"prompt": p.text, "multi_modal_data": {"video": [(p.frames.frames, {
+            **p.frames.metadata(), "do_sample_frames": False})]}} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for i, (p, out) in enumerate(zip(prompts, outputs)):
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                results.append(Rollout(prompt_index=i, prompt_ids=p.input_ids.tolist(), response_ids=ids,
+                                       text=o.text, logprobs=[lp[t].logprob for lp, t in zip(o.logprobs, ids)],
+                                       finished=o.finish_reason == "stop"))
+        return results
+
+    def update_weights(self, named_tensors):
+        """Wake the weights, copy the new ones in place (HF names; vLLM fuses q/k/v and gate/up itself), drop
+        every cache computed with the old weights, then wake the KV cache. Never call reload_weights without an
+        iterator after a push: that reloads the checkpoint from disk."""
+        self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        if hasattr(self.llm.llm_engine, "reset_encoder_cache"):  # vision features of the old vision tower
+            self.llm.llm_engine.reset_encoder_cache()
+        self.llm.wake_up(tags=["kv_cache"])
+        self.asleep = False
+
+    def sleep(self):
+        self.llm.sleep(level=self.sleep_level)
+        self.asleep = True
+
+    def wake(self):
+        self.llm.wake_up()
+        self.asleep = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation and the command line
+
+def prepare_prompts(model, processor, samples: list, cfg, think: bool, skipped: list):
+    """Prompts for the samples whose video decodes; a bad video is skipped, counted and named, never fatal."""
+    prompts = []
+    for s in samples:
+        try:
+            video = load_video(s.video, cfg, family(model))
+        except (ValueError, OSError) as e:
+            skipped.append(f"{s.source or s.video}: {e}")
+            continue
+        prompts.append(build_prompt(model, processor, format_question(s), video, think, sample=s))
+    return prompts
+
+
+def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval") -> dict:
+    """Greedy answers for every sample; accuracy overall and per category; predictions and skipped videos."""
+    from tqdm import tqdm
+    from data.rewards import compute_rewards
+    preds, skipped = [], []
+    for start in tqdm(range(0, len(samples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
+        prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
+                                  skipped)
+        if not prompts:
+            continue
+        if engine is not None:
+            outs = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+        else:
+            outs = hf_generate(model, processor, prompts, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+        scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],
+                                 think=cfg.think)
+        for o, acc, fmt in zip(outs, scores["accuracy"], scores["format"]):
+            s = prompts[o.prompt_index].sample
+            preds.append({**s.to_dict(), "response": o.text, "correct": float(acc), "format": float(fmt)})
+    by_cat = {}
+    for p in preds:
+        by_cat.setdefault(p["category"] or "all", []).append(p["correct"])
+    acc = sum(p["correct"] for p in preds) / max(len(preds), 1)
+    return {"accuracy": acc, "format": sum(p["format"] for p in preds) / max(len(preds), 1),
+            "per_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())}, "num_scored": len(preds),
+            "skipped": skipped, "predictions": preds}
+
+
+@dataclass
+class RolloutConfig:
+    model: str = ""                 # checkpoint folder or hub id (Qwen2.5-VL, Qwen3-VL)
+    video: str = ""                 # a video to ask one question about
+    question: str = ""              # the question for --video
+    eval: str = ""                  # an eval jsonl (data/datasets.py format): accuracy per category
+    out: str = ""                   # predictions jsonl for --eval (default: <eval>.predictions.jsonl)
+    engine: str = "hf"              # hf (any machine) | vllm (GPU node with vllm installed)
+    think: bool = True              # Long-RL's think/answer system prompt (use_thinking)
+    fps: float = 0.0                # sample frames at this rate (exclusive with num_frames)
+    num_frames: int = 32            # sample this many frames uniformly over the video (0: use fps)
+    max_frames: int = 768           # cap on sampled frames (up to 8192)
+    max_pixels: int = 448 * 448     # pixel budget per frame (frames are resized as they are decoded)
+    min_pixels: int = 28 * 28       # smallest frame area
+    temperature: float = 0.0        # 0 = greedy
+    top_p: float = 1.0              # nucleus sampling mass
+    max_new_tokens: int = 1024      # response length cap
+    eval_batch_size: int = 8        # prompts per generation batch
+    dtype: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (if installed) | eager
+    device: str = "auto"            # auto | cpu | cuda
+    gpu_memory_utilization: float = 0.6  # vLLM: fraction of the whole GPU for weights + KV cache
+    max_model_len: int = 32768      # vLLM: longest prompt + response
+    seed: int = 0                   # sampling seed
+    progress: bool = True           # tqdm progress bars
+
+
+def main(cfg: RolloutConfig):
+    if not cfg.model or not (cfg.eval or (cfg.video and cfg.question)):
+        raise SystemExit("give --model and either --eval=FILE or --video=FILE --question=TEXT (see --help)")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    model, processor = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, device)
+    model.eval()
+    engine = None
+    if cfg.engine == "vllm":
+        engine = VLLMEngine(cfg.model, cfg.gpu_memory_utilization, cfg.max_model_len, cfg.seed, cfg.max_frames)
+    print(f"engine: {'vLLM' if engine else 'HF (transformers, our KV-cached decode loop)'}; device {device}; "
+          f"attention {model.config._attn_implementation}")
+    if cfg.eval:
+        t0 = time.time()
+        res = evaluate(model, processor, load_jsonl(cfg.eval), cfg, engine)
+        out = cfg.out or cfg.eval.rsplit(".", 1)[0] + ".predictions.jsonl"
+        with open(out, "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in res["predictions"])
+        for line in res["skipped"]:
+            print(f"skipped: {line}")
+        print(f"accuracy {res['accuracy']:.3f} on {res['num_scored']} samples ({len(res['skipped'])} skipped), "
+              f"format {res['format']:.3f}, {time.time() - t0:.1f} s; predictions: {out}")
+        for cat, acc in res["per_category"].items():
+            print(f"  {cat}: {acc:.3f}")
+        return res
+    video = load_video(cfg.video, cfg, family(model))
+    prompt = build_prompt(model, processor, cfg.question, video, cfg.think)
+    print(f"{len(video.frames)} frames of {video.frames.shape[2]}x{video.frames.shape[1]} -> "
+          f"{prompt.num_video_tokens} video tokens, prompt {len(prompt.input_ids)} tokens")
+    gen = engine.generate if engine else lambda ps, **kw: hf_generate(model, processor, ps, **kw)
+    out = gen([prompt], n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+              seed=cfg.seed)[0]
+    print(out.text)
+    return out
+
+
+if __name__ == "__main__":
+    from configurator import parse_config
+    main(parse_config(RolloutConfig))

@@ -1,0 +1,173 @@
+"""
+rollout.py: model inputs, our 3-D rope positions, the HF engine, log-prob agreement, CLI and eval.
+    python -m pytest tests/test_rollout.py -q
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import rollout
+from data.datasets import Sample
+from data.tiny import make_tiny_model
+from data.video import sample_frames, write_video
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny Qwen2.5-VL and Qwen3-VL folders, loaded back with from_pretrained."""
+    out = {}
+    for fam in ("qwen2_5_vl", "qwen3_vl"):
+        path = make_tiny_model(str(tmp_path_factory.mktemp(fam)), fam, seed=0)
+        model, processor = rollout.load_model(path)
+        out[fam] = (path, model.eval(), processor)
+    return out
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (frames, size) in enumerate([(16, 64), (8, 64), (12, 96)]):
+        p = str(d / f"v{i}.mp4")
+        write_video(p, (rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(frames)), fps=4)
+        paths.append(p)
+    return paths
+
+
+class VideoCfg:
+    fps, num_frames, max_frames, max_pixels, min_pixels = 0.0, 8, 64, 64 * 64, 28 * 28
+
+
+def prompts_for(model, processor, paths, question="What colour was the flash?"):
+    fam = rollout.family(model)
+    return [rollout.build_prompt(model, processor, question, rollout.load_video(p, VideoCfg, fam)) for p in paths]
+
+
+def suppress_ids(model, processor):
+    stop = rollout.eos_ids(model, processor)
+    return [i for i in rollout.token_ids(processor, rollout.SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id]
+            if i not in stop]
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
+def test_video_token_count_matches_sampled_frames(tiny, videos, fam):
+    _, model, processor = tiny[fam]
+    for p in prompts_for(model, processor, videos):
+        T, H, W = p.frames.frames.shape[:3]
+        unit = rollout.SUPPORTED[fam]  # one merged token covers unit x unit pixels of 2 frames
+        assert p.num_video_tokens == (T // 2) * (H // unit) * (W // unit)
+        assert p.positions.shape == (3, len(p.input_ids))
+
+
+def test_rope_positions_hand_computed(tiny):
+    """Original Qwen2.5-VL rule on a hand-made sequence: 2 text, one video block (t=2, h=2, w=2 merged),
+    2 text. tokens_per_second=2 and 1 s per temporal grid -> temporal ids 0 and 2."""
+    _, model, _ = tiny["qwen2_5_vl"]
+    V = model.config.video_token_id
+    ids = torch.tensor([10, 11] + [V] * 8 + [12, 13])
+    grid = torch.tensor([[2, 4, 4]])  # in patches; merged 2x2 -> h = w = 2
+    pos = rollout.rope_positions(model.config, ids, grid, [1.0])
+    start = 2
+    expected_t = [0, 1] + [start + x for x in [0, 0, 0, 0, 2, 2, 2, 2]] + [5, 6]
+    expected_h = [0, 1] + [start + x for x in [0, 0, 1, 1, 0, 0, 1, 1]] + [5, 6]
+    expected_w = [0, 1] + [start + x for x in [0, 1, 0, 1, 0, 1, 0, 1]] + [5, 6]
+    assert pos.tolist() == [expected_t, expected_h, expected_w]
+    # a slower video (2 s per temporal grid) spreads the temporal ids further: 0 and 4
+    pos2 = rollout.rope_positions(model.config, ids, grid, [2.0])
+    assert pos2[0, 6].item() == start + 4 and pos2[0, -2].item() == start + 5
+
+
+def test_rope_positions_equal_transformers_for_qwen3(tiny, videos):
+    """Qwen3-VL's blocks have t = 1, where the original rule and transformers' coincide."""
+    _, model, processor = tiny["qwen3_vl"]
+    p = prompts_for(model, processor, videos[:1])[0]
+    ids = p.input_ids[None]
+    mm = (ids == model.config.video_token_id).int() * 2
+    ref, _ = model.model.get_rope_index(ids, mm, video_grid_thw=p.video_grid_thw)
+    assert torch.equal(ref[:, 0], p.positions)
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
+def test_sampling_reproducible_and_logprobs_match_forward(tiny, videos, fam):
+    _, model, processor = tiny[fam]
+    prompts = prompts_for(model, processor, videos)
+    a = rollout.hf_generate(model, processor, prompts, n=3, temperature=1.0, max_new_tokens=10, seed=5)
+    b = rollout.hf_generate(model, processor, prompts, n=3, temperature=1.0, max_new_tokens=10, seed=5)
+    c = rollout.hf_generate(model, processor, prompts, n=3, temperature=1.0, max_new_tokens=10, seed=6)
+    assert [o.response_ids for o in a] == [o.response_ids for o in b]
+    assert [o.response_ids for o in a] != [o.response_ids for o in c]
+    assert [o.prompt_index for o in a] == [i for i in range(3) for _ in range(3)]
+    # the sampling log-probs equal a fresh training-style forward over prompt + response
+    seqs = [(prompts[o.prompt_index].input_ids, prompts[o.prompt_index].positions, o.response_ids) for o in a]
+    packed = rollout.pack(seqs, processor.tokenizer.pad_token_id)
+    feats = rollout.select_videos(rollout.encode_videos(model, prompts), [o.prompt_index for o in a])
+    with torch.no_grad():
+        lp, _ = rollout.response_logprobs(model, packed, feats, suppress_ids(model, processor))
+    ref = torch.tensor([x for o in a for x in o.logprobs])
+    assert lp.shape == ref.shape
+    assert torch.allclose(lp, ref, atol=1e-4)
+
+
+def test_generated_tokens_never_vision_or_pad(tiny, videos):
+    _, model, processor = tiny["qwen2_5_vl"]
+    prompts = prompts_for(model, processor, videos)
+    outs = rollout.hf_generate(model, processor, prompts, n=4, temperature=1.5, max_new_tokens=24, seed=0)
+    banned = set(suppress_ids(model, processor))
+    assert not banned & {t for o in outs for t in o.response_ids}
+
+
+def test_mixed_length_batch_equals_one_at_a_time(tiny, videos):
+    _, model, processor = tiny["qwen2_5_vl"]
+    prompts = prompts_for(model, processor, videos)
+    prompts[1] = prompts_for(model, processor, videos[1:2], question="How many?")[0]  # a shorter prompt
+    assert len({len(p.input_ids) for p in prompts}) > 1
+    batch = rollout.hf_generate(model, processor, prompts, n=1, temperature=0.0, max_new_tokens=12)
+    single = [rollout.hf_generate(model, processor, [p], n=1, temperature=0.0, max_new_tokens=12)[0] for p in prompts]
+    assert [o.response_ids for o in batch] == [o.response_ids for o in single]
+
+
+def test_response_logprobs_never_touch_prompt_positions(tiny, videos):
+    """lm_head must only see response rows: count its input rows."""
+    _, model, processor = tiny["qwen2_5_vl"]
+    prompts = prompts_for(model, processor, videos[:1])
+    packed = rollout.pack([(prompts[0].input_ids, prompts[0].positions, [20, 21, 22])], 0)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    rollout.response_logprobs(model, packed, rollout.encode_videos(model, prompts), [], chunk=2)
+    hook.remove()
+    assert rows == [2, 1]
+
+
+def test_unsupported_model_type_lists_supported(tmp_path):
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="qwen2_5_vl, qwen3_vl"):
+        rollout.load_model(str(tmp_path))
+
+
+def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
+    path, _, _ = tiny["qwen2_5_vl"]
+    cfg = rollout.RolloutConfig(model=path, video=videos[0], question="What colour was the flash?", num_frames=8,
+                                max_new_tokens=8, max_pixels=64 * 64, progress=False)
+    out = rollout.main(cfg)
+    assert isinstance(out, rollout.Rollout) and "video tokens" in capsys.readouterr().out
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01not a video" * 100)
+    rows = [{"video": v, "problem": "q?", "options": ["A. red", "B. green"], "answer": "A",
+             "problem_type": "multiple_choice", "category": cat} for v, cat in zip(videos, ["Temporal", "Spatial", "Temporal"])]
+    rows += [{"video": "missing.mp4", "problem": "q?", "answer": "B", "problem_type": "multiple_choice"},
+             {"video": "corrupt.mp4", "problem": "q?", "answer": "B", "problem_type": "multiple_choice"}]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = rollout.main(rollout.RolloutConfig(model=path, eval=str(eval_file), num_frames=8, max_new_tokens=8,
+                                             max_pixels=64 * 64, eval_batch_size=2, progress=False))
+    assert res["num_scored"] == 3 and len(res["skipped"]) == 2
+    assert any("missing.mp4" in s for s in res["skipped"]) and any("corrupt.mp4" in s for s in res["skipped"])
+    assert set(res["per_category"]) == {"Temporal", "Spatial"}
+    preds = [json.loads(line) for line in open(tmp_path / "eval.predictions.jsonl")]
+    assert len(preds) == 3 and all("response" in p for p in preds)
+    printed = capsys.readouterr().out
+    assert "2 skipped" in printed and "engine: HF" in printed

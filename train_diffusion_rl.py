@@ -1,0 +1,609 @@
+"""
+Flow-GRPO: RL for flow-matching image/video diffusion models (SD3/SD3.5, Wan2.1) as one explicit loop.
+Re-creates yifan123/flow_grpo (scripts/train_sd3.py, train_wan2_1.py, diffusers_patch/sd3_sde_with_logprob.py),
+which Long-RL runs inside verl (verl/workers/diffusion_helper.py, dp_actor.py `update_policy_diffusion`).
+
+    python train_diffusion_rl.py config/tiny_image_cpu.py       # CPU demo: tiny SD3 built from configs, redness
+    python train_diffusion_rl.py config/tiny_video_cpu.py       # tiny Wan2.1, 9-frame 64x64 clips
+    torchrun --standalone --nproc_per_node=8 train_diffusion_rl.py config/sd3_5_medium_flow_grpo.py --model=/ckpt/sd35m
+    torchrun --standalone --nproc_per_node=8 train_diffusion_rl.py config/wan2_1_flow_grpo.py --model=/ckpt/wan2.1-1.3b
+    python train_diffusion_rl.py config/sd3_5_medium_flow_grpo.py --bench   # 1 GPU: time one step, random init
+    python train_diffusion_rl.py --help                                      # every config field
+
+One step: G samples per prompt with the SDE sampler (latents + per-step log-probs stored) -> rewards -> advantages
+(r - group mean) / (std + 1e-4) -> per trained timestep: recompute the log-prob with the current transformer,
+clipped-ratio loss (+ beta KL to the reference), backward -> one AdamW step -> log, eval, checkpoint.
+Deliberate deviations: follow Flow-GRPO, not Long-RL (which resets the scheduler inside every SDE step, trains only
+step 0, uses one group per batch); CFG is one forward on cat[uncond, cond] for Wan too (upstream: two passes); one
+optimizer step per sampling step (upstream: several, off-policy after the first, hence the ratio clip); no EMA;
+the Fast window is drawn once per step for all samples; eval is an Euler ODE (eta=0) for both kinds.
+Expected (CPU demo, 2 cores, seed 0): held-out ODE redness -0.009 -> 0.45 in ~3.5 min; grid in
+runs/diffusion_tiny_image/before_after.png (top: before, bottom: after).
+"""
+import copy
+import io
+import json
+import math
+import os
+import random
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from configurator import parse_config, print_config
+from train_grpo import (Dist, barrier, init_distributed, latest_checkpoint, load_checkpoint, print0,
+                        save_checkpoint, wrap_fsdp)
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = "runs/diffusion_tiny_image"  # run dir: checkpoints, metrics.jsonl, eval grids
+    model: str = ""  # diffusers pipeline folder (from_pretrained); "" = build the tiny one into out_dir
+    kind: str = "sd3"  # sd3 (StableDiffusion3Pipeline, images) | wan (WanPipeline, videos)
+    prompts: str = ""  # training prompts, one a line; "" = built-in synthetic prompts
+    eval_prompts: str = ""  # held-out prompts, one a line; "" = built-in held-out prompts
+    num_eval_prompts: int = 16  # held-out prompts used per eval (multiple of the world size)
+    # sampling
+    height: int = 32  # pixels
+    width: int = 32  # pixels
+    num_frames: int = 9  # wan only: 4k+1 frames
+    max_sequence_length: int = 128  # T5 tokens (SD3 128, Wan 512)
+    num_steps: int = 10  # SDE sampling steps for training (Flow-GRPO 10; Wan 20)
+    eval_num_steps: int = 40  # Euler ODE steps at eval (eta = 0)
+    eta: float = 0.7  # SD3 SDE noise level a in sigma_t = a*sqrt(sigma/(1-sigma)); Wan uses sigmas[1]*sigma if > 0
+    guidance_scale: float = 4.5  # CFG weight at sampling AND training (<= 1: no CFG)
+    sde_window_size: int = 0  # Flow-GRPO-Fast: SDE only in a random window of this many steps, ODE elsewhere; 0 = off
+    sde_window_range: tuple = (0, 5)  # the window lies inside steps [lo, hi)
+    # GRPO
+    prompts_per_step: int = 8  # distinct prompts per step, over all ranks (multiple of the world size)
+    group_size: int = 8  # samples per prompt (G); Flow-GRPO 16-24 (SD3), 4 (Wan)
+    sample_batch_size: int = 64  # per-rank samples per sampling forward (x2 with CFG)
+    train_batch_size: int = 64  # per-rank samples per training micro-batch
+    updates_per_step: int = 1  # optimizer steps per sampling round; all but the first are off-policy (ratio clip acts)
+    timestep_fraction: float = 0.99  # train the first int(T*fraction) SDE steps: 0..T-2 (the sharp last one skipped)
+    clip_range: float = 1e-4  # PPO ratio clip eps (SD3 1e-4, Wan 1e-3, Fast 1e-5)
+    adv_clip_max: float = 5.0  # advantages clipped to [-x, x]
+    global_std: bool = True  # advantage std over all rewards of the step (SD3) vs per group (Wan)
+    beta: float = 0.0  # KL weight to the reference (0.01-0.04 SD3, 0.004 Wan); 0 = no reference model
+    reward: str = "redness"  # redness | brightness | jpeg | clip | aesthetic
+    reward_model: str = ""  # CLIP folder (CLIPModel.from_pretrained) for reward=clip|aesthetic
+    aesthetic_head: str = ""  # state-dict file of the LAION aesthetic MLP (on CLIP image embeddings)
+    # model + optim
+    lora_rank: int = 0  # 0 = train the full transformer; >0 = peft LoRA (Flow-GRPO r=32)
+    lora_alpha: int = 64  # LoRA alpha
+    lr: float = 3e-4  # AdamW learning rate (Flow-GRPO LoRA 3e-4; Wan 1e-4)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    grad_clip: float = 1.0  # max grad norm
+    max_steps: int = 200  # RL steps (one sampling round + one optimizer step each)
+    # system
+    seed: int = 0  # everything random derives from it (rank-offset)
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = False  # bf16 compute (FSDP2 mixed precision, frozen encoders/VAE in bf16); fp32 master weights
+    gradient_checkpointing: bool = False  # recompute transformer blocks in backward
+    eval_every: int = 50  # steps between held-out evals (also at step 0 and the end); 0 = never
+    ckpt_every: int = 50  # steps between checkpoints (also at the end)
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    bench: bool = False  # time one step of a random-init SD3.5-medium / Wan2.1-1.3B-shaped transformer (GPU), exit
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiny pipelines built from configs (tests, CPU demo): saved to a folder and loaded by path like a real one.
+
+ANIMALS = "cat dog fox owl horse rabbit bear deer duck frog lion tiger".split()
+PLACES = ["in a forest", "on a beach", "in the snow", "in a city", "on a hill", "by a lake"]
+PROMPTS = [f"a photo of a {a} {p}" for a in ANIMALS for p in PLACES]  # 72; a fixed 16 are held out
+
+
+def tiny_tokenizer(max_len: int):
+    """WordLevel tokenizer over the built-in prompts' words, <s> ... </s> added (no tokenizer files offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + words)}, "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=max_len)
+
+
+def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
+    """The tiny SD3 / Wan pipelines of notes/flow-grpo.md section 5, random init (seed 0), save_pretrained'd."""
+    import diffusers as D
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
+                              UMT5Config, UMT5EncoderModel)
+    t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000,
+              feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if kind == "sd3":
+            clip = lambda: CLIPTextModelWithProjection(CLIPTextConfig(  # noqa: E731
+                hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                vocab_size=1000, bos_token_id=0, pad_token_id=1, eos_token_id=2, max_position_embeddings=77))
+            pipe = D.StableDiffusion3Pipeline(
+                transformer=D.SD3Transformer2DModel(
+                    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+                    num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                    pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
+                scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                vae=D.AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                    layers_per_block=1, latent_channels=16, norm_num_groups=4, use_quant_conv=False,
+                                    use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+                text_encoder=clip(), tokenizer=tiny_tokenizer(16), text_encoder_2=clip(), tokenizer_2=tiny_tokenizer(16),
+                text_encoder_3=T5EncoderModel(T5Config(**t5)), tokenizer_3=tiny_tokenizer(512))
+        else:
+            pipe = D.WanPipeline(
+                transformer=D.WanTransformer3DModel(
+                    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+                    text_dim=64, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                    qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+                scheduler=D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+                vae=D.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                       temperal_downsample=[False, True, True]),
+                text_encoder=UMT5EncoderModel(UMT5Config(**t5)), tokenizer=tiny_tokenizer(512))
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model: diffusers pipeline by path; text encoders + VAE frozen; only the transformer trains (full or LoRA), FSDP2.
+
+def load_pipeline(path: str, cfg: Config, d: Dist):
+    """-> pipe, transformer (trainable, maybe peft-wrapped, maybe FSDP2), ref (frozen copy for KL, or None)."""
+    from diffusers import StableDiffusion3Pipeline, WanPipeline
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    pipe = (StableDiffusion3Pipeline if cfg.kind == "sd3" else WanPipeline).from_pretrained(path, torch_dtype=dtype)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval().to(d.device)
+    transformer, ref = pipe.transformer.float(), None  # fp32 master weights; bf16 compute comes from FSDP2
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    if cfg.lora_rank > 0:  # reference = the same model under peft's disable_adapter()
+        from peft import LoraConfig, get_peft_model
+        names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        targets = [f"attn.{n}" for n in names] if cfg.kind == "sd3" else names  # cf. flow_grpo train_sd3 / train_wan2_1
+        transformer = get_peft_model(transformer, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                             init_lora_weights="gaussian", target_modules=targets))
+    else:
+        transformer.requires_grad_(True)
+        if cfg.beta > 0:
+            ref = copy.deepcopy(transformer).requires_grad_(False)
+    blocks = lambda m: [b for n, b in m.named_modules() if re.fullmatch(r"(.*\.)?(transformer_)?blocks\.\d+", n)]  # noqa
+    transformer = wrap_fsdp(transformer, blocks(transformer), d, cfg.bf16)
+    ref = wrap_fsdp(ref, blocks(ref), d, cfg.bf16) if ref is not None else None
+    return pipe, transformer, ref
+
+
+def embedder(pipe, cfg: Config, device):
+    """prompts -> {"embeds": (B,L,D), "pooled": (B,D) SD3 only}; each prompt goes through the text encoders once."""
+    cache = {}
+
+    @torch.no_grad()
+    def embed(prompts):
+        new = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if new and cfg.kind == "sd3":  # CLIP-L + CLIP-G + T5 -> (B, 77+T5 tokens, 4096), pooled (B, 2048)
+            e, _, pooled, _ = pipe.encode_prompt(new, None, None, device=device, do_classifier_free_guidance=False,
+                                                 max_sequence_length=cfg.max_sequence_length)
+            cache.update({p: {"embeds": e[i].cpu(), "pooled": pooled[i].cpu()} for i, p in enumerate(new)})
+        elif new:  # UMT5 -> (B, max_sequence_length, 4096)
+            e, _ = pipe.encode_prompt(new, do_classifier_free_guidance=False, device=device,
+                                      max_sequence_length=cfg.max_sequence_length)
+            cache.update({p: {"embeds": e[i].cpu()} for i, p in enumerate(new)})
+        return {k: torch.stack([cache[p][k] for p in prompts]).to(device) for k in cache[prompts[0]]}
+    return embed
+
+
+def schedule(scheduler, num_steps: int):
+    """sigmas (T+1 floats, 1 -> 0, shift 3) and the model's timesteps (T,) of the checkpoint's own scheduler."""
+    scheduler.set_timesteps(num_steps, device="cpu")
+    return scheduler.sigmas.tolist(), scheduler.timesteps.float()
+
+
+def latent_shape(pipe, cfg: Config):
+    if cfg.kind == "sd3":  # (C, H/f, W/f)
+        return (pipe.transformer.config.in_channels, cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor)
+    f_t, f_s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial  # (C, (F-1)/4+1, H/8, W/8)
+    return (pipe.vae.config.z_dim, (cfg.num_frames - 1) // f_t + 1, cfg.height // f_s, cfg.width // f_s)
+
+
+@torch.no_grad()
+def decode(pipe, x0, kind: str):
+    """latents -> images (B,3,H,W) or videos (B,F,3,H,W) in [0, 1] with the frozen VAE."""
+    vae = pipe.vae
+    if kind == "sd3":
+        img = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor).sample
+    else:
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x0)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(x0)
+        img = vae.decode((x0 * std + mean).to(vae.dtype)).sample.transpose(1, 2)  # (B,3,F,H,W) -> (B,F,3,H,W)
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the SDE step with its log-prob (flow_grpo diffusers_patch/sd3_sde_with_logprob.py), sampling, velocity with CFG
+
+def sde_std(sigmas, i: int, eta: float, kind: str) -> float:
+    """sigma_t of step i; 0 means the Euler ODE step."""
+    sigma = sigmas[i]
+    if eta == 0:
+        return 0.0
+    if kind == "wan":  # sigmas[-1] + (sigmas[1] - sigmas[-1]) * sigma, with sigmas[-1] = 0
+        return sigmas[1] * sigma
+    return eta * math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma)))  # sigma==1 guard: else 1/0 = inf
+
+
+def sde_step(x, v, sigma: float, sigma_next: float, std_t: float, x_next=None):
+    """x_{t-1} ~ N(mean, (std_t sqrt(-dt))^2) -> (x_next, log-prob per sample (B,), mean). Draws x_next if not given."""
+    x, v = x.float(), v.float()  # fp32: bf16 overflows in the log-prob
+    dt = sigma_next - sigma  # < 0: sigma runs 1 -> 0
+    mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    if std_t == 0:  # ODE: x + v dt, no log-prob
+        return mean, torch.zeros(x.shape[0], device=x.device), mean
+    s = std_t * math.sqrt(-dt)  # std of the transition
+    if x_next is None:
+        x_next = mean + s * torch.randn(x.shape).to(x)  # CPU RNG: same on any device, restored by --resume
+    logp = -(x_next.detach() - mean) ** 2 / (2 * s**2) - math.log(s) - math.log(math.sqrt(2 * math.pi))
+    return x_next, logp.mean(dim=tuple(range(1, x.dim()))), mean  # MEAN over C,(F,)H,W, constants kept
+
+
+def velocity(transformer, x, t, cond: dict, uncond: dict, guidance: float):
+    """v = v_u + w (v_c - v_u): one forward on cat[uncond, cond]; v is the flow velocity (noise - x0)."""
+    if guidance > 1:
+        x = torch.cat([x, x])
+        cond = {k: torch.cat([uncond[k].expand_as(c), c]) for k, c in cond.items()}
+    extra = {"pooled_projections": cond["pooled"]} if "pooled" in cond else {}
+    v = transformer(hidden_states=x, timestep=t.expand(x.shape[0]).to(x.device),
+                    encoder_hidden_states=cond["embeds"], return_dict=False, **extra)[0].float()
+    if guidance > 1:
+        v_u, v_c = v.chunk(2)
+        v = v_u + guidance * (v_c - v_u)
+    return v
+
+
+@torch.no_grad()
+def sample(transformer, cond, uncond, noise, sigmas, timesteps, cfg: Config, sde_js):
+    """SDE at the steps in sde_js, ODE elsewhere -> all latents (B,T+1,...) and log-probs (B,T) (0 at ODE steps)."""
+    x, xs, logps = noise, [noise], []
+    for i in range(len(timesteps)):
+        v = velocity(transformer, x, timesteps[i], cond, uncond, cfg.guidance_scale)
+        std_t = sde_std(sigmas, i, cfg.eta, cfg.kind) if i in sde_js else 0.0
+        x, logp, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], std_t)
+        xs.append(x)
+        logps.append(logp)
+    return torch.stack(xs, 1), torch.stack(logps, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rewards: programmatic ones need nothing; CLIP score / aesthetic load a CLIPModel (and an MLP head) by path
+
+REWARDS = ("redness", "brightness", "jpeg", "clip", "aesthetic")
+
+
+def load_clip_scorer(path: str, head_path: str, device):
+    """(images (N,3,H,W) in [0,1], prompts) -> CLIP cosine(image, prompt), or the aesthetic MLP on the image embedding."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, CLIPModel
+    model, tok = CLIPModel.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
+    size = model.config.vision_config.image_size
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)  # OpenAI CLIP pixel stats
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
+    head = None
+    if head_path:  # LAION aesthetic predictor v2 layout (keys layers.0/2/4/6/7), as in DDPO / flow_grpo
+        d = model.config.projection_dim
+        head = torch.nn.Sequential(torch.nn.Linear(d, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
+                                   torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
+                                   torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+        sd = torch.load(head_path, map_location="cpu", weights_only=True)
+        head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})
+        head = head.to(device).eval()
+
+    @torch.no_grad()
+    def score(images, prompts):
+        px = F.interpolate(images.to(device), size=(size, size), mode="bicubic", antialias=True)
+        img = F.normalize(model.get_image_features(pixel_values=(px - mean) / std).pooler_output, dim=-1)
+        if head is not None:
+            return head(img).squeeze(-1)
+        ids = tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
+        txt = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
+        return (img * txt).sum(-1)
+    return score
+
+
+def make_reward_fn(cfg: Config, device):
+    """(images (B,3,H,W) or videos (B,F,3,H,W) in [0,1], prompts) -> rewards (B,); a video scores its frames' mean."""
+    from PIL import Image
+    assert cfg.reward in REWARDS, f"reward must be one of {REWARDS}"
+    scorer = load_clip_scorer(cfg.reward_model, cfg.aesthetic_head, device) if cfg.reward in ("clip", "aesthetic") else None
+
+    def jpeg_kb(img):  # DDPO's jpeg_compressibility: -(JPEG size in kB)
+        buf = io.BytesIO()
+        Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).save(buf, format="JPEG", quality=95)
+        return buf.tell() / 1000
+
+    def reward_fn(images, prompts):
+        n_f = images.shape[1] if images.dim() == 5 else 1
+        img = images.flatten(0, 1) if images.dim() == 5 else images  # (B*F, 3, H, W)
+        if cfg.reward == "redness":
+            r = img[:, 0].mean((1, 2)) - img[:, 1:].mean((1, 2, 3))  # mean R - mean (G+B)/2, in [-1, 1]
+        elif cfg.reward == "brightness":
+            r = img.mean((1, 2, 3))
+        elif cfg.reward == "jpeg":
+            r = torch.tensor([-jpeg_kb(im) for im in img])
+        else:
+            r = scorer(img, [p for p in prompts for _ in range(n_f)])
+        return r.float().to(device).view(-1, n_f).mean(1)
+    return reward_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GRPO on the denoising chain
+
+def compute_advantages(rewards, global_std: bool, clip: float):
+    """rewards (P, G), one row per prompt -> A = clip((r - mean_row) / (std + 1e-4), +-clip); std (ddof 0) over
+    ALL rewards of the step (global_std, Flow-GRPO SD3) or over the row (Wan)."""
+    std = rewards.std(unbiased=False) if global_std else rewards.std(1, unbiased=False, keepdim=True)
+    return ((rewards - rewards.mean(1, keepdim=True)) / (std + 1e-4)).clamp(-clip, clip)
+
+
+def flow_grpo_loss(transformer, ref, x, x_next, logp_old, adv, j, cond, uncond, sigmas, timesteps, cfg: Config):
+    """Clipped-ratio policy loss (+ beta KL to the reference) of one micro-batch at denoising step j."""
+    std_t, dt = sde_std(sigmas, j, cfg.eta, cfg.kind), sigmas[j + 1] - sigmas[j]
+    v = velocity(transformer, x, timesteps[j], cond, uncond, cfg.guidance_scale)
+    _, logp, mean = sde_step(x, v, sigmas[j], sigmas[j + 1], std_t, x_next)  # same x_next as sampled
+    ratio = torch.exp(logp - logp_old)  # r = p_theta(x_next|x) / p_old(x_next|x), per sample (B,)
+    eps = cfg.clip_range
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()  # mean(max(-A r, -A clip(r, 1-eps, 1+eps)))
+    if cfg.kind == "wan":
+        pg = pg * std_t / math.sqrt(-dt)  # train_wan2_1.py weighting sigma_t / sqrt(-dt)
+    kl = torch.zeros((), device=x.device)
+    if cfg.beta > 0:
+        with torch.no_grad(), (transformer.disable_adapter() if ref is None else nullcontext()):
+            v_ref = velocity(ref if ref is not None else transformer, x, timesteps[j], cond, uncond, cfg.guidance_scale)
+        _, _, mean_ref = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], std_t, x_next)
+        var = std_t**2 * (-dt if cfg.kind == "wan" else 1.0)  # SD3: sigma_t^2 (upstream); Wan: the exact (sigma_t^2 |dt|)
+        kl = (((mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.dim()))) / (2 * var)).mean()  # beta*mean((mu-mu_ref)^2)/(2 var)
+    stats = {"clipfrac": ((ratio - 1).abs() > eps).float().mean().item(), "ratio_mean": ratio.mean().item(),
+             "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item(),
+             "approx_kl": 0.5 * ((logp - logp_old) ** 2).mean().item(), "kl": kl.item(), "policy_loss": pg.item()}
+    return pg + cfg.beta * kl, stats
+
+
+def gather(t):
+    """all_gather along dim 0 (identity on one process)."""
+    if not dist.is_initialized():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def save_grid(images, path: str, ncol: int = 8):
+    """(N,3,H,W) or (N,F,3,H,W) in [0,1] -> PNG; a video becomes one row: its frames side by side."""
+    from PIL import Image
+    if images.dim() == 5:
+        images, ncol = torch.cat(images.unbind(1), dim=-1), 1  # (N, 3, H, F*W)
+    n, _, h, w = images.shape
+    rows = math.ceil(n / ncol)
+    grid = torch.ones(3, rows * (h + 2), ncol * (w + 2))
+    for i, im in enumerate(images.cpu()):
+        r, c = divmod(i, ncol)
+        grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = im
+    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+@torch.no_grad()
+def evaluate(pipe, transformer, prompts, embed, uncond, reward_fn, shape, cfg: Config, d: Dist, path: str):
+    """Held-out prompts, Euler ODE (eta=0), eval_num_steps, the same noise at every eval -> mean reward, grid PNG."""
+    sigmas, timesteps = schedule(pipe.scheduler, cfg.eval_num_steps)
+    noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
+    mine, rewards, images = list(range(d.rank, len(prompts), d.world_size)), [], []
+    for b in range(0, len(mine), cfg.sample_batch_size):
+        idx = mine[b:b + cfg.sample_batch_size]
+        ps = [prompts[i] for i in idx]
+        xs, _ = sample(transformer, embed(ps), uncond, noise[idx].to(d.device), sigmas, timesteps,
+                       replace(cfg, eta=0.0), sde_js=())
+        images.append(decode(pipe, xs[:, -1], cfg.kind))
+        rewards.append(reward_fn(images[-1], ps))
+    if d.is_main:
+        save_grid(torch.cat(images), path)
+    return gather(torch.cat(rewards)).mean().item()
+
+
+def read_prompts(cfg: Config):
+    """(train, held-out) prompt lists: from files, or the built-in ones split by a fixed shuffle."""
+    if cfg.prompts:
+        train = [line.strip() for line in open(cfg.prompts) if line.strip()]
+        held = [line.strip() for line in open(cfg.eval_prompts or cfg.prompts) if line.strip()]
+        return train, held[:cfg.num_eval_prompts]
+    shuffled = random.Random(0).sample(PROMPTS, len(PROMPTS))
+    return shuffled[16:], shuffled[:16][:cfg.num_eval_prompts]
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(cfg: Config):
+    d = init_distributed(cfg.device)
+    random.seed(cfg.seed + d.rank)
+    np.random.seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed + d.rank)
+    W, G = d.world_size, cfg.group_size
+    P = cfg.prompts_per_step // W  # prompts per rank; each rank holds whole groups
+    N = P * G  # samples per rank per step
+    assert cfg.prompts_per_step % W == 0 and N % cfg.sample_batch_size == 0
+    assert N % (cfg.updates_per_step * cfg.train_batch_size) == 0, "each update takes whole micro-batches"
+    assert cfg.num_eval_prompts % W == 0, "every rank must run the same number of eval forwards"
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if d.is_main:
+        print_config(cfg)
+    path = cfg.model or os.path.join(cfg.out_dir, f"tiny_{cfg.kind}_pipeline")
+    if not cfg.model and d.is_main and not os.path.exists(path):
+        make_tiny_pipeline(path, cfg.kind)
+    barrier()
+    pipe, transformer, ref = load_pipeline(path, cfg, d)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    train_prompts, eval_prompts = read_prompts(cfg)
+    embed, reward_fn, shape = embedder(pipe, cfg, d.device), make_reward_fn(cfg, d.device), latent_shape(pipe, cfg)
+    uncond = embed([""])  # the negative prompt "" for CFG, encoded once
+    sigmas, timesteps = schedule(pipe.scheduler, cfg.num_steps)
+    T = len(timesteps)
+    n_train = cfg.sde_window_size or int(T * cfg.timestep_fraction)
+    print0(f"{N * W} samples/step ({cfg.prompts_per_step} prompts x G={G}), {n_train} of {T} steps trained, "
+           f"{cfg.updates_per_step} update(s)/step, "
+           f"{sum(p.numel() for p in params) / 1e6:.3f}M trainable params, latents {shape}, sigmas {np.round(sigmas, 4)}")
+    state = {"step": 0, "eval_before": None, "eval_last": None}
+    if cfg.resume and latest_checkpoint(cfg.out_dir):
+        state = load_checkpoint(latest_checkpoint(cfg.out_dir), transformer, optimizer)  # weights, Adam, RNG
+        print0(f"resumed from {latest_checkpoint(cfg.out_dir)} at step {state['step']}")
+    run_eval = lambda s: evaluate(pipe, transformer, eval_prompts, embed, uncond, reward_fn, shape, cfg, d,  # noqa
+                                  os.path.join(cfg.out_dir, f"eval_{s:06d}.png"))
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if d.is_main else None
+    if state["step"] == 0 and cfg.eval_every > 0:
+        state["eval_before"] = run_eval(0)
+        print0(f"eval before training: reward {state['eval_before']:.4f} (ODE, {cfg.eval_num_steps} steps)")
+        log and log.write(json.dumps({"step": 0, "eval_reward": state["eval_before"]}) + "\n")
+    bar = tqdm(range(state["step"], cfg.max_steps), disable=not d.is_main, initial=state["step"], total=cfg.max_steps)
+    for step in bar:
+        t0 = time.time()
+        # ---- sample: P prompts x G samples on this rank; SDE in the window (Fast) or everywhere, ODE elsewhere
+        pick = np.random.default_rng([cfg.seed, step]).choice(len(train_prompts), cfg.prompts_per_step, replace=False)
+        prompts = [train_prompts[i] for i in pick[d.rank * P:(d.rank + 1) * P] for _ in range(G)]  # data pos = f(step)
+        if cfg.sde_window_size > 0:  # train_sd3_fast.py: start ~ U{lo, hi - size}
+            start = random.randint(cfg.sde_window_range[0], cfg.sde_window_range[1] - cfg.sde_window_size)
+            sde_js = list(range(start, start + cfg.sde_window_size))
+        else:
+            sde_js = list(range(T))
+        train_js = sde_js[:n_train]  # default: steps 0..T-2 (the very sharp last step is skipped)
+        cond = embed(prompts)
+        xs, logps, images = [], [], []
+        for b in range(0, N, cfg.sample_batch_size):
+            mb = slice(b, b + cfg.sample_batch_size)
+            noise = torch.randn(cfg.sample_batch_size, *shape).to(d.device)  # CPU RNG, restored on --resume
+            x, lp = sample(transformer, {k: c[mb] for k, c in cond.items()}, uncond, noise, sigmas, timesteps, cfg, sde_js)
+            xs.append(x)  # (b, T+1, *latent): x_T ... x_0
+            logps.append(lp)  # (b, T) fp32, logp_old
+            images.append(decode(pipe, x[:, -1], cfg.kind))
+        xs, logps, images = torch.cat(xs), torch.cat(logps), torch.cat(images)
+        t1 = time.time()
+        # ---- reward + advantage
+        rewards = reward_fn(images, prompts)  # (N,)
+        all_rewards = gather(rewards).view(-1, G)  # (prompts_per_step, G), rank-major rows
+        adv = compute_advantages(all_rewards, cfg.global_std, cfg.adv_clip_max)[d.rank * P:(d.rank + 1) * P].flatten()
+        t2 = time.time()
+        # ---- train: recompute log p at the stored (x_j, t_j, x_j+1) with the current model; grads accumulate over
+        # micro-batches x trained steps, then a clipped AdamW step (updates_per_step of them per sampling round)
+        per_update = N // cfg.updates_per_step  # samples per optimizer step
+        n_acc, stats = (per_update // cfg.train_batch_size) * len(train_js), []
+        for b in range(0, N, cfg.train_batch_size):
+            mb, update = slice(b, b + cfg.train_batch_size), (b + cfg.train_batch_size) % per_update == 0
+            for k, j in enumerate(train_js):
+                if hasattr(transformer, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last backward only
+                    transformer.set_requires_gradient_sync(update and k == len(train_js) - 1)
+                loss, st = flow_grpo_loss(transformer, ref, xs[mb, j], xs[mb, j + 1], logps[mb, j], adv[mb], j,
+                                          {kk: c[mb] for kk, c in cond.items()}, uncond, sigmas, timesteps, cfg)
+                (loss / n_acc).backward()
+                stats.append(st)
+            if update:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        t3 = time.time()
+        # ---- log + eval + ckpt
+        m = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+             **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "grad_norm": grad_norm.item(),
+             "sde_window": [sde_js[0], sde_js[-1]], "t_sample": t1 - t0, "t_reward": t2 - t1, "t_train": t3 - t2}
+        if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            m["eval_reward"] = state["eval_last"] = run_eval(step + 1)
+        if d.is_main:
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m['clipfrac']:.2f}",
+                            **({"eval": f"{m['eval_reward']:.3f}"} if "eval_reward" in m else {}))
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(cfg.out_dir, step + 1, transformer, optimizer, {k: state[k] for k in ("eval_before", "eval_last")},
+                            cfg.keep_last)
+    if d.is_main and state["eval_before"] is not None and state.get("eval_last") is not None:
+        print(f"held-out {cfg.reward} (ODE, {cfg.eval_num_steps} steps): before {state['eval_before']:.4f} -> "
+              f"after {state['eval_last']:.4f}")
+        stack_pngs([os.path.join(cfg.out_dir, f"eval_{s:06d}.png") for s in (0, cfg.max_steps)],
+                   os.path.join(cfg.out_dir, "before_after.png"))
+    return pipe, transformer
+
+
+def stack_pngs(paths, out: str):
+    """Stack PNGs vertically (top: before, bottom: after) with a white gap."""
+    from PIL import Image
+    ims = [Image.open(p).convert("RGB") for p in paths]
+    canvas = Image.new("RGB", (max(i.width for i in ims), sum(i.height for i in ims) + 8 * (len(ims) - 1)), "white")
+    for k, im in enumerate(ims):
+        canvas.paste(im, (0, sum(i.height + 8 for i in ims[:k])))
+    canvas.save(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench: one step of a random-init transformer of the real shape (no download), on one GPU
+
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))  # stabilityai/stable-diffusion-3.5-medium transformer
+WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                  text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)  # Wan2.1-T2V-1.3B-Diffusers
+
+
+def bench_step(cfg: Config):
+    """Time sampling (B=sample_batch_size) and the update (B=train_batch_size, all trained steps) once warm."""
+    import diffusers as D
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    t = (D.SD3Transformer2DModel(**SD35_MEDIUM) if cfg.kind == "sd3" else D.WanTransformer3DModel(**WAN21_1_3B))
+    t = t.to(d.device)
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+        names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+        t = get_peft_model(t, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                         target_modules=[f"attn.{n}" for n in names] if cfg.kind == "sd3" else names))
+    if cfg.gradient_checkpointing:
+        t.enable_gradient_checkpointing()
+    t = wrap_fsdp(t, [b for n, b in t.named_modules() if re.fullmatch(r"(.*\.)?(transformer_)?blocks\.\d+", n)], d, cfg.bf16)
+    params = [p for p in t.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    sched = (D.FlowMatchEulerDiscreteScheduler(shift=3.0) if cfg.kind == "sd3" else
+             D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+    sigmas, timesteps = schedule(sched, cfg.num_steps)
+    f = 8  # real VAEs: x8 spatial (x4 temporal for Wan)
+    shape = ((16, cfg.height // f, cfg.width // f) if cfg.kind == "sd3" else
+             (16, (cfg.num_frames - 1) // 4 + 1, cfg.height // f, cfg.width // f))
+    L = 77 + cfg.max_sequence_length if cfg.kind == "sd3" else cfg.max_sequence_length
+    emb = lambda b: {"embeds": torch.randn(b, L, 4096, device=d.device),  # noqa: E731
+                     **({"pooled": torch.randn(b, 2048, device=d.device)} if cfg.kind == "sd3" else {})}
+    B, Bt, uncond = cfg.sample_batch_size, cfg.train_batch_size, emb(1)
+    js = list(range(cfg.sde_window_size or int(len(timesteps) * cfg.timestep_fraction)))
+    for it in range(2):  # warm-up, then timed
+        torch.cuda.synchronize(); t0 = time.time()  # noqa: E702
+        xs, lps = sample(t, emb(B), uncond, torch.randn(B, *shape, device=d.device), sigmas, timesteps, cfg, range(len(timesteps)))
+        torch.cuda.synchronize(); t1 = time.time()  # noqa: E702
+        for j in js:
+            loss, _ = flow_grpo_loss(t, None, xs[:Bt, j], xs[:Bt, j + 1], lps[:Bt, j], torch.randn(Bt, device=d.device),
+                                     j, emb(Bt), uncond, sigmas, timesteps, replace(cfg, beta=0.0))
+            (loss / len(js)).backward()
+        opt.step(); opt.zero_grad(); torch.cuda.synchronize()  # noqa: E702
+        print0(f"[{it}] sample {B}x{len(timesteps)} steps (CFG {cfg.guidance_scale}): {t1 - t0:.2f}s | train {Bt}x{len(js)} "
+               f"steps: {time.time() - t1:.2f}s | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB | "
+               f"{sum(p.numel() for p in t.parameters()) / 1e9:.2f}B params, {sum(p.numel() for p in params) / 1e6:.1f}M trained")
+
+
+if __name__ == "__main__":
+    config = parse_config(Config)
+    bench_step(config) if config.bench else main(config)

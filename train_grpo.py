@@ -1,0 +1,785 @@
+"""
+GRPO / DAPO / Reinforce++ for video VLMs, as one explicit loop (re-creates NVlabs' Long-RL, itself EasyR1/verl).
+
+    python train_grpo.py config/tiny_cpu.py                        # CPU demo: synthetic task, tiny model, ~5 min
+    torchrun --standalone --nproc_per_node=8 train_grpo.py config/qwen2_5_vl_3b_grpo.py --data=train.jsonl
+    torchrun --nproc_per_node=8 train_grpo.py config/qwen2_5_vl_7b_grpo.py --sp_size=4  # long videos, Ulysses SP
+    python train_grpo.py --help                                    # every config field
+
+One step: rollout n answers per prompt (rollout.py: HF engine, or colocated vLLM) -> rewards (data/rewards.py)
+-> advantages over each group -> old/ref log-probs -> clipped policy-gradient update(s) under FSDP2 -> push the
+new weights into vLLM -> log + checkpoint. Deliberate choices (vs. verl): no Ray, no trainer class; log-probs
+only at response positions (lm_head in chunks, never full-vocabulary logits over the prompt); training
+sequences are right-padded so causal attention needs no mask; each token is counted once in the loss
+normalisation, on the rank that holds it (see `token_normaliser`).
+"""
+import glob
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed set-up: torchrun env vars -> process group -> device. One process without torchrun works too.
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPU, gloo on CPU. Multi-node is plain torchrun."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    dev = f"cuda:{local}" if use_cuda else "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device(dev) if use_cuda else None)
+    return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def wrap_fsdp(model: torch.nn.Module, units, d: Dist, bf16: bool):
+    """FSDP2: fully_shard each unit (a module, or a list of modules sharded as one group), then the root.
+    A unit's weights are gathered when its forward runs, so anything called directly (not through the root's
+    forward) must be a unit. Parameters stay fp32 (the optimizer's master copy); with bf16 the forward and
+    backward compute in bf16 and gradients are reduced in fp32."""
+    if d.world_size == 1 and not bf16:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not dist.is_initialized():  # one GPU without torchrun: FSDP2 still needs a (size-1) process group
+        dist.init_process_group("gloo" if d.device == "cpu" else "nccl", rank=0, world_size=1,
+                                init_method=f"file:///tmp/longrl-pg-{os.getpid()}")
+    mesh = init_device_mesh("cuda" if d.device.startswith("cuda") else "cpu", (d.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+class Root(torch.nn.Module):
+    """The FSDP2 root. A unit's weights are gathered only while its forward runs, and our code calls the model's
+    parts directly (the vision tower once per prompt, the decoder, lm_head on chosen rows only), so the root's
+    forward simply runs a function on the model: `policy(fn, *args)` == `fn(model, *args)` with every weight
+    that no decoder layer or vision block owns (embeddings, norms, merger, lm_head) gathered meanwhile."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def vlm_units(model) -> list:
+    """FSDP2 units of a Qwen-VL model: each decoder layer and each vision block (the rest stays with the root)."""
+    return [*model.model.language_model.layers, *model.model.visual.blocks]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints: torch.distributed.checkpoint (sharded, reshardable), written to DIR/step_N.tmp then renamed, so
+# a stopped run never leaves a half-written checkpoint that --resume would pick up.
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, keep_last: int = 2):
+    """Model + optimizer (sharded), each rank's RNG states, and `state` (data position, step, metrics...)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final, tmp = os.path.join(out_dir, f"step_{step:08d}"), os.path.join(out_dir, f"step_{step:08d}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "step": step}, f)
+    barrier()
+    if rank == 0:
+        os.replace(tmp, final)  # atomic on one filesystem
+        for old in sorted(glob.glob(os.path.join(out_dir, "step_????????")))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def latest_checkpoint(out_dir: str):
+    done = sorted(glob.glob(os.path.join(out_dir, "step_????????")))  # *.tmp folders are never matched
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG; return the saved `state` dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    sd = {"model": model_sd, "optim": optim_sd}
+    dcp.load(sd, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_file):  # absent when resuming on more ranks than were saved: RNG then starts fresh
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config: every field overridable as --key=value or from a preset in config/ (python train_grpo.py --help)
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = "runs/grpo"          # checkpoints, metrics.jsonl, eval predictions, learning curve
+    resume: bool = False                # continue from the newest complete checkpoint in out_dir
+    save_every: int = 50                # steps between checkpoints (and one at the end)
+    keep_last: int = 2                  # checkpoints kept on disk
+    # data
+    data: str = ""                      # training jsonl (data/datasets.py format)
+    eval_data: str = ""                 # held-out jsonl, evaluated greedily every eval_every steps
+    synthetic: bool = False             # make the synthetic flash-colour task (and a tiny model) if missing
+    synthetic_frames: int = 64          # synthetic: frames per video
+    synthetic_train: int = 1024         # synthetic: training videos
+    synthetic_eval: int = 256           # synthetic: held-out videos (balanced answers)
+    fps: float = 0.0                    # frame sampling rate (takes precedence over num_frames when > 0)
+    num_frames: int = 64                # frames sampled uniformly over each video
+    max_frames: int = 768               # cap on sampled frames (up to 8192)
+    max_pixels: int = 448 * 448         # pixel budget per frame
+    min_pixels: int = 28 * 28           # smallest frame area
+    think: bool = True                  # Long-RL's think/answer prompt; format reward needs <think> too
+    # model
+    model: str = ""                     # checkpoint folder / hub id; empty with synthetic=True: a tiny model
+    dtype: str = "auto"                 # parameters' dtype: auto = float32 (FSDP2 mixed precision computes bf16)
+    bf16: bool = True                   # on GPU: bf16 compute with fp32 master weights and fp32 grad reduction
+    attn_implementation: str = "sdpa"   # sdpa | flash_attention_2 (when installed) | eager
+    gradient_checkpointing: bool = True  # recompute decoder layers in backward (activation memory ~ 1 layer)
+    freeze_vision: bool = False         # train the language model only
+    # rollout
+    engine: str = "hf"                  # hf (any machine) | vllm (colocated, GPU)
+    rollout_batch_size: int = 16        # prompts per step, over all data-parallel ranks
+    n: int = 8                          # responses per prompt (the group)
+    temperature: float = 1.0            # sampling temperature (log-probs are of log_softmax(logits / T))
+    top_p: float = 1.0                  # keep 1.0 for exact importance ratios
+    max_new_tokens: int = 256           # response length cap
+    gpu_memory_utilization: float = 0.4  # vLLM: fraction of the GPU for its weights + KV cache
+    max_model_len: int = 32768          # vLLM: longest prompt + response
+    vllm_sleep_level: int = 1           # 1: weights to CPU while training; 2 would drop them (every weight re-pushed)
+    # reward
+    w_acc: float = 0.9                  # total = w_acc * accuracy + w_fmt * format
+    w_fmt: float = 0.1                  # weight of the think/answer format reward
+    open_ended: str = "similarity"      # open-ended answers: similarity (offline embeddings) | judge (LLM)
+    judge_url: str = ""                 # OpenAI-compatible base URL for the judge (key from $OPENAI_API_KEY)
+    judge_model: str = ""               # judge model name
+    # algorithm
+    adv_estimator: str = "grpo"         # grpo | drgrpo | rloo | reinforce_pp | reinforce_pp_baseline
+    loss_agg: str = "token-mean"        # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    clip_low: float = 0.2               # PPO clip: ratio >= 1 - clip_low
+    clip_high: float = 0.2              # PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)
+    dual_clip: float = 3.0              # dual clip c for negative advantages (0 = off)
+    kl_beta: float = 0.0                # KL to a frozen reference (0: no reference model is loaded)
+    kl_estimator: str = "k3"            # k1 | k2 | k3 (low_var_kl)
+    kl_in_reward: bool = False          # subtract beta * KL from the reward instead of adding it to the loss
+    dynamic_sampling: bool = False      # DAPO: drop groups whose rewards are all equal, refill from new prompts
+    max_sampling_tries: int = 3         # DAPO: rollout rounds per step before training on what was kept
+    overlong_buffer: int = 0            # DAPO overlong shaping: length buffer L_buf (0 = off)
+    overlong_penalty: float = 1.0       # DAPO overlong shaping factor
+    ppo_epochs: int = 1                 # passes over each rollout batch
+    update_batch_size: int = 0          # prompts per optimizer update (0 = the whole rollout: one update)
+    micro_batch_size: int = 8           # sequences per forward/backward
+    # optimizer
+    lr: float = 1e-6                    # AdamW learning rate (Long-RL: 1e-6)
+    weight_decay: float = 1e-2          # AdamW weight decay
+    beta2: float = 0.999                # AdamW beta2
+    warmup_steps: int = 0               # linear learning-rate warm-up (optimizer updates)
+    grad_clip: float = 1.0              # max global gradient norm
+    max_steps: int = 100                # GRPO steps (one rollout batch each)
+    # format warm-up (CPU demo): teach only the answer format with random letters, so accuracy starts at chance
+    sft_steps: int = 0                  # supervised steps on "<think> </think> <answer> X </answer>", X random
+    sft_lr: float = 1e-3                # learning rate of the format warm-up
+    sft_batch_size: int = 32            # prompts per warm-up step
+    # sequence parallelism
+    sp_size: int = 1                    # Ulysses sequence-parallel group size (divides the world size)
+    # system
+    device: str = "auto"                # auto | cpu | cuda
+    seed: int = 0                       # data order, sampling, initialisation
+    eval_every: int = 25                # steps between held-out evaluations (0 = only before and after)
+    eval_batch_size: int = 64           # prompts per eval generation batch
+    eval_max_samples: int = 0           # evaluate on at most this many held-out rows (0 = all)
+    logprob_chunk: int = 1024           # response tokens per lm_head chunk
+    progress: bool = True               # tqdm bars
+    tensorboard: bool = False           # also log to out_dir/tb
+    wandb_project: str = ""             # also log to Weights & Biases
+
+
+# ----------------------------------------------------------------------------------------------------------
+# advantages, KL, losses: plain functions on tensors, each with its formula
+
+def compute_advantages(rewards: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """rewards [num_prompts, n] -> per-response advantages [num_prompts, n] (the group is a row)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    n = rewards.shape[1]
+    if estimator == "grpo":      # A_i = (r_i - mean(r)) / (std(r) + eps), unbiased std as verl
+        return (rewards - mean) / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
+    if estimator == "drgrpo":    # Dr.GRPO: no division by the std
+        return rewards - mean
+    if estimator == "rloo":      # A_i = r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean(r))
+        return (rewards - mean) * n / max(n - 1, 1)
+    if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
+        raise ValueError("Reinforce++ advantages are token-level: use reinforce_pp_advantages")
+    raise ValueError(f"adv_estimator {estimator!r}: choose grpo, drgrpo, rloo, reinforce_pp, reinforce_pp_baseline")
+
+
+def reinforce_pp_advantages(token_rewards: list, baseline_groups: torch.Tensor = None, gamma: float = 1.0,
+                            group=None, eps: float = 1e-8) -> list:
+    """Reinforce++: per token the discounted return G_t = sum_{k>=t} gamma^(k-t) r_k of the token rewards
+    (outcome reward on the last token, -beta*KL on each token when KL is in the reward), whitened over every
+    token of the batch (all data-parallel ranks: `group`). With baseline_groups ([num_seqs] group ids), the
+    group mean of the outcome reward is subtracted first (Reinforce++-baseline)."""
+    token_rewards = [r.clone().double() for r in token_rewards]
+    if baseline_groups is not None:
+        outcome = torch.stack([r[-1] for r in token_rewards])
+        for g in baseline_groups.unique():
+            idx = (baseline_groups == g).nonzero().flatten()
+            group_mean = outcome[idx].mean()
+            for i in idx.tolist():
+                token_rewards[i][-1] -= group_mean
+    returns = []
+    for r in token_rewards:
+        g, out = 0.0, torch.empty_like(r)
+        for t in range(len(r) - 1, -1, -1):
+            g = r[t] + gamma * g
+            out[t] = g
+        returns.append(out)
+    flat = torch.cat(returns) if returns else torch.zeros(0, dtype=torch.float64)
+    stats = torch.stack([flat.sum(), (flat ** 2).sum(), torch.tensor(float(flat.numel()), dtype=torch.float64)])
+    all_reduce(stats, group)
+    mean = stats[0] / stats[2].clamp(min=1)
+    std = (stats[1] / stats[2].clamp(min=1) - mean ** 2).clamp(min=0).sqrt()
+    return [((x - mean) / (std + eps)).float() for x in returns]
+
+
+def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimates from samples of pi (Schulman's k1/k2/k3)."""
+    delta = logp - logp_ref
+    if estimator == "k1":        # k1 = logp - logp_ref
+        return delta
+    if estimator == "k2":        # k2 = 0.5 (logp - logp_ref)^2
+        return 0.5 * delta ** 2
+    if estimator == "k3":        # k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1, clamped for stability
+        return (torch.exp(-delta) + delta - 1).clamp(-10, 10)
+    raise ValueError(f"kl_estimator {estimator!r}: choose k1, k2 or k3")
+
+
+def policy_loss(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
+    """Per-token PPO-clip loss with dual clip; returns (loss [N], clipped [N] bool).
+        ratio = exp(logp - logp_old)
+        l = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
+        for A < 0: l = min(l, -A * c)        (dual clip: bounds the loss of a very large ratio)"""
+    ratio = torch.exp((logp - logp_old).clamp(-20, 20))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip > 0:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    return loss, clipped > unclipped
+
+
+def token_weights(lengths: list, mode: str, num_tokens: float, num_seqs: float, max_len: int) -> torch.Tensor:
+    """Weight of each response token in the loss, so that sum(w * l) over ALL ranks and micro-batches is:
+        token-mean               sum_tokens l / N_tokens
+        seq-mean-token-sum       sum_seqs (sum_t l) / N_seqs
+        seq-mean-token-mean      sum_seqs (mean_t l) / N_seqs
+        seq-mean-token-sum-norm  sum_seqs (sum_t l) / (N_seqs * max_len)       (Dr.GRPO)
+    N_tokens / N_seqs are global counts (all-reduced before the micro-batch loop)."""
+    if mode == "token-mean":
+        per_seq = [torch.full((L,), 1.0 / num_tokens) for L in lengths]
+    elif mode == "seq-mean-token-sum":
+        per_seq = [torch.full((L,), 1.0 / num_seqs) for L in lengths]
+    elif mode == "seq-mean-token-mean":
+        per_seq = [torch.full((L,), 1.0 / (num_seqs * max(L, 1))) for L in lengths]
+    elif mode == "seq-mean-token-sum-norm":
+        per_seq = [torch.full((L,), 1.0 / (num_seqs * max_len)) for L in lengths]
+    else:
+        raise ValueError(f"loss_agg {mode!r}: choose token-mean, seq-mean-token-sum, seq-mean-token-mean, "
+                         "seq-mean-token-sum-norm")
+    return torch.cat(per_seq) if per_seq else torch.zeros(0)
+
+
+def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO: r += min(-(len - (max_len - L_buf)) / L_buf * factor, 0) for responses past max_len - L_buf."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    return torch.clamp(-(lengths.float() - (max_len - buffer)) / buffer * factor, max=0.0)
+
+
+def all_reduce(t: torch.Tensor, group=None, op=None):
+    """Sum (or op) over ranks; gloo works on CPU tensors only, so move there when needed."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        src = t.cpu() if dist.get_backend(group) == "gloo" else t
+        dist.all_reduce(src, op=op or dist.ReduceOp.SUM, group=group)
+        if src is not t:
+            t.copy_(src)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one micro-batch through the policy: vision tower once per video, decoder, log-probs at response tokens only
+
+@dataclass
+class Seq:
+    """One sampled response and everything the update needs for it."""
+    prompt: object                  # rollout.Prompt
+    response_ids: list
+    advantages: torch.Tensor        # [R] per token (GRPO: the sequence's advantage repeated)
+    reward: float = 0.0
+    engine_logprobs: list = None    # what the rollout engine reported
+    logp_old: torch.Tensor = None   # [R] from the rollout policy (computed once, before the first update)
+    logp_ref: torch.Tensor = None   # [R] from the frozen reference
+
+
+def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False):
+    """Flat response log-probs (and entropies) of `seqs`, in order, through the FSDP root `policy`. Vision
+    features are computed once per distinct prompt (the n responses of a group share their video)."""
+    import rollout
+    prompts, index, where = [], {}, []
+    for s in seqs:
+        if id(s.prompt) not in index:
+            index[id(s.prompt)] = len(prompts)
+            prompts.append(s.prompt)
+        where.append(index[id(s.prompt)])
+    packed = rollout.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
+
+    def run(model):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_vision):
+            feats = rollout.select_videos(rollout.encode_videos(model, prompts), where)
+        return rollout.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
+                                         with_entropy)
+    return policy(run)
+
+
+def micro_batches(seqs: list, size: int, group=None):
+    """Split into micro-batches; every rank gets the same number (FSDP runs collectives in each forward), the
+    extra ones re-use a sequence with zero loss weight (`None` marks them)."""
+    chunks = [seqs[i:i + size] for i in range(0, len(seqs), size)]
+    count = all_reduce(torch.tensor([len(chunks)]), group, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    return chunks + [None] * (int(count) - len(chunks))
+
+
+@torch.no_grad()
+def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback):
+    """Store no-grad log-probs of `policy` on each Seq (attr = logp_old | logp_ref)."""
+    for chunk in micro_batches(seqs, cfg.micro_batch_size):
+        lp, _ = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids)
+        if chunk is None:
+            continue
+        for s, v in zip(chunk, lp.cpu().split([len(s.response_ids) for s in chunk])):
+            setattr(s, attr, v.float())
+
+
+def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback) -> dict:
+    """One optimizer step on `seqs`. The normaliser counts are global (all ranks), taken before the loop:
+        loss_r = W * sum_local(weight_t * l_t),  sum over ranks / W = the aggregated loss (FSDP averages grads)."""
+    lengths = [len(s.response_ids) for s in seqs]
+    counts = all_reduce(torch.tensor([float(sum(lengths)), float(len(seqs))]))
+    weights = token_weights(lengths, cfg.loss_agg, counts[0].clamp(min=1).item(), counts[1].clamp(min=1).item(),
+                            cfg.max_new_tokens).split(lengths)
+    weight_of = {id(s): w for s, w in zip(seqs, weights)}
+    stats = torch.zeros(5)  # sum of w*loss, clipped tokens, kl sum, entropy sum, tokens
+    for chunk in micro_batches(seqs, cfg.micro_batch_size):
+        logp, entropy = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, with_entropy=True)
+        if chunk is None:       # padding micro-batch: forward + backward with zero weight
+            (logp.sum() * 0.0).backward()
+            continue
+        dev = logp.device
+        adv = torch.cat([s.advantages for s in chunk]).to(dev)
+        old = torch.cat([s.logp_old for s in chunk]).to(dev) if chunk[0].logp_old is not None else logp.detach()
+        w = torch.cat([weight_of[id(s)] for s in chunk]).to(dev)
+        per_token, clipped = policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+        if cfg.kl_beta > 0:
+            kl = kl_penalty(logp, torch.cat([s.logp_ref for s in chunk]).to(dev), cfg.kl_estimator)
+            if not cfg.kl_in_reward:
+                per_token = per_token + cfg.kl_beta * kl
+            stats[2] += kl.detach().sum().cpu()
+        loss = d.world_size * (w * per_token).sum()
+        loss.backward()
+        stats += torch.tensor([loss.item() / d.world_size, clipped.sum().item(), 0.0,
+                               entropy.detach().sum().item(), float(logp.numel())])
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats = all_reduce(stats)
+    tokens = stats[4].clamp(min=1)
+    return {"loss": stats[0].item(), "clip_frac": (stats[1] / tokens).item(), "kl": (stats[2] / tokens).item(),
+            "entropy": (stats[3] / tokens).item(), "grad_norm": float(grad_norm)}
+
+
+def full_tensors(model, dtype=torch.bfloat16):
+    """(HF name, full tensor) for every weight, one at a time (FSDP2 shards are gathered on the fly)."""
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, t.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# set-up helpers: the synthetic task, the format warm-up, evaluation across ranks
+
+def prepare_synthetic(cfg: Config, d: Dist):
+    """CPU demo: the synthetic flash-colour task and a tiny random Qwen2.5-VL, made once in out_dir."""
+    from data.synthetic import SyntheticConfig, make_dataset
+    from data.tiny import make_tiny_model
+    data_dir = os.path.join(cfg.out_dir, "synthetic")
+    model_dir = os.path.join(cfg.out_dir, "tiny-model")
+    if d.is_main and not os.path.exists(os.path.join(data_dir, "config.json")):
+        print0(f"making the synthetic task in {data_dir}")
+        make_dataset(SyntheticConfig(out=data_dir, num_train=cfg.synthetic_train, num_eval=cfg.synthetic_eval,
+                                     frames=cfg.synthetic_frames, seed=cfg.seed))
+    if d.is_main and not cfg.model and not os.path.exists(os.path.join(model_dir, "config.json")):
+        print0(f"making a tiny random Qwen2.5-VL in {model_dir}")
+        make_tiny_model(model_dir, "qwen2_5_vl", seed=cfg.seed)
+    barrier()
+    cfg.data = cfg.data or os.path.join(data_dir, "train.jsonl")
+    cfg.eval_data = cfg.eval_data or os.path.join(data_dir, "eval.jsonl")
+    cfg.model = cfg.model or model_dir
+
+
+def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids):
+    """Teach the answer format only: SFT on '<think> </think> <answer> X </answer>' with X a RANDOM letter,
+    independent of the video, so the model starts GRPO at chance accuracy with a parsable format."""
+    import rollout
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, cfg.beta2))
+    tok, eos = processor.tokenizer, processor.tokenizer.eos_token_id
+    rng = random.Random(cfg.seed + 7 * d.rank)
+    policy.train()
+    for step in range(cfg.sft_steps):
+        samples = loader.next_batch()
+        prompts = rollout.prepare_prompts(policy.model, processor, samples, cfg, cfg.think, [])
+        seqs = []
+        for p in prompts:
+            letter = rng.choice("ABCD")
+            text = (f"<think> </think> <answer> {letter} </answer>" if cfg.think else f"<answer> {letter} </answer>")
+            ids = tok.encode(text, add_special_tokens=False) + [eos]
+            seqs.append(Seq(prompt=p, response_ids=ids, advantages=torch.zeros(len(ids))))
+        lengths = [len(s.response_ids) for s in seqs]
+        n_tokens = all_reduce(torch.tensor([float(sum(lengths))]))[0].item()
+        total = 0.0
+        for chunk in micro_batches(seqs, cfg.micro_batch_size * 4):
+            logp, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids)
+            loss = -logp.sum() * d.world_size / n_tokens * (0.0 if chunk is None else 1.0)  # token-mean NLL
+            loss.backward()
+            total += loss.item() / d.world_size
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 20 == 0 or step == cfg.sft_steps - 1:
+            print0(f"format warm-up {step + 1}/{cfg.sft_steps}: nll {all_reduce(torch.tensor([total]))[0]:.3f}")
+    del optimizer
+
+
+def evaluate_all(policy, processor, samples, cfg: Config, d: Dist, engine, tag: str) -> dict:
+    """Held-out accuracy: each rank answers every world_size-th row; the counts are summed over ranks."""
+    import rollout
+    policy.eval()
+    mine = samples[d.rank::d.world_size]
+    res = policy(rollout.evaluate, processor, mine, cfg, engine, desc=f"eval {tag}")
+    sums = all_reduce(torch.tensor([res["accuracy"] * res["num_scored"], res["format"] * res["num_scored"],
+                                    float(res["num_scored"]), float(len(res["skipped"]))]))
+    out = {"accuracy": (sums[0] / sums[2].clamp(min=1)).item(), "format": (sums[1] / sums[2].clamp(min=1)).item(),
+           "num_scored": int(sums[2]), "skipped": int(sums[3])}
+    if d.is_main:
+        with open(os.path.join(cfg.out_dir, f"eval_{tag}.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in res["predictions"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+def main(cfg: Config):
+    import rollout
+    from data.datasets import Loader, load_jsonl
+    from data.rewards import JudgeConfig, RewardStats, compute_rewards
+
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.synthetic:
+        prepare_synthetic(cfg, d)
+    if cfg.sp_size != 1:
+        raise NotImplementedError("sequence parallelism is wired in by sp.py (see README)")
+    dp_rank, dp_size = d.rank, d.world_size
+    if cfg.rollout_batch_size % dp_size:
+        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} must divide by the {dp_size} data-parallel ranks")
+    prompts_per_rank = cfg.rollout_batch_size // dp_size
+    update_prompts = (cfg.update_batch_size or cfg.rollout_batch_size) // dp_size
+    updates_per_epoch = max(prompts_per_rank // max(update_prompts, 1), 1)
+    need_old = cfg.ppo_epochs > 1 or updates_per_epoch > 1 or (cfg.kl_beta > 0 and cfg.kl_in_reward)
+    print0(f"world {d.world_size} ({d.device}), {prompts_per_rank} prompts x {cfg.n} responses per rank per step, "
+           f"{updates_per_epoch * cfg.ppo_epochs} optimizer update(s) per step, "
+           f"old log-probs {'recomputed' if need_old else '= current (detached): one on-policy update'}")
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(cfg.__dict__, f, indent=1)
+
+    # model, reference, optimizer (FSDP2 on several ranks or with bf16 on GPU)
+    model, processor = rollout.load_model(cfg.model, "float32" if cfg.dtype == "auto" else cfg.dtype,
+                                          cfg.attn_implementation, d.device)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = cfg.bf16 and d.device.startswith("cuda")
+    policy = wrap_fsdp(Root(model), vlm_units(model), d, bf16)  # policy(fn, ...) runs fn(model, ...)
+    ref = None
+    if cfg.kl_beta > 0:  # a frozen copy of the initial policy; not loaded at all when beta = 0
+        ref, _ = rollout.load_model(cfg.model, "float32", cfg.attn_implementation, d.device)
+        ref.requires_grad_(False)
+        ref = wrap_fsdp(Root(ref), vlm_units(ref), d, bf16).eval()
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
+                                  betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    stop = rollout.eos_ids(model, processor)
+    suppress = [i for i in rollout.token_ids(processor, rollout.SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id]
+                if i not in stop]
+    judge = JudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.open_ended == "judge" else None
+    engine = None
+    if cfg.engine == "vllm":
+        engine = rollout.VLLMEngine(cfg.model, cfg.gpu_memory_utilization, cfg.max_model_len,
+                                    seed=cfg.seed + dp_rank, max_frames=cfg.max_frames, sleep_level=cfg.vllm_sleep_level)
+    print0(f"rollout engine: {'vLLM (colocated, sleep level %d)' % cfg.vllm_sleep_level if engine else 'HF'}; "
+           f"attention: {model.config._attn_implementation}; FSDP2: {d.world_size > 1 or bf16}; bf16: {bf16}")
+
+    # data, resume
+    train = load_jsonl(cfg.data)
+    held_out = load_jsonl(cfg.eval_data) if cfg.eval_data else []
+    held_out = held_out[:cfg.eval_max_samples] if cfg.eval_max_samples else held_out
+    loader = Loader(train, prompts_per_rank, dp_rank, dp_size, cfg.seed)
+    start_step, curve, skipped_total, reward_stats = 0, [], 0, RewardStats()
+    last = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if last:
+        state = load_checkpoint(last, model, optimizer)
+        loader.restore(state["loader"])
+        start_step, curve, skipped_total = state["step"], state["curve"], state["skipped"]
+        print0(f"resumed from {last} at step {start_step}")
+    else:
+        if cfg.sft_steps:
+            format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // dp_size, dp_rank, dp_size,
+                                                   cfg.seed + 1), cfg, d, suppress)
+        if held_out:
+            ev = evaluate_all(policy, processor, held_out, cfg, d, engine, "step0")
+            curve.append({"step": 0, **ev})
+            print0(f"held-out before GRPO: accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f} "
+                   f"({ev['num_scored']} videos)")
+    if engine:
+        engine.update_weights(full_tensors(model))   # the engine starts from the (warmed-up) policy
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    tb = None
+    if cfg.tensorboard and d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
+    if cfg.wandb_project and d.is_main:
+        import wandb
+        wandb.init(project=cfg.wandb_project, config=cfg.__dict__)
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, cfg.max_steps), desc="grpo", disable=not (cfg.progress and d.is_main),
+               initial=start_step, total=cfg.max_steps)
+    for step in bar:
+        t0 = time.time()
+        timing, metrics = {}, {}
+        # ---- rollout (+ reward, with DAPO's dynamic sampling refilling dropped groups) --------------------
+        policy.eval()
+        groups, all_rewards, all_acc, all_fmt, all_len, truncated, tries, step_skipped = [], [], [], [], [], 0, 0, []
+        t_reward = 0.0
+        while True:
+            tries += 1
+            prompts = rollout.prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, step_skipped)
+            gen_seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + d.rank
+            if engine:
+                outs = engine.generate(prompts, cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, gen_seed,
+                                       suppress)
+            else:
+                outs = policy(rollout.hf_generate, processor, prompts, cfg.n, cfg.temperature, cfg.top_p,
+                              cfg.max_new_tokens, gen_seed)
+            tr = time.time()
+            scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],
+                                     cfg.w_acc, cfg.w_fmt, cfg.think, cfg.open_ended, judge, reward_stats)
+            lengths = torch.tensor([len(o.response_ids) for o in outs])
+            reward = torch.as_tensor(scores["reward"], dtype=torch.float32)
+            reward += overlong_shaping(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+            all_rewards += reward.tolist(); all_acc += list(scores["accuracy"]); all_fmt += list(scores["format"])
+            all_len += lengths.tolist(); truncated += sum(not o.finished for o in outs)
+            for i, p in enumerate(prompts):
+                members = [k for k, o in enumerate(outs) if o.prompt_index == i]
+                r = reward[members]
+                if cfg.dynamic_sampling and bool((r == r[0]).all()):  # no learning signal in this group
+                    continue
+                groups.append((p, [outs[k] for k in members], r))
+            t_reward += time.time() - tr
+            short = torch.tensor([float(len(groups) < prompts_per_rank)])
+            if not cfg.dynamic_sampling or tries >= cfg.max_sampling_tries or \
+                    all_reduce(short, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
+                break
+        groups = groups[:prompts_per_rank]
+        fallback = Seq(prompt=prompts[0], response_ids=outs[0].response_ids, advantages=torch.zeros(1))
+        if engine:
+            engine.sleep()  # free the KV cache (and weights, to CPU) for training
+        timing["rollout"] = time.time() - t0 - t_reward
+        timing["reward"] = t_reward
+        seqs = [Seq(prompt=p, response_ids=o.response_ids, advantages=None, reward=float(r_i),
+                    engine_logprobs=o.logprobs) for p, outs_g, r in groups for o, r_i in zip(outs_g, r)]
+        # ---- old / reference log-probs ----------------------------------------------------------------
+        t1 = time.time()
+        if need_old:
+            fill_logprobs(policy, seqs, cfg, suppress, "logp_old", fallback)
+        if ref is not None:
+            fill_logprobs(ref, seqs, cfg, suppress, "logp_ref", fallback)
+        timing["logprobs"] = time.time() - t1
+        # ---- advantages -------------------------------------------------------------------------------
+        seq_rewards = torch.tensor([s.reward for s in seqs]).view(len(groups), cfg.n) if seqs else torch.zeros(0, cfg.n)
+        kl_seq = [kl_penalty(s.logp_old, s.logp_ref, cfg.kl_estimator) for s in seqs] \
+            if (cfg.kl_beta > 0 and cfg.kl_in_reward) else None
+        if cfg.adv_estimator.startswith("reinforce_pp"):
+            token_rewards = []
+            for k, s in enumerate(seqs):
+                r = torch.zeros(len(s.response_ids))
+                r[-1] = s.reward
+                token_rewards.append(r - cfg.kl_beta * kl_seq[k] if kl_seq else r)
+            groups_ids = torch.arange(len(groups)).repeat_interleave(cfg.n)
+            adv = reinforce_pp_advantages(token_rewards, groups_ids if cfg.adv_estimator.endswith("baseline") else None)
+        else:
+            if kl_seq:  # KL in the reward: r - beta * sum_t KL_t
+                seq_rewards = seq_rewards - cfg.kl_beta * torch.tensor([k.sum() for k in kl_seq]).view_as(seq_rewards)
+            a = compute_advantages(seq_rewards, cfg.adv_estimator).flatten()
+            adv = [torch.full((len(s.response_ids),), float(a[k])) for k, s in enumerate(seqs)]
+        for s, a in zip(seqs, adv):
+            s.advantages = a
+        # ---- update: ppo_epochs passes, each split into updates of update_batch_size prompts -----------------
+        t2 = time.time()
+        policy.train()
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group_ in optimizer.param_groups:
+            group_["lr"] = lr
+        for epoch in range(cfg.ppo_epochs):
+            order = list(range(len(groups)))
+            random.Random(cfg.seed + step * 31 + epoch).shuffle(order) if updates_per_epoch > 1 else None
+            for u in range(updates_per_epoch):
+                chosen = set(order[u * update_prompts:(u + 1) * update_prompts])
+                batch = [s for k, s in enumerate(seqs) if k // cfg.n in chosen]
+                metrics.update(update(policy, optimizer, batch, cfg, d, suppress, fallback))
+        timing["update"] = time.time() - t2
+        # ---- push the new weights into the sleeping vLLM engine ----------------------------------------
+        t3 = time.time()
+        if engine:
+            engine.update_weights(full_tensors(model))
+        timing["weight_sync"] = time.time() - t3
+        # ---- log + eval + checkpoint ---------------------------------------------------------------------
+        skipped_total += int(all_reduce(torch.tensor([len(step_skipped)]))[0])
+        for line in step_skipped:
+            print(f"[rank {d.rank}] skipped sample: {line}")
+        local = torch.tensor([sum(all_rewards), sum(x * x for x in all_rewards), sum(all_acc), sum(all_fmt),
+                              sum(all_len), float(len(all_rewards)), float(truncated), float(len(groups)),
+                              float(sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs))],
+                             dtype=torch.float64)
+        tot = all_reduce(local)
+        count = tot[5].clamp(min=1)
+        mean_r = tot[0] / count
+        metrics.update({"step": step + 1, "reward": mean_r.item(),
+                        "reward_std": (tot[1] / count - mean_r ** 2).clamp(min=0).sqrt().item(),
+                        "accuracy": (tot[2] / count).item(), "format": (tot[3] / count).item(),
+                        "response_len": (tot[4] / count).item(), "response_len_max": max(all_len or [0]),
+                        "truncated_frac": (tot[6] / count).item(), "groups_kept": int(tot[7]),
+                        "sampling_tries": tries, "lr": lr, "skipped_samples": skipped_total,
+                        "judge_failures": reward_stats.judge_failures,
+                        **{f"time_{k}": round(v, 4) for k, v in timing.items()},
+                        "tokens_per_s": (tot[8] / max(timing["update"], 1e-9)).item()})
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and held_out and step + 1 < cfg.max_steps:
+            ev = evaluate_all(policy, processor, held_out, cfg, d, engine, f"step{step + 1}")
+            curve.append({"step": step + 1, **ev})
+            metrics["eval_accuracy"] = ev["accuracy"]
+        if d.is_main:
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                            fmt=f"{metrics['format']:.2f}", s=f"{time.time() - t0:.2f}")
+            if tb:
+                for k, v in metrics.items():
+                    tb.add_scalar(k, v, step + 1)
+            if cfg.wandb_project:
+                import wandb
+                wandb.log(metrics, step=step + 1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(cfg.out_dir, step + 1, model, optimizer,
+                            {"loader": loader.state(), "curve": curve, "skipped": skipped_total}, cfg.keep_last)
+    # ---- final held-out evaluation and the learning curve --------------------------------------------------
+    result = {"steps": cfg.max_steps, "skipped_samples": skipped_total}
+    if held_out and (not curve or curve[-1]["step"] != cfg.max_steps):
+        ev = evaluate_all(policy, processor, held_out, cfg, d, engine, f"step{cfg.max_steps}")
+        curve.append({"step": cfg.max_steps, **ev})
+    if curve:
+        result.update(before=curve[0]["accuracy"], after=curve[-1]["accuracy"], curve=curve)
+        print0(f"held-out accuracy: {curve[0]['accuracy']:.3f} (step {curve[0]['step']}) -> "
+               f"{curve[-1]['accuracy']:.3f} (step {curve[-1]['step']}); skipped samples: {skipped_total}")
+        if d.is_main:
+            plot_curve(curve, os.path.join(cfg.out_dir, "learning_curve.png"))
+    log.close()
+    return result
+
+
+def plot_curve(curve: list, path: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib not installed: no learning-curve PNG")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([c["step"] for c in curve], [c["accuracy"] for c in curve], marker="o", label="held-out accuracy")
+    ax.axhline(0.25, color="grey", linestyle="--", label="chance (4 options)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("accuracy (greedy)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print0(f"learning curve: {path}")
+
+
+if __name__ == "__main__":
+    from configurator import parse_config
+    main(parse_config(Config))
