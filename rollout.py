@@ -14,6 +14,7 @@ Engines: `hf_generate` (any machine: our own KV-cached decode loop, explicit pos
 suppressed) and `VLLMEngine` (GPU nodes: one colocated vLLM per torchrun rank, sleep/wake, in-place weight
 push). Both return the same `Rollout` records. The script always prints which engine ran.
 """
+import inspect
 import json
 import os
 import sys
@@ -87,12 +88,13 @@ class Prompt:
     """One (video, question) turned into model inputs: unpadded ids, 3-D positions and the video tensors."""
     input_ids: torch.Tensor         # [L] long
     positions: torch.Tensor         # [3, L] long (temporal, height, width rope positions)
-    pixel_values_videos: torch.Tensor
+    pixel_values_videos: torch.Tensor  # None when video_features come from the embeddings cache
     video_grid_thw: torch.Tensor    # [1, 3]
     num_video_tokens: int
     text: str = ""                  # the chat-templated prompt (vLLM takes this plus the frames)
     frames: object = None           # the SampledVideo, kept for vLLM
     sample: object = None
+    video_features: tuple = None    # cached tower outputs (embeds [N, H], deepstack [layers, N, H] or None)
 
 
 def prompt_text(processor, question: str, think: bool) -> str:
@@ -113,6 +115,23 @@ def build_prompt(model, processor, question: str, video, think: bool = True, sam
     return Prompt(input_ids=ids, positions=positions, pixel_values_videos=out["pixel_values_videos"],
                   video_grid_thw=out["video_grid_thw"], num_video_tokens=int((ids == video_id).sum()),
                   text=text, frames=video, sample=sample)
+
+
+def build_prompt_cached(model, processor, question: str, entry, think: bool = True, sample=None) -> Prompt:
+    """A Prompt from a cache_embeddings.py entry, without decoding the video: the processor's own
+    replace_video_token expands the placeholder from the stored grid and frame metadata (Qwen2.5-VL: N
+    <|video_pad|>; Qwen3-VL: a timestamp and a vision block per temporal group), exactly as for frames."""
+    from transformers.video_utils import VideoMetadata
+    text = prompt_text(processor, question, think)
+    video = {"video_grid_thw": entry.video_grid_thw, "video_metadata": [VideoMetadata(**entry.meta["frames"])]}
+    expanded, _ = processor.get_text_with_replacements([text], videos_replacements=[
+        processor.replace_video_token(video, video_idx=0)])
+    ids = torch.tensor(processor.tokenizer(expanded)["input_ids"][0])
+    sec = entry.second_per_grid_ts
+    positions = rope_positions(model.config, ids, entry.video_grid_thw, None if sec is None else sec.tolist())
+    return Prompt(input_ids=ids, positions=positions, pixel_values_videos=None, video_grid_thw=entry.video_grid_thw,
+                  num_video_tokens=int((ids == model.config.video_token_id).sum()), text=text, sample=sample,
+                  video_features=(entry.embeds, entry.deepstack))
 
 
 def load_video(path: str, cfg, model_type: str):
@@ -170,27 +189,73 @@ def continue_positions(positions: torch.Tensor, n: int) -> torch.Tensor:
 # the policy forward: vision tower -> decoder hidden states -> log-probs at response positions only
 
 def encode_videos(model, prompts: list):
-    """Run the vision tower once over the videos of `prompts`; returns the model's output object whose
-    pooler_output is a tuple of per-video [tokens, hidden] tensors (Qwen3-VL also carries deepstack_features)."""
-    pixels = torch.cat([p.pixel_values_videos for p in prompts]).to(model.device)
-    grid = torch.cat([p.video_grid_thw for p in prompts]).to(model.device)
-    return model.model.get_video_features(pixels, grid, return_dict=True)
+    """Run the vision tower once over the videos of `prompts` (those with cached video_features skip it); returns
+    the model's output object whose pooler_output is a tuple of per-video [tokens, hidden] tensors (Qwen3-VL also
+    carries deepstack_features)."""
+    live = [p for p in prompts if p.video_features is None]
+    if len(live) == len(prompts):
+        pixels = torch.cat([p.pixel_values_videos for p in prompts]).to(model.device)
+        grid = torch.cat([p.video_grid_thw for p in prompts]).to(model.device)
+        return model.model.get_video_features(pixels, grid, return_dict=True)
+    # some features come from the embeddings cache: run the tower on the others only, keep the prompts' order
+    feats = encode_videos(model, live) if live else None
+    computed, rows = iter(range(len(live))), []  # per video: (embeds, [deepstack per layer] or None)
+    for p in prompts:
+        if p.video_features is None:
+            k = next(computed)
+            deep = getattr(feats, "deepstack_features", None)
+            rows.append((feats.pooler_output[k], None if deep is None else [layer[k] for layer in deep]))
+        else:
+            emb, deep = p.video_features
+            rows.append((emb.to(model.device), None if deep is None else list(deep.to(model.device))))
+    if family(model) == "qwen3_vl":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures as Out
+    else:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling as Out
+    out = Out(pooler_output=tuple(e for e, _ in rows))
+    if rows[0][1] is not None:
+        out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
+    return out
 
 
 def select_videos(feats, index: list):
     """Features for a list of video indices (repeats allowed: n samples of one prompt share one encoding)."""
+    if feats is None:  # text-only prompts
+        return None
     out = type(feats)(pooler_output=tuple(feats.pooler_output[i] for i in index))
     if getattr(feats, "deepstack_features", None) is not None:
         out.deepstack_features = [tuple(layer[i] for i in index) for layer in feats.deepstack_features]
     return out
 
 
+def embed_inputs(model, input_ids, feats=None):
+    """Token embeddings with the video features written into the <|video_pad|> positions, in order; for
+    Qwen3-VL also the DeepStack inputs (the features of early vision layers, added to early decoder layers).
+    The same explicit recipe in every transformers 5.x (no reliance on newer forward arguments)."""
+    emb = model.model.get_input_embeddings()(input_ids)
+    if feats is None:
+        return emb, {}
+    mask = input_ids == model.config.video_token_id                  # [B, S]
+    rows = torch.cat(feats.pooler_output).to(emb.dtype)              # [video tokens, hidden]
+    if rows.shape[0] != int(mask.sum()):
+        raise ValueError(f"{int(mask.sum())} video tokens in the input but {rows.shape[0]} video feature rows")
+    emb = emb.masked_scatter(mask[..., None].expand_as(emb), rows)
+    deepstack = getattr(feats, "deepstack_features", None)
+    if deepstack is None:
+        return emb, {}
+    return emb, {"visual_pos_masks": mask,
+                 "deepstack_visual_embeds": [torch.cat(layer).to(emb.dtype) for layer in deepstack]}
+
+
 def decoder_hidden(model, input_ids, positions, feats=None, attention_mask=None, cache=None):
-    """Decoder hidden states [B, S, H] (no lm_head: logits are made only where they are needed)."""
-    out = model.model(input_ids=input_ids, position_ids=positions, attention_mask=attention_mask,
-                      mm_encoder_outputs={"video": feats} if feats is not None else None, cache=cache,
-                      use_cache=cache is not None)
-    return out.last_hidden_state, out.cache
+    """Decoder hidden states [B, S, H] (no lm_head: logits are made only where they are needed). A given
+    `cache` (DynamicCache / StaticCache) is filled in place."""
+    emb, extra = embed_inputs(model, input_ids, feats)
+    lm = model.model.language_model
+    cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # 5.24 / 5.17
+    out = lm(inputs_embeds=emb, position_ids=positions, attention_mask=attention_mask, use_cache=cache is not None,
+             **{cache_kw: cache}, **extra)
+    return out.last_hidden_state, cache
 
 
 def masked_logits(model, hidden, suppress_ids, temperature: float = 1.0):
@@ -211,14 +276,12 @@ def token_logprobs(model, hidden, labels, suppress_ids, temperature=1.0, chunk=1
         ent = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1) if with_entropy else torch.zeros_like(lp)
         return lp, ent
     outs = []
-    for s in range(0, hidden.shape[0], chunk):
+    for s in range(0, max(hidden.shape[0], 1), chunk):  # an empty shard still runs (stays in the graph, for SP)
         h, y = hidden[s:s + chunk], labels[s:s + chunk]
         if torch.is_grad_enabled() and h.requires_grad:
             outs.append(torch.utils.checkpoint.checkpoint(one_chunk, h, y, use_reentrant=False))
         else:
             outs.append(one_chunk(h, y))
-    if not outs:
-        return hidden.new_zeros(0), hidden.new_zeros(0)
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
@@ -281,60 +344,126 @@ def all_ranks_done(done: torch.Tensor) -> bool:
     return bool(flag)
 
 
+class StaticKV:
+    """A preallocated KV cache behind an attention function of our own (registered as `longrl_static_kv`).
+    Every decode step has the same shapes (one query against the whole [B, H_kv, max_len, D] buffer, future and
+    padded slots masked), so the step can be compiled and replayed as a CUDA graph; transformers' own cache
+    classes are not involved, so this works the same in every transformers 5.x."""
+    NAME = "longrl_static_kv"
+
+    def __init__(self, model, valid: torch.Tensor):
+        text = model.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        B, max_len = valid.shape          # valid: [B, max_len] bool, False at left padding
+        self.shape = (text.num_hidden_layers, B, text.num_key_value_heads, max_len, head_dim)
+        self.k = self.v = None            # allocated at the first write, in the compute dtype
+        self.valid, self.slots = valid, torch.arange(max_len, device=valid.device)
+        self.length = torch.zeros((), dtype=torch.long, device=valid.device)  # slots written so far
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if self.k is None:
+            self.k, self.v = key.new_zeros(self.shape), value.new_zeros(self.shape)
+        slot = self.length + torch.arange(key.shape[2], device=key.device)   # where the new keys go
+        k, v = self.k[module.layer_idx], self.v[module.layer_idx]            # [B, H_kv, max_len, D] views
+        k.index_copy_(2, slot, key)
+        v.index_copy_(2, slot, value)
+        if key.shape[2] > 1:  # the prompt: plain SDPA over its own keys, with transformers' causal+padding mask
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0)
+        # one new token: attend to every written, non-padding slot
+        mask = (self.slots <= slot[-1])[None, None, None, :] & self.valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
+
+
+def use_attention(model, name: str):
+    """Set the language model's attention function (the vision tower keeps its own); returns the previous."""
+    previous = model.config.get_text_config()._attn_implementation
+    if previous != name:
+        model.set_attn_implementation({"text_config": name, "vision_config": model.config.vision_config._attn_implementation})
+    return previous
+
+
 @torch.no_grad()
 def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                max_new_tokens: int = 256, seed: int = 0, feats=None) -> list:
+                max_new_tokens: int = 256, seed: int = 0, feats=None, static_cache=None, compile_step=False) -> list:
     """n samples for each prompt. temperature 0 = greedy. Returns len(prompts) * n Rollouts, grouped by prompt.
     The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
-    truncation), which is exactly what the training forward recomputes."""
+    truncation), which is exactly what the training forward recomputes.
+    static_cache (default: on GPU) decodes with StaticKV instead of transformers' DynamicCache; compile_step
+    additionally compiles the decode step (torch.compile, CUDA graphs): the fast path on a GPU."""
     dev = model.lm_head.weight.device
+    static_cache = (dev.type == "cuda") if static_cache is None else static_cache
     pad_id = processor.tokenizer.pad_token_id
     stop, suppress = eos_ids(model, processor), token_ids(processor, SUPPRESS_TOKENS) + [pad_id]
     suppress = [i for i in suppress if i not in stop]
-    feats = encode_videos(model, prompts) if feats is None else feats
+    if feats is None and any(p.video_grid_thw is not None for p in prompts):
+        feats = encode_videos(model, prompts)
     order = [i for i in range(len(prompts)) for _ in range(n)]
     B, L = len(order), max(len(prompts[i].input_ids) for i in order)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     pos = torch.zeros(3, B, L, dtype=torch.long)
-    attn = torch.zeros(B, L, dtype=torch.long)
+    attn = torch.zeros(B, L + max_new_tokens, dtype=torch.long)
     for b, i in enumerate(order):  # left padding: every prompt ends at column L-1
         p = prompts[i]
         ids[b, L - len(p.input_ids):], pos[:, b, L - len(p.input_ids):] = p.input_ids, p.positions
         attn[b, L - len(p.input_ids):] = 1
+    attn[:, L:] = 1
     ids, pos, attn = ids.to(dev), pos.to(dev), attn.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    from transformers import DynamicCache
-    hidden, cache = decoder_hidden(model, ids, pos, select_videos(feats, order), attn,
-                                   DynamicCache(config=model.config.get_text_config()))
+    if static_cache:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        kv = StaticKV(model, attn.bool())
+        AttentionInterface.register(StaticKV.NAME, kv.attend)
+        AttentionMaskInterface.register(StaticKV.NAME, sdpa_mask)
+        previous = use_attention(model, StaticKV.NAME)
+        hidden, _ = decoder_hidden(model, ids, pos, select_videos(feats, order), attn[:, :L])
+        kv.length += L
+
+        def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
+            out, _ = decoder_hidden(model, tok[:, None], step_pos)
+            kv.length += 1
+            return out
+        step = torch.compile(step, mode="reduce-overhead") if compile_step else step
+    else:
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config.get_text_config())
+        hidden, _ = decoder_hidden(model, ids, pos, select_videos(feats, order), attn[:, :L], cache)
+
+        def step(tok, step_pos):
+            return decoder_hidden(model, tok[:, None], step_pos, None, attn[:, :L + t + 1], cache)[0]
     next_pos = pos.amax(dim=(0, 2)) + 1          # [B]
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     out_lp = torch.zeros(B, max_new_tokens, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, device=dev)
     stop_t = torch.tensor(stop, device=dev)
-    for t in range(max_new_tokens):
-        logits = masked_logits(model, hidden[:, -1], suppress, temperature if temperature > 0 else 1.0)
-        logp = torch.log_softmax(logits, dim=-1)
-        if temperature <= 0:
-            tok = logits.argmax(-1)
-        else:
-            probs = logp.exp()
-            if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-                sp, si = probs.sort(dim=-1, descending=True)
-                drop = (sp.cumsum(-1) - sp) > top_p
-                probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
-            tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        out_ids[:, t], out_lp[:, t] = tok, logp.gather(-1, tok[:, None])[:, 0]
-        newly = ~done & torch.isin(tok, stop_t)
-        lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
-        done |= newly
-        if all_ranks_done(done) or t == max_new_tokens - 1:
-            break
-        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=dev)], dim=1)
-        step_pos = next_pos.view(1, B, 1).expand(3, B, 1)
-        hidden, cache = decoder_hidden(model, tok[:, None], step_pos, None, attn, cache)
-        next_pos = next_pos + 1
+    try:
+        for t in range(max_new_tokens):
+            logits = masked_logits(model, hidden[:, -1], suppress, temperature if temperature > 0 else 1.0)
+            logp = torch.log_softmax(logits, dim=-1)
+            if temperature <= 0:
+                tok = logits.argmax(-1)
+            else:
+                probs = logp.exp()
+                if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+                    sp, si = probs.sort(dim=-1, descending=True)
+                    drop = (sp.cumsum(-1) - sp) > top_p
+                    probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
+                tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out_ids[:, t], out_lp[:, t] = tok, logp.gather(-1, tok[:, None])[:, 0]
+            newly = ~done & torch.isin(tok, stop_t)
+            lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
+            done |= newly
+            if all_ranks_done(done) or t == max_new_tokens - 1:
+                break
+            hidden = step(tok, next_pos.view(1, B, 1).expand(3, B, 1))
+            next_pos = next_pos + 1
+    finally:
+        if static_cache:
+            use_attention(model, previous)
     results = []
     for b, i in enumerate(order):
         k = int(lengths[b])
@@ -358,7 +487,8 @@ class VLLMEngine:
         except ImportError:
             raise SystemExit("--engine=vllm needs vllm (pip install vllm on a GPU node); --engine=hf works anywhere")
         import torch.distributed as dist
-        multi = dist.is_initialized() and dist.get_world_size() > 1
+        multi = dist.is_initialized()  # under torchrun: every rank its own engine, reusing the process group
+        self.prompt_mismatches = 0      # prompts that vLLM tokenized differently from our processor path
         self.sleep_level = sleep_level  # 1 keeps weights in CPU memory; 2 leaves garbage in any weight not pushed
         self.llm = LLM(model=model_path, enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, seed=seed, dtype="bfloat16", enforce_eager=enforce_eager,
@@ -374,6 +504,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         if self.asleep:
             self.wake()
+        # the vision/pad tokens can never be sampled (a sampled <|video_pad|> breaks re-scoring): bias them away
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
                                 seed=seed, logit_bias={int(i): -100.0 for i in suppress_ids} or None)
         requests = [{"prompt": p.text, "multi_modal_data": {"video": [(p.frames.frames, {
@@ -381,6 +512,8 @@ class VLLMEngine:
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for i, (p, out) in enumerate(zip(prompts, outputs)):
+            if list(out.prompt_token_ids) != p.input_ids.tolist():  # training re-scores OUR ids: say if they differ
+                self.prompt_mismatches += 1
             for o in out.outputs:
                 ids = list(o.token_ids)
                 results.append(Rollout(prompt_index=i, prompt_ids=p.input_ids.tolist(), response_ids=ids,
@@ -413,10 +546,21 @@ class VLLMEngine:
 # ----------------------------------------------------------------------------------------------------------
 # evaluation and the command line
 
-def prepare_prompts(model, processor, samples: list, cfg, think: bool, skipped: list):
-    """Prompts for the samples whose video decodes; a bad video is skipped, counted and named, never fatal."""
+def prepare_prompts(model, processor, samples: list, cfg, think: bool, skipped: list, cache_dir: str = "",
+                    misses: list = None):
+    """Prompts for the samples whose video decodes; a bad video is skipped, counted and named, never fatal.
+    With cache_dir (cache_embeddings.py's output) a cached video is neither decoded nor encoded; a video with no
+    entry is decoded live and its path appended to `misses`; a stale entry raises (cache_embeddings.load_cached)."""
     prompts = []
     for s in samples:
+        if cache_dir:
+            from cache_embeddings import load_cached
+            entry = load_cached(cache_dir, s.video, cfg, model)
+            if entry is not None:
+                prompts.append(build_prompt_cached(model, processor, format_question(s), entry, think, sample=s))
+                continue
+            if misses is not None:
+                misses.append(s.video)
         try:
             video = load_video(s.video, cfg, family(model))
         except (ValueError, OSError) as e:
@@ -426,14 +570,14 @@ def prepare_prompts(model, processor, samples: list, cfg, think: bool, skipped: 
     return prompts
 
 
-def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval") -> dict:
+def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cache_dir: str = "") -> dict:
     """Greedy answers for every sample; accuracy overall and per category; predictions and skipped videos."""
     from tqdm import tqdm
     from data.rewards import compute_rewards
-    preds, skipped = [], []
+    preds, skipped, misses = [], [], []
     for start in tqdm(range(0, len(samples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
         prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
-                                  skipped)
+                                  skipped, cache_dir, misses)
         if not prompts:
             continue
         if engine is not None:
@@ -451,7 +595,7 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval") -> 
     acc = sum(p["correct"] for p in preds) / max(len(preds), 1)
     return {"accuracy": acc, "format": sum(p["format"] for p in preds) / max(len(preds), 1),
             "per_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())}, "num_scored": len(preds),
-            "skipped": skipped, "predictions": preds}
+            "skipped": skipped, "predictions": preds, "cache_misses": len(misses)}
 
 
 @dataclass
@@ -479,11 +623,14 @@ class RolloutConfig:
     max_model_len: int = 32768      # vLLM: longest prompt + response
     seed: int = 0                   # sampling seed
     progress: bool = True           # tqdm progress bars
+    embeddings_cache: str = ""      # --eval: cache_embeddings.py output; cached videos skip decoding and the tower
 
 
 def main(cfg: RolloutConfig):
     if not cfg.model or not (cfg.eval or (cfg.video and cfg.question)):
         raise SystemExit("give --model and either --eval=FILE or --video=FILE --question=TEXT (see --help)")
+    if cfg.embeddings_cache and cfg.engine == "vllm":
+        raise SystemExit("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, processor = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, device)
     model.eval()
@@ -494,7 +641,7 @@ def main(cfg: RolloutConfig):
           f"attention {model.config._attn_implementation}")
     if cfg.eval:
         t0 = time.time()
-        res = evaluate(model, processor, load_jsonl(cfg.eval), cfg, engine)
+        res = evaluate(model, processor, load_jsonl(cfg.eval), cfg, engine, cache_dir=cfg.embeddings_cache)
         out = cfg.out or cfg.eval.rsplit(".", 1)[0] + ".predictions.jsonl"
         with open(out, "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in res["predictions"])
@@ -502,6 +649,8 @@ def main(cfg: RolloutConfig):
             print(f"skipped: {line}")
         print(f"accuracy {res['accuracy']:.3f} on {res['num_scored']} samples ({len(res['skipped'])} skipped), "
               f"format {res['format']:.3f}, {time.time() - t0:.1f} s; predictions: {out}")
+        if cfg.embeddings_cache:
+            print(f"embeddings cache: {res['cache_misses']} videos were not in it (decoded live)")
         for cat, acc in res["per_category"].items():
             print(f"  {cat}: {acc:.3f}")
         return res

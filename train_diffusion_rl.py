@@ -12,11 +12,11 @@ which Long-RL runs inside verl (verl/workers/diffusion_helper.py, dp_actor.py `u
 
 One step: G samples per prompt with the SDE sampler (latents + per-step log-probs stored) -> rewards -> advantages
 (r - group mean) / (std + 1e-4) -> per trained timestep: recompute the log-prob with the current transformer,
-clipped-ratio loss (+ beta KL to the reference), backward -> one AdamW step -> log, eval, checkpoint.
+clipped-ratio loss (+ beta KL to the reference), backward -> AdamW step(s) -> log, eval, checkpoint.
 Deliberate deviations: follow Flow-GRPO, not Long-RL (which resets the scheduler inside every SDE step, trains only
-step 0, uses one group per batch); CFG is one forward on cat[uncond, cond] for Wan too (upstream: two passes); one
-optimizer step per sampling step (upstream: several, off-policy after the first, hence the ratio clip); no EMA;
-the Fast window is drawn once per step for all samples; eval is an Euler ODE (eta=0) for both kinds.
+step 0, uses one group per batch); CFG is one forward on cat[uncond, cond] for Wan too (upstream: two passes);
+`updates_per_step` optimizer steps per sampling round (upstream 2: the second is off-policy, where the ratio clip
+acts; our demo uses 1); no EMA; the Fast window is drawn once per step for all samples; eval is an Euler ODE.
 Expected (CPU demo, 2 cores, seed 0): held-out ODE redness -0.009 -> 0.45 in ~3.5 min; grid in
 runs/diffusion_tiny_image/before_after.png (top: before, bottom: after).
 """
@@ -95,11 +95,24 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# tiny pipelines built from configs (tests, CPU demo): saved to a folder and loaded by path like a real one.
+# transformer shapes: tiny ones (tests, CPU demo; notes/flow-grpo.md section 5) and the real ones (bench_step)
 
+TINY_SD3 = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+                pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))  # 90k params
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+                text_dim=64, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)  # 29k params
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))  # stabilityai/stable-diffusion-3.5-medium, 2.5B
+WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                  text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)  # Wan2.1-T2V-1.3B-Diffusers
 ANIMALS = "cat dog fox owl horse rabbit bear deer duck frog lion tiger".split()
 PLACES = ["in a forest", "on a beach", "in the snow", "in a city", "on a hill", "by a lake"]
-PROMPTS = [f"a photo of a {a} {p}" for a in ANIMALS for p in PLACES]  # 72; a fixed 16 are held out
+PROMPTS = [f"a photo of a {a} {p}" for a in ANIMALS for p in PLACES]  # 72 built-in prompts; a fixed 16 held out
 
 
 def tiny_tokenizer(max_len: int):
@@ -115,40 +128,32 @@ def tiny_tokenizer(max_len: int):
 
 
 def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
-    """The tiny SD3 / Wan pipelines of notes/flow-grpo.md section 5, random init (seed 0), save_pretrained'd."""
+    """A tiny random (seed 0) StableDiffusion3Pipeline / WanPipeline, save_pretrained'd: it loads by path like a real one."""
     import diffusers as D
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel,
-                              UMT5Config, UMT5EncoderModel)
-    t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000,
-              feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000, feed_forward_proj="gated-gelu",
+              relative_attention_num_buckets=8)
+    clip = dict(hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                vocab_size=1000, bos_token_id=0, pad_token_id=1, eos_token_id=2, max_position_embeddings=77)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        if kind == "sd3":
-            clip = lambda: CLIPTextModelWithProjection(CLIPTextConfig(  # noqa: E731
-                hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                vocab_size=1000, bos_token_id=0, pad_token_id=1, eos_token_id=2, max_position_embeddings=77))
+        if kind == "sd3":  # CLIP outputs (32+32) are zero-padded to T5's 64 = joint_attention_dim; pooled 32+32 = 64
+            vae = D.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                                  shift_factor=0.0609, scaling_factor=1.5035)  # x2 spatial
             pipe = D.StableDiffusion3Pipeline(
-                transformer=D.SD3Transformer2DModel(
-                    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
-                    num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-                    pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,)),
-                scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0),
-                vae=D.AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                    layers_per_block=1, latent_channels=16, norm_num_groups=4, use_quant_conv=False,
-                                    use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
-                text_encoder=clip(), tokenizer=tiny_tokenizer(16), text_encoder_2=clip(), tokenizer_2=tiny_tokenizer(16),
+                transformer=D.SD3Transformer2DModel(**TINY_SD3), scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                vae=vae, text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=tiny_tokenizer(16),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer_2=tiny_tokenizer(16),
                 text_encoder_3=T5EncoderModel(T5Config(**t5)), tokenizer_3=tiny_tokenizer(512))
         else:
             pipe = D.WanPipeline(
-                transformer=D.WanTransformer3DModel(
-                    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-                    text_dim=64, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                    qk_norm="rms_norm_across_heads", rope_max_seq_len=32),
+                transformer=D.WanTransformer3DModel(**TINY_WAN), text_encoder=UMT5EncoderModel(UMT5Config(**t5)),
                 scheduler=D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
                 vae=D.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                       temperal_downsample=[False, True, True]),
-                text_encoder=UMT5EncoderModel(UMT5Config(**t5)), tokenizer=tiny_tokenizer(512))
+                                       temperal_downsample=[False, True, True]),  # x8 spatial, x4 temporal
+                tokenizer=tiny_tokenizer(512))
     pipe.save_pretrained(out_dir)
     return out_dir
 
@@ -157,17 +162,23 @@ def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
 # model: diffusers pipeline by path; text encoders + VAE frozen; only the transformer trains (full or LoRA), FSDP2.
 
 def load_pipeline(path: str, cfg: Config, d: Dist):
-    """-> pipe, transformer (trainable, maybe peft-wrapped, maybe FSDP2), ref (frozen copy for KL, or None)."""
+    """-> pipe (frozen parts on device), transformer (trainable), ref (frozen copy for the KL, or None)."""
     from diffusers import StableDiffusion3Pipeline, WanPipeline
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    pipe = (StableDiffusion3Pipeline if cfg.kind == "sd3" else WanPipeline).from_pretrained(path, torch_dtype=dtype)
+    pipe = (StableDiffusion3Pipeline if cfg.kind == "sd3" else WanPipeline).from_pretrained(path, dtype=dtype)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval().to(d.device)
-    transformer, ref = pipe.transformer.float(), None  # fp32 master weights; bf16 compute comes from FSDP2
+    return (pipe, *make_trainable(pipe.transformer.float(), cfg, d))  # fp32 master weights; bf16 compute via FSDP2
+
+
+def make_trainable(transformer, cfg: Config, d: Dist):
+    """Full training (+ a frozen copy as reference when beta > 0) or peft LoRA (reference = disable_adapter()),
+    then FSDP2 per block + root."""
+    ref = None
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    if cfg.lora_rank > 0:  # reference = the same model under peft's disable_adapter()
+    if cfg.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
         names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
         targets = [f"attn.{n}" for n in names] if cfg.kind == "sd3" else names  # cf. flow_grpo train_sd3 / train_wan2_1
@@ -175,12 +186,10 @@ def load_pipeline(path: str, cfg: Config, d: Dist):
                                                              init_lora_weights="gaussian", target_modules=targets))
     else:
         transformer.requires_grad_(True)
-        if cfg.beta > 0:
-            ref = copy.deepcopy(transformer).requires_grad_(False)
+        ref = copy.deepcopy(transformer).requires_grad_(False) if cfg.beta > 0 else None
     blocks = lambda m: [b for n, b in m.named_modules() if re.fullmatch(r"(.*\.)?(transformer_)?blocks\.\d+", n)]  # noqa
-    transformer = wrap_fsdp(transformer, blocks(transformer), d, cfg.bf16)
-    ref = wrap_fsdp(ref, blocks(ref), d, cfg.bf16) if ref is not None else None
-    return pipe, transformer, ref
+    ref = None if ref is None else wrap_fsdp(ref, blocks(ref), d, cfg.bf16)
+    return wrap_fsdp(transformer, blocks(transformer), d, cfg.bf16), ref
 
 
 def embedder(pipe, cfg: Config, device):
@@ -190,14 +199,12 @@ def embedder(pipe, cfg: Config, device):
     @torch.no_grad()
     def embed(prompts):
         new = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if new and cfg.kind == "sd3":  # CLIP-L + CLIP-G + T5 -> (B, 77+T5 tokens, 4096), pooled (B, 2048)
-            e, _, pooled, _ = pipe.encode_prompt(new, None, None, device=device, do_classifier_free_guidance=False,
-                                                 max_sequence_length=cfg.max_sequence_length)
-            cache.update({p: {"embeds": e[i].cpu(), "pooled": pooled[i].cpu()} for i, p in enumerate(new)})
-        elif new:  # UMT5 -> (B, max_sequence_length, 4096)
-            e, _ = pipe.encode_prompt(new, do_classifier_free_guidance=False, device=device,
-                                      max_sequence_length=cfg.max_sequence_length)
-            cache.update({p: {"embeds": e[i].cpu()} for i, p in enumerate(new)})
+        if new:  # SD3: CLIP-L + CLIP-G + T5 -> (B, 77+T5 tokens, 4096), pooled (B, 2048); Wan: UMT5 -> (B, L, 4096)
+            out = pipe.encode_prompt(new, **({"prompt_2": None, "prompt_3": None} if cfg.kind == "sd3" else {}),
+                                     do_classifier_free_guidance=False, device=device,
+                                     max_sequence_length=cfg.max_sequence_length)
+            cache.update({p: {"embeds": out[0][i].cpu(), **({"pooled": out[2][i].cpu()} if len(out) == 4 else {})}
+                          for i, p in enumerate(new)})
         return {k: torch.stack([cache[p][k] for p in prompts]).to(device) for k in cache[prompts[0]]}
     return embed
 
@@ -283,55 +290,51 @@ def sample(transformer, cond, uncond, noise, sigmas, timesteps, cfg: Config, sde
 
 
 # ----------------------------------------------------------------------------------------------------------
-# rewards: programmatic ones need nothing; CLIP score / aesthetic load a CLIPModel (and an MLP head) by path
-
-REWARDS = ("redness", "brightness", "jpeg", "clip", "aesthetic")
-
+# rewards: the programmatic ones need nothing; CLIP score / aesthetic load a CLIPModel (+ an MLP head) by path
 
 def load_clip_scorer(path: str, head_path: str, device):
-    """(images (N,3,H,W) in [0,1], prompts) -> CLIP cosine(image, prompt), or the aesthetic MLP on the image embedding."""
-    import torch.nn.functional as F
+    """(images (N,3,H,W) in [0,1], prompts) -> cosine(CLIP image, CLIP prompt), or with head_path the LAION aesthetic
+    MLP (DDPO / flow_grpo; state-dict keys layers.0/2/4/6/7) on the normalised CLIP image embedding."""
     from transformers import AutoTokenizer, CLIPModel
     model, tok = CLIPModel.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
-    size = model.config.vision_config.image_size
+    size, nn = model.config.vision_config.image_size, torch.nn
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)  # OpenAI CLIP pixel stats
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
-    head = None
-    if head_path:  # LAION aesthetic predictor v2 layout (keys layers.0/2/4/6/7), as in DDPO / flow_grpo
-        d = model.config.projection_dim
-        head = torch.nn.Sequential(torch.nn.Linear(d, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-                                   torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1),
-                                   torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+    head = nn.Sequential(nn.Linear(model.config.projection_dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
+                         nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+    if head_path:
         sd = torch.load(head_path, map_location="cpu", weights_only=True)
         head.load_state_dict({k.removeprefix("layers."): v for k, v in sd.items()})
-        head = head.to(device).eval()
+    head = head.to(device).eval()
+    unit = lambda out: torch.nn.functional.normalize(out.pooler_output, dim=-1)  # noqa: E731
 
     @torch.no_grad()
     def score(images, prompts):
-        px = F.interpolate(images.to(device), size=(size, size), mode="bicubic", antialias=True)
-        img = F.normalize(model.get_image_features(pixel_values=(px - mean) / std).pooler_output, dim=-1)
-        if head is not None:
+        px = torch.nn.functional.interpolate(images.to(device), size=(size, size), mode="bicubic", antialias=True)
+        img = unit(model.get_image_features(pixel_values=(px - mean) / std))
+        if head_path:
             return head(img).squeeze(-1)
         ids = tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(device)
-        txt = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
-        return (img * txt).sum(-1)
+        return (img * unit(model.get_text_features(**ids))).sum(-1)
     return score
+
+
+def jpeg_kb(img) -> float:
+    """Size in kB of one image (3,H,W) in [0,1] as a quality-95 JPEG (DDPO's compressibility reward is its negative)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).save(buf, format="JPEG", quality=95)
+    return buf.tell() / 1000
 
 
 def make_reward_fn(cfg: Config, device):
     """(images (B,3,H,W) or videos (B,F,3,H,W) in [0,1], prompts) -> rewards (B,); a video scores its frames' mean."""
-    from PIL import Image
-    assert cfg.reward in REWARDS, f"reward must be one of {REWARDS}"
+    assert cfg.reward in ("redness", "brightness", "jpeg", "clip", "aesthetic"), cfg.reward
     scorer = load_clip_scorer(cfg.reward_model, cfg.aesthetic_head, device) if cfg.reward in ("clip", "aesthetic") else None
-
-    def jpeg_kb(img):  # DDPO's jpeg_compressibility: -(JPEG size in kB)
-        buf = io.BytesIO()
-        Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).save(buf, format="JPEG", quality=95)
-        return buf.tell() / 1000
 
     def reward_fn(images, prompts):
         n_f = images.shape[1] if images.dim() == 5 else 1
-        img = images.flatten(0, 1) if images.dim() == 5 else images  # (B*F, 3, H, W)
+        img = images.reshape(-1, *images.shape[-3:])  # (B*F, 3, H, W)
         if cfg.reward == "redness":
             r = img[:, 0].mean((1, 2)) - img[:, 1:].mean((1, 2, 3))  # mean R - mean (G+B)/2, in [-1, 1]
         elif cfg.reward == "brightness":
@@ -386,18 +389,11 @@ def gather(t):
     return torch.cat(out)
 
 
-def save_grid(images, path: str, ncol: int = 8):
-    """(N,3,H,W) or (N,F,3,H,W) in [0,1] -> PNG; a video becomes one row: its frames side by side."""
-    from PIL import Image
-    if images.dim() == 5:
-        images, ncol = torch.cat(images.unbind(1), dim=-1), 1  # (N, 3, H, F*W)
-    n, _, h, w = images.shape
-    rows = math.ceil(n / ncol)
-    grid = torch.ones(3, rows * (h + 2), ncol * (w + 2))
-    for i, im in enumerate(images.cpu()):
-        r, c = divmod(i, ncol)
-        grid[:, r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = im
-    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+def save_grid(images, path: str):
+    """(N,3,H,W) or (N,F,3,H,W) in [0,1] -> PNG, 8 images a row; a video is one row, its frames side by side."""
+    from torchvision.utils import save_image
+    video = images.dim() == 5
+    save_image(torch.cat(images.unbind(1), dim=-1) if video else images, path, nrow=1 if video else 8, pad_value=1)
 
 
 @torch.no_grad()
@@ -470,7 +466,8 @@ def main(cfg: Config):
     if state["step"] == 0 and cfg.eval_every > 0:
         state["eval_before"] = run_eval(0)
         print0(f"eval before training: reward {state['eval_before']:.4f} (ODE, {cfg.eval_num_steps} steps)")
-        log and log.write(json.dumps({"step": 0, "eval_reward": state["eval_before"]}) + "\n")
+        if log:
+            log.write(json.dumps({"step": 0, "eval_reward": state["eval_before"]}) + "\n")
     bar = tqdm(range(state["step"], cfg.max_steps), disable=not d.is_main, initial=state["step"], total=cfg.max_steps)
     for step in bar:
         t0 = time.time()
@@ -535,73 +532,50 @@ def main(cfg: Config):
     if d.is_main and state["eval_before"] is not None and state.get("eval_last") is not None:
         print(f"held-out {cfg.reward} (ODE, {cfg.eval_num_steps} steps): before {state['eval_before']:.4f} -> "
               f"after {state['eval_last']:.4f}")
-        stack_pngs([os.path.join(cfg.out_dir, f"eval_{s:06d}.png") for s in (0, cfg.max_steps)],
-                   os.path.join(cfg.out_dir, "before_after.png"))
+        from torchvision.io import read_image
+        from torchvision.utils import save_image
+        grids = [read_image(os.path.join(cfg.out_dir, f"eval_{s:06d}.png")) for s in (0, cfg.max_steps)]
+        save_image(torch.cat(grids, 1) / 255, os.path.join(cfg.out_dir, "before_after.png"))  # top: before
     return pipe, transformer
 
 
-def stack_pngs(paths, out: str):
-    """Stack PNGs vertically (top: before, bottom: after) with a white gap."""
-    from PIL import Image
-    ims = [Image.open(p).convert("RGB") for p in paths]
-    canvas = Image.new("RGB", (max(i.width for i in ims), sum(i.height for i in ims) + 8 * (len(ims) - 1)), "white")
-    for k, im in enumerate(ims):
-        canvas.paste(im, (0, sum(i.height + 8 for i in ims[:k])))
-    canvas.save(out)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# bench: one step of a random-init transformer of the real shape (no download), on one GPU
-
-SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                   pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
-                   dual_attention_layers=tuple(range(13)))  # stabilityai/stable-diffusion-3.5-medium transformer
-WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-                  text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
-                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)  # Wan2.1-T2V-1.3B-Diffusers
-
 
 def bench_step(cfg: Config):
-    """Time sampling (B=sample_batch_size) and the update (B=train_batch_size, all trained steps) once warm."""
+    """One GPU: time sampling (sample_batch_size) and the update (train_batch_size x trained steps) of a random-init
+    SD3.5-medium / Wan2.1-1.3B-shaped transformer with random text embeddings (no download), after a warm-up."""
     import diffusers as D
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    t = (D.SD3Transformer2DModel(**SD35_MEDIUM) if cfg.kind == "sd3" else D.WanTransformer3DModel(**WAN21_1_3B))
-    t = t.to(d.device)
-    if cfg.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-        names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-        t = get_peft_model(t, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=[f"attn.{n}" for n in names] if cfg.kind == "sd3" else names))
-    if cfg.gradient_checkpointing:
-        t.enable_gradient_checkpointing()
-    t = wrap_fsdp(t, [b for n, b in t.named_modules() if re.fullmatch(r"(.*\.)?(transformer_)?blocks\.\d+", n)], d, cfg.bf16)
+    sd3 = cfg.kind == "sd3"
+    t = (D.SD3Transformer2DModel(**SD35_MEDIUM) if sd3 else D.WanTransformer3DModel(**WAN21_1_3B)).to(d.device)
+    t, _ = make_trainable(t, replace(cfg, beta=0.0), d)
     params = [p for p in t.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
-    sched = (D.FlowMatchEulerDiscreteScheduler(shift=3.0) if cfg.kind == "sd3" else
-             D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
-    sigmas, timesteps = schedule(sched, cfg.num_steps)
-    f = 8  # real VAEs: x8 spatial (x4 temporal for Wan)
-    shape = ((16, cfg.height // f, cfg.width // f) if cfg.kind == "sd3" else
-             (16, (cfg.num_frames - 1) // 4 + 1, cfg.height // f, cfg.width // f))
-    L = 77 + cfg.max_sequence_length if cfg.kind == "sd3" else cfg.max_sequence_length
+    sigmas, timesteps = schedule(D.FlowMatchEulerDiscreteScheduler(shift=3.0) if sd3 else D.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0), cfg.num_steps)
+    shape = (16, cfg.height // 8, cfg.width // 8) if sd3 else (16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
+    L = 77 + cfg.max_sequence_length if sd3 else cfg.max_sequence_length  # text tokens: CLIP 77 + T5 (SD3), UMT5 (Wan)
     emb = lambda b: {"embeds": torch.randn(b, L, 4096, device=d.device),  # noqa: E731
-                     **({"pooled": torch.randn(b, 2048, device=d.device)} if cfg.kind == "sd3" else {})}
+                     **({"pooled": torch.randn(b, 2048, device=d.device)} if sd3 else {})}
     B, Bt, uncond = cfg.sample_batch_size, cfg.train_batch_size, emb(1)
     js = list(range(cfg.sde_window_size or int(len(timesteps) * cfg.timestep_fraction)))
     for it in range(2):  # warm-up, then timed
-        torch.cuda.synchronize(); t0 = time.time()  # noqa: E702
-        xs, lps = sample(t, emb(B), uncond, torch.randn(B, *shape, device=d.device), sigmas, timesteps, cfg, range(len(timesteps)))
-        torch.cuda.synchronize(); t1 = time.time()  # noqa: E702
+        torch.cuda.synchronize()
+        t0 = time.time()
+        xs, lps = sample(t, emb(B), uncond, torch.randn(B, *shape, device=d.device), sigmas, timesteps, cfg, js)
+        torch.cuda.synchronize()
+        t1 = time.time()
         for j in js:
             loss, _ = flow_grpo_loss(t, None, xs[:Bt, j], xs[:Bt, j + 1], lps[:Bt, j], torch.randn(Bt, device=d.device),
                                      j, emb(Bt), uncond, sigmas, timesteps, replace(cfg, beta=0.0))
             (loss / len(js)).backward()
-        opt.step(); opt.zero_grad(); torch.cuda.synchronize()  # noqa: E702
-        print0(f"[{it}] sample {B}x{len(timesteps)} steps (CFG {cfg.guidance_scale}): {t1 - t0:.2f}s | train {Bt}x{len(js)} "
-               f"steps: {time.time() - t1:.2f}s | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB | "
-               f"{sum(p.numel() for p in t.parameters()) / 1e9:.2f}B params, {sum(p.numel() for p in params) / 1e6:.1f}M trained")
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        print0(f"[{it}] sample {B} x {len(timesteps)} steps (CFG {cfg.guidance_scale}): {t1 - t0:.2f}s | train {Bt} x "
+               f"{len(js)} steps + AdamW: {time.time() - t1:.2f}s | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+               f" | {sum(p.numel() for p in t.parameters()) / 1e9:.2f}B params, {sum(p.numel() for p in params) / 1e6:.1f}M trained")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def init_distributed(device: str = "auto") -> Dist:
     dev = f"cuda:{local}" if use_cuda else "cpu"
     if use_cuda:
         torch.cuda.set_device(local)
-    if world > 1 and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even on one GPU (vLLM reuses it)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device(dev) if use_cuda else None)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
 
@@ -58,11 +58,11 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def wrap_fsdp(model: torch.nn.Module, units, d: Dist, bf16: bool):
+def wrap_fsdp(model: torch.nn.Module, units, d: Dist, bf16: bool, ignored: set = None):
     """FSDP2: fully_shard each unit (a module, or a list of modules sharded as one group), then the root.
     A unit's weights are gathered when its forward runs, so anything called directly (not through the root's
     forward) must be a unit. Parameters stay fp32 (the optimizer's master copy); with bf16 the forward and
-    backward compute in bf16 and gradients are reduced in fp32."""
+    backward compute in bf16 and gradients are reduced in fp32. `ignored` parameters stay whole on every rank."""
     if d.world_size == 1 and not bf16:
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -74,7 +74,7 @@ def wrap_fsdp(model: torch.nn.Module, units, d: Dist, bf16: bool):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     return model
 
 
@@ -92,9 +92,9 @@ class Root(torch.nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
-def vlm_units(model) -> list:
+def vlm_units(model, vision: bool = True) -> list:
     """FSDP2 units of a Qwen-VL model: each decoder layer and each vision block (the rest stays with the root)."""
-    return [*model.model.language_model.layers, *model.model.visual.blocks]
+    return [*model.model.language_model.layers, *(model.model.visual.blocks if vision else [])]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,6 +182,7 @@ class Config:
     max_pixels: int = 448 * 448         # pixel budget per frame
     min_pixels: int = 28 * 28           # smallest frame area
     think: bool = True                  # Long-RL's think/answer prompt; format reward needs <think> too
+    embeddings_cache: str = ""          # cache_embeddings.py output (needs freeze_vision): no decoding, no tower
     # model
     model: str = ""                     # checkpoint folder / hub id; empty with synthetic=True: a tiny model
     dtype: str = "auto"                 # parameters' dtype: auto = float32 (FSDP2 mixed precision computes bf16)
@@ -234,6 +235,7 @@ class Config:
     sft_batch_size: int = 32            # prompts per warm-up step
     # sequence parallelism
     sp_size: int = 1                    # Ulysses sequence-parallel group size (divides the world size)
+    sp_split_rollout: bool = True       # SP peers sample n/sp responses each (False: rank 0's n, copied to peers)
     # system
     device: str = "auto"                # auto | cpu | cuda
     seed: int = 0                       # data order, sampling, initialisation
@@ -372,10 +374,15 @@ class Seq:
     logp_ref: torch.Tensor = None   # [R] from the frozen reference
 
 
-def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False):
-    """Flat response log-probs (and entropies) of `seqs`, in order, through the FSDP root `policy`. Vision
-    features are computed once per distinct prompt (the n responses of a group share their video)."""
+def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False, spi=None):
+    """Response log-probs (and entropies) of `seqs` through the FSDP root `policy`. Vision features are computed
+    once per distinct prompt (the n responses of a group share their video).
+    Returns (logp, entropy, align, gather): without SP, logp is flat over all response tokens in order and
+    align/gather are identities; with SP (spi.sp_size > 1) logp covers only the response tokens this rank holds
+    (Ulysses stage 2; stage 1 encodes 1/SP of every video here), `align(flat values)` picks the matching
+    entries of any per-token quantity, and `gather(local logp)` rebuilds the flat full-length values."""
     import rollout
+    import sp as sp_lib
     prompts, index, where = [], {}, []
     for s in seqs:
         if id(s.prompt) not in index:
@@ -383,13 +390,58 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
             prompts.append(s.prompt)
         where.append(index[id(s.prompt)])
     packed = rollout.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
+    vision_grad = torch.is_grad_enabled() and not cfg.freeze_vision
+    if spi is None or spi.sp_size == 1:
+        def run(model):
+            with torch.set_grad_enabled(vision_grad):
+                feats = rollout.select_videos(rollout.encode_videos(model, prompts), where)
+            return rollout.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
+                                             with_entropy)
+        logp, ent = policy(run)
+        return logp, ent, (lambda v: v.to(logp.device)), (lambda v: v)
 
-    def run(model):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.freeze_vision):
-            feats = rollout.select_videos(rollout.encode_videos(model, prompts), where)
-        return rollout.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
-                                         with_entropy)
-    return policy(run)
+    # token-aligned response mask: the tokens to score (Packed.response_mask marks the positions predicting them)
+    tokens_mask = torch.zeros_like(packed.response_mask)
+    tokens_mask[:, 1:] = packed.response_mask[:, :-1]
+
+    def run_sp(model):
+        dev = model.lm_head.weight.device
+        with torch.set_grad_enabled(vision_grad):
+            if any(p.video_features is not None for p in prompts):  # embeddings cache: no tower to split (SP peers
+                feats = rollout.encode_videos(model, prompts)          # share prompts, so all take this branch)
+            else:
+                pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
+                grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
+                feats = sp_lib.parallel_video_features(model, pix, grid, spi.sp_group)
+            feats = rollout.select_videos(feats, where)
+        sh = sp_lib.shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
+                                   model.config.video_token_id)
+        hidden, _ = rollout.decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
+                                           sp_lib.slice_video_features(feats, sh.video_rows))
+        mask = sh.loss_mask.to(dev)
+        return rollout.token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, cfg.temperature,
+                                      cfg.logprob_chunk, with_entropy) + (sh.loss_mask,)
+    logp, ent, local_mask = policy(run_sp)
+
+    def align(values):  # flat per-token values (sequence order) -> this rank's entries, in logp's order
+        full = torch.zeros(packed.response_mask.shape, dtype=values.dtype)
+        full[packed.response_mask] = values.cpu()
+        return sp_lib.shard_values(full, spi.sp_rank, spi.sp_size, 0)[local_mask].to(logp.device)
+
+    def gather(local):  # this rank's log-probs -> every response token's, flat in sequence order
+        mine = torch.zeros(local_mask.shape, dtype=local.dtype, device=local.device)
+        mine[local_mask.to(local.device)] = local
+        full = sp_lib.gather_token_values(mine, spi.sp_group)[:, :packed.response_mask.shape[1]]
+        return full[packed.response_mask.to(full.device)]
+    return logp, ent, align, gather
+
+
+def dp_all_reduce(t: torch.Tensor, spi=None, op=None):
+    """Sum over data-parallel ranks only: the SP peers of a group hold the same sequences and must not be
+    counted twice."""
+    if spi is None or spi.sp_size == 1:
+        return all_reduce(t, None, op)
+    return all_reduce(t, spi.dp_group, op) if spi.dp_size > 1 else t
 
 
 def micro_batches(seqs: list, size: int, group=None):
@@ -401,37 +453,39 @@ def micro_batches(seqs: list, size: int, group=None):
 
 
 @torch.no_grad()
-def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback):
+def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None):
     """Store no-grad log-probs of `policy` on each Seq (attr = logp_old | logp_ref)."""
     for chunk in micro_batches(seqs, cfg.micro_batch_size):
-        lp, _ = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids)
+        lp, _, _, gather = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, spi=spi)
+        lp = gather(lp)
         if chunk is None:
             continue
         for s, v in zip(chunk, lp.cpu().split([len(s.response_ids) for s in chunk])):
             setattr(s, attr, v.float())
 
 
-def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback) -> dict:
-    """One optimizer step on `seqs`. The normaliser counts are global (all ranks), taken before the loop:
-        loss_r = W * sum_local(weight_t * l_t),  sum over ranks / W = the aggregated loss (FSDP averages grads)."""
+def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback, spi=None) -> dict:
+    """One optimizer step on `seqs`. The normaliser counts are global (all data-parallel ranks), taken before
+    the micro-batch loop; each token is counted once, on the (SP) rank that holds it:
+        loss_r = W * sum_local(weight_t * l_t),  sum over ranks / W = the aggregated loss (FSDP averages grads
+        over all W = dp * sp ranks)."""
     lengths = [len(s.response_ids) for s in seqs]
-    counts = all_reduce(torch.tensor([float(sum(lengths)), float(len(seqs))]))
+    counts = dp_all_reduce(torch.tensor([float(sum(lengths)), float(len(seqs))]), spi)
     weights = token_weights(lengths, cfg.loss_agg, counts[0].clamp(min=1).item(), counts[1].clamp(min=1).item(),
                             cfg.max_new_tokens).split(lengths)
     weight_of = {id(s): w for s, w in zip(seqs, weights)}
     stats = torch.zeros(5)  # sum of w*loss, clipped tokens, kl sum, entropy sum, tokens
     for chunk in micro_batches(seqs, cfg.micro_batch_size):
-        logp, entropy = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, with_entropy=True)
+        logp, entropy, align, _ = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, True, spi)
         if chunk is None:       # padding micro-batch: forward + backward with zero weight
             (logp.sum() * 0.0).backward()
             continue
-        dev = logp.device
-        adv = torch.cat([s.advantages for s in chunk]).to(dev)
-        old = torch.cat([s.logp_old for s in chunk]).to(dev) if chunk[0].logp_old is not None else logp.detach()
-        w = torch.cat([weight_of[id(s)] for s in chunk]).to(dev)
+        adv = align(torch.cat([s.advantages for s in chunk]))
+        old = align(torch.cat([s.logp_old for s in chunk])) if chunk[0].logp_old is not None else logp.detach()
+        w = align(torch.cat([weight_of[id(s)] for s in chunk]))
         per_token, clipped = policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
         if cfg.kl_beta > 0:
-            kl = kl_penalty(logp, torch.cat([s.logp_ref for s in chunk]).to(dev), cfg.kl_estimator)
+            kl = kl_penalty(logp, align(torch.cat([s.logp_ref for s in chunk])), cfg.kl_estimator)
             if not cfg.kl_in_reward:
                 per_token = per_token + cfg.kl_beta * kl
             stats[2] += kl.detach().sum().cpu()
@@ -478,17 +532,18 @@ def prepare_synthetic(cfg: Config, d: Dist):
     cfg.model = cfg.model or model_dir
 
 
-def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids):
+def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids, spi=None):
     """Teach the answer format only: SFT on '<think> </think> <answer> X </answer>' with X a RANDOM letter,
     independent of the video, so the model starts GRPO at chance accuracy with a parsable format."""
     import rollout
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, cfg.beta2))
     tok, eos = processor.tokenizer, processor.tokenizer.eos_token_id
-    rng = random.Random(cfg.seed + 7 * d.rank)
+    rng = random.Random(cfg.seed + 7 * (spi.dp_rank if spi else d.rank))  # SP peers: the same letters
     policy.train()
     for step in range(cfg.sft_steps):
         samples = loader.next_batch()
-        prompts = rollout.prepare_prompts(policy.model, processor, samples, cfg, cfg.think, [])
+        prompts = rollout.prepare_prompts(policy.model, processor, samples, cfg, cfg.think, [],
+                                          cfg.embeddings_cache)
         seqs = []
         for p in prompts:
             letter = rng.choice("ABCD")
@@ -496,10 +551,10 @@ def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids)
             ids = tok.encode(text, add_special_tokens=False) + [eos]
             seqs.append(Seq(prompt=p, response_ids=ids, advantages=torch.zeros(len(ids))))
         lengths = [len(s.response_ids) for s in seqs]
-        n_tokens = all_reduce(torch.tensor([float(sum(lengths))]))[0].item()
+        n_tokens = dp_all_reduce(torch.tensor([float(sum(lengths))]), spi)[0].item()
         total = 0.0
         for chunk in micro_batches(seqs, cfg.micro_batch_size * 4):
-            logp, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids)
+            logp, _, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
             loss = -logp.sum() * d.world_size / n_tokens * (0.0 if chunk is None else 1.0)  # token-mean NLL
             loss.backward()
             total += loss.item() / d.world_size
@@ -516,7 +571,7 @@ def evaluate_all(policy, processor, samples, cfg: Config, d: Dist, engine, tag: 
     import rollout
     policy.eval()
     mine = samples[d.rank::d.world_size]
-    res = policy(rollout.evaluate, processor, mine, cfg, engine, desc=f"eval {tag}")
+    res = policy(rollout.evaluate, processor, mine, cfg, engine, desc=f"eval {tag}", cache_dir=cfg.embeddings_cache)
     sums = all_reduce(torch.tensor([res["accuracy"] * res["num_scored"], res["format"] * res["num_scored"],
                                     float(res["num_scored"]), float(len(res["skipped"]))]))
     out = {"accuracy": (sums[0] / sums[2].clamp(min=1)).item(), "format": (sums[1] / sums[2].clamp(min=1)).item(),
@@ -535,6 +590,12 @@ def main(cfg: Config):
     from data.datasets import Loader, load_jsonl
     from data.rewards import JudgeConfig, RewardStats, compute_rewards
 
+    if cfg.embeddings_cache and not cfg.freeze_vision:  # cf. cache_embeddings.py
+        raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
+                         "tower would train and the cached features go stale after the first update; set "
+                         "--freeze_vision=true (or drop --embeddings_cache)")
+    if cfg.embeddings_cache and cfg.engine == "vllm":
+        raise ValueError("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -542,16 +603,19 @@ def main(cfg: Config):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.synthetic:
         prepare_synthetic(cfg, d)
-    if cfg.sp_size != 1:
-        raise NotImplementedError("sequence parallelism is wired in by sp.py (see README)")
-    dp_rank, dp_size = d.rank, d.world_size
+    import sp as sp_lib
+    spi = sp_lib.init_sp(cfg.sp_size)   # world = dp x sp; the SP peers of a group share their prompts
+    dp_rank, dp_size = spi.dp_rank, spi.dp_size
+    if cfg.n % cfg.sp_size:
+        raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:
         raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} must divide by the {dp_size} data-parallel ranks")
     prompts_per_rank = cfg.rollout_batch_size // dp_size
     update_prompts = (cfg.update_batch_size or cfg.rollout_batch_size) // dp_size
     updates_per_epoch = max(prompts_per_rank // max(update_prompts, 1), 1)
     need_old = cfg.ppo_epochs > 1 or updates_per_epoch > 1 or (cfg.kl_beta > 0 and cfg.kl_in_reward)
-    print0(f"world {d.world_size} ({d.device}), {prompts_per_rank} prompts x {cfg.n} responses per rank per step, "
+    print0(f"world {d.world_size} ({d.device}) = dp {dp_size} x sp {cfg.sp_size}, "
+           f"{prompts_per_rank} prompts x {cfg.n} responses per data-parallel rank per step, "
            f"{updates_per_epoch * cfg.ppo_epochs} optimizer update(s) per step, "
            f"old log-probs {'recomputed' if need_old else '= current (detached): one on-policy update'}")
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
@@ -565,12 +629,22 @@ def main(cfg: Config):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = cfg.bf16 and d.device.startswith("cuda")
-    policy = wrap_fsdp(Root(model), vlm_units(model), d, bf16)  # policy(fn, ...) runs fn(model, ...)
+    attention = {"rollout": cfg.attn_implementation, "train": cfg.attn_implementation}
+    if cfg.sp_size > 1:  # Ulysses for the language model in training; rollout/eval keep plain attention
+        text = model.config.get_text_config()
+        sp_lib.check_heads(text.num_attention_heads, text.num_key_value_heads, cfg.sp_size)
+        attention["train"] = sp_lib.register_ulysses(spi.sp_group)
+    # with an embeddings cache only the ranks with a cache miss run the frozen tower: keep it out of FSDP (whole on
+    # every rank, no collectives), else a rank without a miss would leave the others waiting in a vision all-gather
+    cached = bool(cfg.embeddings_cache)
+    policy = wrap_fsdp(Root(model), vlm_units(model, vision=not cached), d, bf16,
+                       set(model.model.visual.parameters()) if cached else None)  # policy(fn, ...) runs fn(model, ...)
     ref = None
     if cfg.kl_beta > 0:  # a frozen copy of the initial policy; not loaded at all when beta = 0
         ref, _ = rollout.load_model(cfg.model, "float32", cfg.attn_implementation, d.device)
         ref.requires_grad_(False)
-        ref = wrap_fsdp(Root(ref), vlm_units(ref), d, bf16).eval()
+        ref = wrap_fsdp(Root(ref), vlm_units(ref, vision=not cached), d, bf16,
+                        set(ref.model.visual.parameters()) if cached else None).eval()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     stop = rollout.eos_ids(model, processor)
@@ -598,8 +672,10 @@ def main(cfg: Config):
         print0(f"resumed from {last} at step {start_step}")
     else:
         if cfg.sft_steps:
+            set_attention(model, attention["train"])
             format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // dp_size, dp_rank, dp_size,
-                                                   cfg.seed + 1), cfg, d, suppress)
+                                                   cfg.seed + 1), cfg, d, suppress, spi)
+            set_attention(model, attention["rollout"])
         if held_out:
             ev = evaluate_all(policy, processor, held_out, cfg, d, engine, "step0")
             curve.append({"step": 0, **ev})
@@ -624,17 +700,27 @@ def main(cfg: Config):
         # ---- rollout (+ reward, with DAPO's dynamic sampling refilling dropped groups) --------------------
         policy.eval()
         groups, all_rewards, all_acc, all_fmt, all_len, truncated, tries, step_skipped = [], [], [], [], [], 0, 0, []
-        t_reward = 0.0
+        t_reward, step_misses = 0.0, []  # step_misses: videos with no embeddings-cache entry (decoded live)
         while True:
             tries += 1
-            prompts = rollout.prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, step_skipped)
-            gen_seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + d.rank
+            prompts = rollout.prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, step_skipped,
+                                              cfg.embeddings_cache, step_misses)
+            split = cfg.sp_size > 1 and cfg.sp_split_rollout  # SP peers each sample n/sp responses of the same prompts
+            n_local = cfg.n // cfg.sp_size if split else cfg.n
+            gen_seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + dp_rank * 7919 + (spi.sp_rank if split else 0)
             if engine:
-                outs = engine.generate(prompts, cfg.n, cfg.temperature, cfg.top_p, cfg.max_new_tokens, gen_seed,
+                outs = engine.generate(prompts, n_local, cfg.temperature, cfg.top_p, cfg.max_new_tokens, gen_seed,
                                        suppress)
             else:
-                outs = policy(rollout.hf_generate, processor, prompts, cfg.n, cfg.temperature, cfg.top_p,
+                outs = policy(rollout.hf_generate, processor, prompts, n_local, cfg.temperature, cfg.top_p,
                               cfg.max_new_tokens, gen_seed)
+            if split:  # every SP peer gets all n responses, grouped by prompt (gathered in chunks)
+                parts = sp_lib.chunked_all_gather_object(outs, 4, spi.sp_group)
+                outs = sorted([o for part in parts for o in part], key=lambda o: o.prompt_index)
+            elif cfg.sp_size > 1:  # peers sampled the same (same seed); take SP rank 0's copy so they agree exactly
+                box = [outs]
+                dist.broadcast_object_list(box, src=d.rank - spi.sp_rank, group=spi.sp_group)
+                outs = box[0]
             tr = time.time()
             scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],
                                      cfg.w_acc, cfg.w_fmt, cfg.think, cfg.open_ended, judge, reward_stats)
@@ -656,6 +742,7 @@ def main(cfg: Config):
                 break
         groups = groups[:prompts_per_rank]
         fallback = Seq(prompt=prompts[0], response_ids=outs[0].response_ids, advantages=torch.zeros(1))
+        used_after_rollout = gpu_used_gib()  # policy + optimizer state + the awake vLLM engine
         if engine:
             engine.sleep()  # free the KV cache (and weights, to CPU) for training
         timing["rollout"] = time.time() - t0 - t_reward
@@ -664,10 +751,12 @@ def main(cfg: Config):
                     engine_logprobs=o.logprobs) for p, outs_g, r in groups for o, r_i in zip(outs_g, r)]
         # ---- old / reference log-probs ----------------------------------------------------------------
         t1 = time.time()
-        if need_old:
-            fill_logprobs(policy, seqs, cfg, suppress, "logp_old", fallback)
+        set_attention(model, attention["train"])
         if ref is not None:
-            fill_logprobs(ref, seqs, cfg, suppress, "logp_ref", fallback)
+            set_attention(ref.model, attention["train"])
+            fill_logprobs(ref, seqs, cfg, suppress, "logp_ref", fallback, spi)
+        if need_old:
+            fill_logprobs(policy, seqs, cfg, suppress, "logp_old", fallback, spi)
         timing["logprobs"] = time.time() - t1
         # ---- advantages -------------------------------------------------------------------------------
         seq_rewards = torch.tensor([s.reward for s in seqs]).view(len(groups), cfg.n) if seqs else torch.zeros(0, cfg.n)
@@ -680,7 +769,8 @@ def main(cfg: Config):
                 r[-1] = s.reward
                 token_rewards.append(r - cfg.kl_beta * kl_seq[k] if kl_seq else r)
             groups_ids = torch.arange(len(groups)).repeat_interleave(cfg.n)
-            adv = reinforce_pp_advantages(token_rewards, groups_ids if cfg.adv_estimator.endswith("baseline") else None)
+            adv = reinforce_pp_advantages(token_rewards, groups_ids if cfg.adv_estimator.endswith("baseline") else None,
+                                          group=spi.dp_group if cfg.sp_size > 1 else None)
         else:
             if kl_seq:  # KL in the reward: r - beta * sum_t KL_t
                 seq_rewards = seq_rewards - cfg.kl_beta * torch.tensor([k.sum() for k in kl_seq]).view_as(seq_rewards)
@@ -700,22 +790,23 @@ def main(cfg: Config):
             for u in range(updates_per_epoch):
                 chosen = set(order[u * update_prompts:(u + 1) * update_prompts])
                 batch = [s for k, s in enumerate(seqs) if k // cfg.n in chosen]
-                metrics.update(update(policy, optimizer, batch, cfg, d, suppress, fallback))
+                metrics.update(update(policy, optimizer, batch, cfg, d, suppress, fallback, spi))
         timing["update"] = time.time() - t2
+        set_attention(model, attention["rollout"])
         # ---- push the new weights into the sleeping vLLM engine ----------------------------------------
         t3 = time.time()
         if engine:
             engine.update_weights(full_tensors(model))
         timing["weight_sync"] = time.time() - t3
         # ---- log + eval + checkpoint ---------------------------------------------------------------------
-        skipped_total += int(all_reduce(torch.tensor([len(step_skipped)]))[0])
+        skipped_total += int(dp_all_reduce(torch.tensor([len(step_skipped)]), spi)[0])
         for line in step_skipped:
             print(f"[rank {d.rank}] skipped sample: {line}")
         local = torch.tensor([sum(all_rewards), sum(x * x for x in all_rewards), sum(all_acc), sum(all_fmt),
                               sum(all_len), float(len(all_rewards)), float(truncated), float(len(groups)),
                               float(sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs))],
                              dtype=torch.float64)
-        tot = all_reduce(local)
+        tot = dp_all_reduce(local, spi)
         count = tot[5].clamp(min=1)
         mean_r = tot[0] / count
         metrics.update({"step": step + 1, "reward": mean_r.item(),
@@ -727,6 +818,14 @@ def main(cfg: Config):
                         "judge_failures": reward_stats.judge_failures,
                         **{f"time_{k}": round(v, 4) for k, v in timing.items()},
                         "tokens_per_s": (tot[8] / max(timing["update"], 1e-9)).item()})
+        if torch.cuda.is_available():  # torch's allocator peak, and the whole GPU in use (vLLM's memory too)
+            metrics.update(peak_alloc_GiB=torch.cuda.max_memory_allocated() / 2**30, gpu_used_GiB=gpu_used_gib(),
+                           gpu_used_rollout_GiB=used_after_rollout)
+            torch.cuda.reset_peak_memory_stats()
+        if engine:
+            metrics["vllm_prompt_mismatches"] = engine.prompt_mismatches
+        if cfg.embeddings_cache:
+            metrics["cache_misses"] = int(dp_all_reduce(torch.tensor([len(step_misses)]), spi)[0])
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and held_out and step + 1 < cfg.max_steps:
             ev = evaluate_all(policy, processor, held_out, cfg, d, engine, f"step{step + 1}")
             curve.append({"step": step + 1, **ev})
@@ -758,6 +857,20 @@ def main(cfg: Config):
             plot_curve(curve, os.path.join(cfg.out_dir, "learning_curve.png"))
     log.close()
     return result
+
+
+def set_attention(model, name: str):
+    """Switch the language model's attention function (Ulysses for SP training, plain for rollout/eval)."""
+    if model.config.get_text_config()._attn_implementation != name:
+        model.set_attn_implementation({"text_config": name, "vision_config": model.config.vision_config._attn_implementation})
+
+
+def gpu_used_gib() -> float:
+    """Memory in use on this GPU by every allocator (torch's and vLLM's), in GiB."""
+    if not torch.cuda.is_available():
+        return 0.0
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
 
 
 def plot_curve(curve: list, path: str):

@@ -123,13 +123,13 @@ def make_processor(family: str, tok):
     data/video.py already sized to multiples of patch*merge pass through unchanged."""
     from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLProcessor,
                               Qwen3VLVideoProcessor)
-    size = {"shortest_edge": 28 * 28, "longest_edge": 4096 * 4096}
+    size = {"shortest_edge": 28 * 28, "longest_edge": 768 * 768}
     if family == "qwen2_5_vl":
         return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
                                    video_processor=Qwen2VLVideoProcessor(size=size), tokenizer=tok,
                                    chat_template=CHAT_TEMPLATE)
     if family == "qwen3_vl":
-        size = {"shortest_edge": 32 * 32, "longest_edge": 4096 * 4096}
+        size = {"shortest_edge": 32 * 32, "longest_edge": 768 * 768}
         return Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=size, patch_size=16),
                                 video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16,
                                                                       do_sample_frames=False),

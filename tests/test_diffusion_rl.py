@@ -4,6 +4,7 @@ Flow-GRPO (train_diffusion_rl.py) on tiny diffusers pipelines built from configs
     pytest -q tests/test_diffusion_rl.py
 """
 import glob
+import json
 import math
 import os
 
@@ -106,7 +107,8 @@ def test_advantages_hand_computed():
 
 
 def test_resume_equals_uninterrupted(tiny, tmp_path):
-    common = dict(kind="sd3", model=tiny["sd3"], sde_window_size=2, sde_window_range=(0, 4), updates_per_step=2, **TINY)
+    common = dict(kind="sd3", model=tiny["sd3"], sde_window_size=2, sde_window_range=(0, 8), updates_per_step=2,
+                  **{**TINY, "num_steps": 8})
     _, t3 = main(Config(out_dir=str(tmp_path / "a"), max_steps=3, **common))
     _, t2 = main(Config(out_dir=str(tmp_path / "b"), max_steps=2, **common))
     p2 = {n: p.detach().clone() for n, p in t2.named_parameters()}
@@ -115,6 +117,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     for n, p in t3.named_parameters():
         torch.testing.assert_close(p, dict(t2r.named_parameters())[n], rtol=0, atol=0, msg=n)
     assert any(not torch.equal(p.detach(), p2[n]) for n, p in t3.named_parameters())  # step 3 did change something
+    logs = [[json.loads(line) for line in open(tmp_path / r / "metrics.jsonl")] for r in "ab"]
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("t_")}  # noqa: E731  (timings differ)
+    assert [drop(m) for m in logs[0]] == [drop(m) for m in logs[1]]  # same prompts, noise, window, rewards, ratios
 
 
 def test_rewards_and_clip_loader(tmp_path):

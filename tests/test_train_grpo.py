@@ -242,3 +242,25 @@ def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
     m = json.loads(open(tmp_path / "nodes" / "metrics.jsonl").readline())
     assert m["step"] == 1 and m["groups_kept"] == 4  # 2 prompts on each node
     assert T.latest_checkpoint(str(tmp_path / "nodes"))
+
+
+def test_sp2_first_step_loss_equals_sp1(tiny_run, tmp_path):
+    """--sp_size=2 on 2 gloo processes (Ulysses + parallel vision encoding) gives the sp_size=1 loss."""
+    # a short format warm-up (through the SP path too) so that rewards vary and the loss is not trivially 0
+    common = dict(max_steps=1, eval_data="", save_every=100, sp_split_rollout=False, sft_steps=12, sft_lr=1e-2,
+                  sft_batch_size=8, n=8, temperature=1.5, max_new_tokens=16)
+    T.main(tiny_cfg(tiny_run, tmp_path / "sp1", **common))
+    cfg = tiny_cfg(tiny_run, tmp_path / "sp2", sp_size=2, **common)
+    preset = tmp_path / "sp2.py"
+    preset.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.__dict__.items()))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          os.path.join(ROOT, "train_grpo.py"), str(preset)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "dp 1 x sp 2" in run.stdout
+    one = json.loads(open(tmp_path / "sp1" / "metrics.jsonl").readline())
+    two = json.loads(open(tmp_path / "sp2" / "metrics.jsonl").readline())
+    assert one["reward"] == two["reward"] and one["response_len"] == two["response_len"]  # the same rollouts
+    assert one["loss"] != 0.0
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)

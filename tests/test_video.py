@@ -3,7 +3,6 @@ Tests for data/video.py. Every video is written here with write_video, and each 
 its pixels (full-height black/white bars, one per bit: robust to h264 and to resizing), so the tests check which
 source frames were actually decoded, not just how many.
 """
-import os
 from fractions import Fraction
 
 import av

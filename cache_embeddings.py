@@ -1,0 +1,227 @@
+"""
+Run the frozen vision tower (merger included; Qwen3-VL's DeepStack features too) over a dataset once and store
+its outputs, so that GRPO steps neither decode videos nor run the tower (cf. nanoGPT's data/*/prepare.py).
+
+    python cache_embeddings.py --model=PATH --data=train.jsonl --out=cache/ --num_frames=64
+    torchrun --standalone --nproc_per_node=8 cache_embeddings.py --model=PATH --data=train.jsonl --out=cache/
+    python train_grpo.py ... --embeddings_cache=cache/ --freeze_vision=true   # readers: train_grpo.py, rollout.py
+
+Cache key: sha256 of (absolute video path, file size, mtime in ns, sampling config {fps, num_frames, max_frames,
+max_pixels, min_pixels}, model id = the checkpoint's absolute folder or hub id). Layout:
+OUT/<sha256(video path)[:16]>/<key>.safetensors, one file per video, all entries of a video in one folder, with
+    embeds [tokens, hidden]   deepstack [layers, tokens, hidden] (Qwen3-VL)   video_grid_thw [1, 3]
+    second_per_grid_ts [1] (Qwen2.5-VL)
+and as JSON in the safetensors metadata ("longrl"): model id/type, hidden size, sampling config, the video's
+path/size/mtime and its frame metadata (total_num_frames, fps, frames_indices, duration), which is all that
+rollout.build_prompt_cached needs to rebuild the prompt without decoding the video. `load_cached` returns None
+for a video with no entry (the caller decodes it live and counts a miss) and raises a ValueError for a leftover
+made with another model, another sampling or before the video changed. Rank r of W encodes videos r::W;
+existing entries are skipped (a re-run resumes), bad videos are skipped and reported; files are written under a
+temporary name and renamed, so an interrupted run leaves no truncated entry.
+The entries are outputs of a FROZEN tower: train_grpo.py refuses --embeddings_cache with freeze_vision=false.
+"""
+import glob
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rollout import family, load_model, load_video
+
+FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
+WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
+       "hidden_size": "another hidden size", "sampling": "another frame sampling",
+       "video": "the video file changed since it was cached"}
+
+
+@dataclass
+class CachedVideo:
+    embeds: torch.Tensor                # [tokens, hidden]: the merger's output, one row per video token
+    deepstack: torch.Tensor             # [layers, tokens, hidden] (Qwen3-VL) or None
+    video_grid_thw: torch.Tensor        # [1, 3] in patches, as the processor returns it
+    second_per_grid_ts: torch.Tensor    # [1] (Qwen2.5-VL) or None
+    meta: dict                          # the JSON metadata described in the module docstring
+    path: str                           # the entry's file
+
+
+def model_id(model) -> str:
+    """Where the tower's weights came from: the checkpoint's absolute folder, or its hub id."""
+    name = model.config._name_or_path
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def sampling_config(cfg) -> dict:
+    """The fields that decide which frames are sampled and at what size (num_frames is unused when fps is set)."""
+    return {"fps": float(cfg.fps), "num_frames": 0 if cfg.fps else int(cfg.num_frames),
+            "max_frames": int(cfg.max_frames), "max_pixels": int(cfg.max_pixels), "min_pixels": int(cfg.min_pixels)}
+
+
+def expected_meta(video_path: str, cfg, model) -> dict:
+    """What an entry for this video must say to be valid for this run (os.stat raises for a missing file)."""
+    st = os.stat(video_path)
+    return {"format": FORMAT, "model": model_id(model), "model_type": family(model),
+            "hidden_size": model.config.get_text_config().hidden_size, "sampling": sampling_config(cfg),
+            "video": {"path": os.path.abspath(video_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+
+
+def cache_key(want: dict) -> str:
+    """sha256 of (absolute video path, size, mtime, sampling config, model id)."""
+    blob = json.dumps({k: want[k] for k in ("video", "sampling", "model")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def entry_path(cache_dir: str, want: dict) -> str:
+    folder = hashlib.sha256(want["video"]["path"].encode()).hexdigest()[:16]  # every entry of one video
+    return os.path.join(cache_dir, folder, cache_key(want) + ".safetensors")
+
+
+def read_meta(path: str) -> dict:
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["longrl"])
+
+
+def check(path: str, meta: dict, want: dict):
+    """A ValueError naming the entry and every field in which it differs from what this run needs."""
+    diffs = [f"{WHY[k]} ({k}: cached {meta.get(k)!r}, this run {v!r})" for k, v in want.items() if meta.get(k) != v]
+    if diffs:
+        raise ValueError(f"stale embeddings-cache entry {path} for {want['video']['path']}: {'; '.join(diffs)}. "
+                         "Re-run cache_embeddings.py with this run's --model and sampling flags, or run without "
+                         "--embeddings_cache")
+
+
+def load_cached(cache_dir: str, video_path: str, cfg, model):
+    """The CachedVideo for (video, sampling config `cfg`, model); None when the video has no entry (or is missing:
+    the live path then reports it); a ValueError when its only entries were made for something else."""
+    if not os.path.exists(video_path):
+        return None
+    want = expected_meta(video_path, cfg, model)
+    path = entry_path(cache_dir, want)
+    if not os.path.exists(path):
+        for other in sorted(glob.glob(os.path.join(os.path.dirname(path), "*.safetensors"))):
+            check(other, read_meta(other), want)  # always raises: the key differs, so some field does
+        return None
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta, t = json.loads(f.metadata()["longrl"]), {k: f.get_tensor(k) for k in f.keys()}
+    check(path, meta, want)  # the key matched; the folder may still hold another model now (type, hidden size)
+    return CachedVideo(t["embeds"], t.get("deepstack"), t["video_grid_thw"], t.get("second_per_grid_ts"), meta, path)
+
+
+@torch.no_grad()
+def encode_video(model, processor, video) -> dict:
+    """The tower's outputs for one sampled video, with the processor called exactly as rollout.build_prompt does."""
+    out = processor(text=[processor.video_token], videos=[video.frames], video_metadata=[video.metadata()],
+                    do_sample_frames=False, return_tensors="pt")
+    dev = model.device
+    feats = model.model.get_video_features(out["pixel_values_videos"].to(dev), out["video_grid_thw"].to(dev),
+                                           return_dict=True)
+    tensors = {"embeds": feats.pooler_output[0], "video_grid_thw": out["video_grid_thw"]}
+    if getattr(feats, "deepstack_features", None) is not None:
+        tensors["deepstack"] = torch.stack([layer[0] for layer in feats.deepstack_features])
+    if out.get("second_per_grid_ts") is not None:
+        tensors["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"])
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def write_entry(path: str, tensors: dict, meta: dict):
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata={"longrl": json.dumps(meta)})
+    os.replace(tmp, path)  # atomic: readers see a whole entry or none
+
+
+@dataclass
+class CacheConfig:
+    model: str = ""                 # checkpoint folder or hub id whose (frozen) vision tower is run
+    data: str = ""                  # jsonl (data/datasets.py format); each distinct video is encoded once
+    out: str = ""                   # cache folder; pass the same path as --embeddings_cache when training
+    fps: float = 0.0                # frame sampling rate (takes precedence over num_frames when > 0); as in training
+    num_frames: int = 64            # frames sampled uniformly over each video; must match the training run
+    max_frames: int = 768           # cap on sampled frames; must match the training run
+    max_pixels: int = 448 * 448     # pixel budget per frame; must match the training run
+    min_pixels: int = 28 * 28       # smallest frame area; must match the training run
+    dtype: str = "auto"             # tower dtype: auto = bf16 on GPU (as FSDP computes it), fp32 on CPU
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (if installed) | eager
+    device: str = "auto"            # auto | cpu | cuda
+    progress: bool = True           # tqdm progress bar (rank 0)
+
+
+def main(cfg: CacheConfig) -> dict:
+    from tqdm import tqdm
+    from data.datasets import load_jsonl
+    from train_grpo import all_reduce, init_distributed, print0
+    if not (cfg.model and cfg.data and cfg.out):
+        raise SystemExit("give --model, --data and --out (see --help)")
+    d = init_distributed(cfg.device)
+    model, processor = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, d.device)
+    model.eval()
+    videos = sorted({s.video for s in load_jsonl(cfg.data)})  # a video asked about several times: encoded once
+    mine, written, existing, bad, t0 = videos[d.rank::d.world_size], 0, 0, [], time.time()
+    for path in tqdm(mine, desc="cache", disable=not (cfg.progress and d.is_main)):
+        try:
+            want = expected_meta(path, cfg, model)
+            out = entry_path(cfg.out, want)
+            if os.path.exists(out):
+                existing += 1
+                continue
+            video = load_video(path, cfg, family(model))
+        except (ValueError, OSError) as e:  # missing, not a video, corrupt: skipped and reported, never fatal
+            bad.append(str(e) if path in str(e) else f"{path}: {e}")
+            continue
+        tensors = encode_video(model, processor, video)
+        write_entry(out, tensors, {**want, "frames": video.metadata(), "frame_shape": list(video.frames.shape[:3]),
+                                   "dtype": str(tensors["embeds"].dtype)})
+        written += 1
+    for line in bad:
+        print(f"[rank {d.rank}] bad video skipped: {line}", flush=True)
+    print(f"[rank {d.rank}] wrote {written}, already cached {existing}, bad {len(bad)} of its {len(mine)} videos",
+          flush=True)
+    tot = all_reduce(torch.tensor([written, existing, len(bad)], device=d.device)).tolist()
+    print0(f"embeddings cache {cfg.out}: {tot[0]} written, {tot[1]} already cached (skipped), {tot[2]} bad videos "
+           f"skipped, of {len(videos)} videos, {time.time() - t0:.1f} s on {d.world_size} rank(s)")
+    return {"videos": len(videos), "written": tot[0], "existing": tot[1], "bad": tot[2]}
+
+
+def bench_cache(train_cfg, steps: int = 5) -> dict:
+    """bench.py's "cached embeddings" row: the same GRPO run (vision tower frozen) without and with the cache.
+    Builds the cache for train_cfg.data (timed once), runs `steps` steps each way into out_dir/bench_{live,cached}
+    and returns the median seconds per step over steps 2.. (sum of the loop's time_* phases), per phase too.
+    Call it on every rank under torchrun, like train_grpo.main."""
+    import dataclasses
+    import shutil
+    import statistics
+    import train_grpo
+    base = dataclasses.replace(train_cfg, freeze_vision=True, max_steps=steps, eval_data="", eval_every=0,
+                               save_every=10 ** 9, resume=False)
+    cache_dir = os.path.join(train_cfg.out_dir, "bench_embeddings_cache")
+    t0 = time.time()
+    main(CacheConfig(model=base.model, data=base.data, out=cache_dir, fps=base.fps, num_frames=base.num_frames,
+                     max_frames=base.max_frames, max_pixels=base.max_pixels, min_pixels=base.min_pixels,
+                     attn_implementation=base.attn_implementation, device=base.device, progress=False))
+    result = {"cache_build_s": time.time() - t0}
+    for name, cache in (("live", ""), ("cached", cache_dir)):
+        out = os.path.join(train_cfg.out_dir, f"bench_{name}")
+        if int(os.environ.get("RANK", 0)) == 0:
+            shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
+        train_grpo.barrier()
+        train_grpo.main(dataclasses.replace(base, out_dir=out, embeddings_cache=cache))
+        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        rows = rows[1:] or rows  # step 1 warms up (allocator, kernels)
+        for key in ["step_s"] + sorted(k for k in rows[0] if k.startswith("time_")):
+            per_step = [sum(v for k, v in r.items() if k.startswith("time_")) if key == "step_s" else r[key] for r in rows]
+            result[f"{key}_{name}"] = statistics.median(per_step)
+    result["speedup"] = result["step_s_live"] / max(result["step_s_cached"], 1e-9)
+    return result
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+    from configurator import parse_config
+    main(parse_config(CacheConfig))
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,101 @@
+"""
+A training checkpoint (torch.distributed.checkpoint shards from train_grpo.py) -> a Hugging Face folder that
+`from_pretrained` and vLLM load (standard safetensors + config + generation config + processor).
+
+    python merge.py --checkpoint=runs/grpo --out=runs/grpo/hf          # the run's newest complete step_* folder
+    python merge.py --checkpoint=runs/grpo/step_00000200 --out=hf --base=Qwen/Qwen2.5-VL-3B-Instruct
+    python rollout.py --model=runs/grpo/hf --eval=eval.jsonl            # or: vllm serve runs/grpo/hf
+
+Input: DIR/step_XXXXXXXX/ holds {"model": the policy's HF-named state dict, "optim": ...}, sharded by however many
+ranks trained; it is read here into plain CPU tensors, in one process, with no process group (the optimizer state
+is never read). The base model (architecture, config, processor) is the `model` of the run's config.json unless
+--base is given. Every key and shape of the checkpoint must match the base model's, else the error names both
+sources and the mismatching keys. Weights are saved in the base checkpoint's dtype (bf16 for Qwen releases; the
+fp32 master weights are rounded once) unless --dtype says otherwise.
+cf. EasyR1 scripts/model_merger.py (FSDP shards -> save_pretrained).
+"""
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class MergeConfig:
+    checkpoint: str = ""            # a run folder (its newest complete step_* is used) or one step_* folder
+    out: str = ""                   # output folder for save_pretrained (model + processor)
+    base: str = ""                  # base model folder / hub id (default: `model` in the run's config.json)
+    dtype: str = "auto"             # auto (the base checkpoint's dtype) | float32 | bfloat16 | float16
+
+
+def resolve(checkpoint: str, base: str = "") -> tuple:
+    """(step folder, base model, where the base came from, the model the run trained) for a run or step folder."""
+    from train_grpo import latest_checkpoint
+    step_dir = checkpoint if os.path.exists(os.path.join(checkpoint, ".metadata")) else latest_checkpoint(checkpoint)
+    if not step_dir:
+        raise ValueError(f"{checkpoint}: neither a checkpoint folder (with .metadata) nor a run folder with a "
+                         "complete step_* checkpoint")
+    run_config = os.path.join(os.path.dirname(os.path.abspath(step_dir)), "config.json")
+    trained = json.load(open(run_config))["model"] if os.path.exists(run_config) else f"unknown (no {run_config})"
+    if base:
+        return step_dir, base, "--base", trained
+    if not os.path.exists(run_config):
+        raise ValueError(f"{run_config} not found: give the base model with --base")
+    return step_dir, trained, run_config, trained
+
+
+def checkpoint_shapes(step_dir: str) -> dict:
+    """{HF name: shape} of the model tensors in a DCP checkpoint, read from its metadata (no tensor is loaded)."""
+    import torch.distributed.checkpoint as dcp
+    meta = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
+    return {k[len("model."):]: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
+
+
+def check_match(step_dir: str, saved: dict, model, base: str, base_from: str, trained: str):
+    """Raise naming both sources and the mismatching keys unless the checkpoint has exactly the model's tensors."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    shapes = [f"{k}: checkpoint {saved[k]} vs base {want[k]}" for k in sorted(want.keys() & saved.keys())
+              if saved[k] != want[k]]
+    if missing or unexpected or shapes:
+        show = lambda xs: "; ".join(xs[:5]) + (f"; ... ({len(xs)} in all)" if len(xs) > 5 else "")
+        raise ValueError(
+            f"checkpoint {step_dir} (a run of {trained}) does not match the base model {base} (from {base_from}, "
+            f"{model.config.model_type}): {len(shapes)} shape mismatches [{show(shapes)}], {len(missing)} keys "
+            f"missing from the checkpoint [{show(missing)}], {len(unexpected)} unexpected [{show(unexpected)}]. "
+            "Pass the model the run trained as --base")
+
+
+def merge(cfg: MergeConfig) -> str:
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    t0 = time.time()
+    step_dir, base, base_from, trained = resolve(cfg.checkpoint, cfg.base)
+    dtype = cfg.dtype
+    if dtype == "auto":  # the dtype the base checkpoint ships in (fp32 for our tiny models, bf16 for Qwen's)
+        dtype = str(getattr(AutoConfig.from_pretrained(base), "dtype", None) or "float32").replace("torch.", "")
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, dtype))
+    check_match(step_dir, checkpoint_shapes(step_dir), model, base, base_from, trained)
+    # DCP reads into the given tensors in place (casting fp32 -> the model's dtype); tied weights share storage
+    dcp.load({"model": model.state_dict()}, checkpoint_id=step_dir, no_dist=True)
+    os.makedirs(cfg.out, exist_ok=True)
+    model.save_pretrained(cfg.out)  # safetensors + config.json + generation_config.json
+    AutoProcessor.from_pretrained(base).save_pretrained(cfg.out)
+    state = os.path.join(step_dir, "state.json")
+    step = json.load(open(state)).get("step") if os.path.exists(state) else "?"
+    n = sum(p.numel() for p in model.parameters())
+    size = sum(os.path.getsize(os.path.join(cfg.out, f)) for f in os.listdir(cfg.out) if f.endswith(".safetensors"))
+    print(f"merged {step_dir} (step {step}) onto {base} ({model.config.model_type}, from {base_from}): "
+          f"{len(model.state_dict())} tensors, {n / 1e6:.1f}M parameters, {dtype}, {size / 2**20:.1f} MiB of "
+          f"safetensors -> {cfg.out} ({time.time() - t0:.1f} s)")
+    return cfg.out
+
+
+if __name__ == "__main__":
+    from configurator import parse_config
+    cfg = parse_config(MergeConfig)
+    if not (cfg.checkpoint and cfg.out):
+        raise SystemExit("give --checkpoint=DIR and --out=HF_DIR (see --help)")
+    merge(cfg)

@@ -1,0 +1,61 @@
+"""
+configurator.py: presets, --key=value overrides, loud errors, --help from the dataclass comments.
+    python -m pytest tests/test_configurator.py -q
+"""
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from configurator import parse_config
+
+
+@dataclass
+class Cfg:
+    lr: float = 1e-3            # learning rate
+    steps: int = 10             # optimizer steps
+    name: str = "run"           # run name
+    bf16: bool = False          # bf16 compute
+    sizes: list = field(default_factory=lambda: [1, 2])  # sizes to try
+    limit: Optional[int] = None  # optional cap
+
+
+def test_defaults_preset_then_flags(tmp_path):
+    preset = tmp_path / "p.py"
+    preset.write_text("# a preset\nlr = 3e-4\nsteps = 2 * 50\n")
+    cfg = parse_config(Cfg, [str(preset), "--steps=7", "--bf16", "--sizes=[64,256]", "--limit=5", "--name=x"])
+    assert (cfg.lr, cfg.steps, cfg.bf16, cfg.sizes, cfg.limit, cfg.name) == (3e-4, 7, True, [64, 256], 5, "x")
+    assert parse_config(Cfg, ["--bf16=false", "--limit=none"]).bf16 is False
+    assert parse_config(Cfg, []) == Cfg()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrr=1"], "unknown flag --lrr"),
+    (["--steps=ten"], "--steps: expected int"),
+    (["--bf16=maybe"], "--bf16: expected true/false"),
+    (["--sizes=[1,"], "--sizes: expected JSON"),
+])
+def test_bad_flags_fail_loudly(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(Cfg, argv)
+
+
+def test_unknown_name_in_preset_fails(tmp_path):
+    preset = tmp_path / "typo.py"
+    preset.write_text("lr = 1e-4\nlearning_rate = 1e-4\n")
+    with pytest.raises(ValueError, match=r"typo.py: unknown config field\(s\) \['learning_rate'\]"):
+        parse_config(Cfg, [str(preset)])
+
+
+@pytest.mark.parametrize("script", ["train_grpo.py", "rollout.py"])
+def test_help_lists_every_field_with_its_meaning(script):
+    import dataclasses
+    import importlib
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
+    module = importlib.import_module(script[:-3])
+    cls = {"train_grpo.py": "Config", "rollout.py": "RolloutConfig"}[script]
+    for f in dataclasses.fields(getattr(module, cls)):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"--{f.name}="))
+        assert len(line.split("]", 1)[1].strip()) > 5, f"--{f.name} has no help text"

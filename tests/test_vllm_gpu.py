@@ -1,0 +1,77 @@
+"""
+The colocated vLLM engine of rollout.py against the training forward, on a GPU with vllm installed (skipped
+elsewhere; the README says where it ran). One sleep-mode engine per process, so everything is one test.
+    python -m pytest tests/test_vllm_gpu.py -q -s        # prints a JSON summary line (VLLM {...})
+Checks: vLLM's sampling log-probs equal the training forward's on the same tokens (bf16 tolerance) before and
+after a weight push; a push of changed weights changes the samples (stale weights are the classic bug); sleep
+frees the KV cache and the weights; vLLM tokenizes the prompt exactly as our processor path does.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+import rollout  # noqa: E402
+from data.tiny import TinySize, make_tiny_model  # noqa: E402
+from data.video import SampledVideo  # noqa: E402
+
+
+def video(frames, side, seed):
+    pix = np.random.default_rng(seed).integers(0, 255, (frames, side, side, 3), dtype=np.uint8)
+    return SampledVideo(frames=pix, timestamps=np.arange(frames) / 2.0, indices=list(range(frames)), fps=2.0,
+                        total_frames=frames, duration=frames / 2.0)
+
+
+def training_logprobs(model, prompts, outs):
+    seqs = [(prompts[o.prompt_index].input_ids, prompts[o.prompt_index].positions, o.response_ids) for o in outs]
+    feats = rollout.select_videos(rollout.encode_videos(model, prompts), [o.prompt_index for o in outs])
+    with torch.no_grad():
+        lp, _ = rollout.response_logprobs(model, rollout.pack(seqs, 0), feats, [])
+    return lp.float().cpu()
+
+
+def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
+    path = make_tiny_model(str(tmp_path / "m"), "qwen2_5_vl", TinySize(hidden=256, layers=4, heads=4, kv_heads=2,
+                                                                      ffn=512, vision_hidden=128, vision_depth=2))
+    model, processor = rollout.load_model(path, "bfloat16", "sdpa", "cuda")
+    model.eval()
+    prompts = [rollout.build_prompt(model, processor, "What colour was the flash?", video(16, 112, s)) for s in range(4)]
+    engine = rollout.VLLMEngine(path, gpu_memory_utilization=0.3, max_model_len=4096, seed=0, enforce_eager=True)
+    summary = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name()}
+
+    outs = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1)
+    summary["prompt_mismatches"] = engine.prompt_mismatches  # vLLM's prompt ids vs our processor path's
+    engine_lp = torch.tensor([x for o in outs for x in o.logprobs])
+    diff = (engine_lp - training_logprobs(model, prompts, outs)).abs()
+    summary["logprob_maxdiff_before_push"] = float(diff.max())
+    summary["logprob_meandiff_before_push"] = float(diff.mean())
+    assert diff.max() < 0.1 and diff.mean() < 0.02  # bf16 on both sides
+
+    free0 = torch.cuda.mem_get_info()[0]
+    engine.sleep()
+    summary["sleep_freed_GiB"] = (torch.cuda.mem_get_info()[0] - free0) / 2**30
+    assert summary["sleep_freed_GiB"] > 0.5  # the KV cache (most of 30% of the GPU) and the weights
+
+    with torch.no_grad():  # "train": perturb every weight, then push the new ones
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    stale = training_logprobs(model, prompts, outs)
+    engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
+    again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1)
+    summary["samples_changed_after_push"] = [o.response_ids for o in again] != [o.response_ids for o in outs]
+    assert summary["samples_changed_after_push"]
+    new_lp = torch.tensor([x for o in again for x in o.logprobs])
+    diff_after = (new_lp - training_logprobs(model, prompts, again)).abs()
+    summary["logprob_maxdiff_after_push"] = float(diff_after.max())
+    summary["stale_weights_would_differ_by"] = float((engine_lp - stale).abs().mean())
+    assert diff_after.max() < 0.1 and diff_after.mean() < 0.02
+    print("VLLM " + json.dumps(summary), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "vllm_test.json"), "w") as f:
+            json.dump(summary, f)
