@@ -456,10 +456,23 @@ def bench_memory(cfg: BenchConfig):
     log({"bench": "memory_plan", "model": "Qwen2.5-VL-7B", "gpus": world, "rows": rows}, cfg)
 
 
+def grpo_setup(cfg: BenchConfig):
+    """Write a random model of the chosen shape (+ processor) and a 64-frame synthetic task to --out, for the
+    single-GPU vLLM run of config/qwen2_5_vl_3b_vllm_1gpu.py."""
+    from data.synthetic import SyntheticConfig, make_dataset
+    out = cfg.out or "/tmp/grpo3b"
+    make_model(cfg.shape, os.path.join(out, "model"), device="cuda" if torch.cuda.is_available() else "cpu",
+               save=True)
+    make_dataset(SyntheticConfig(out=os.path.join(out, "synthetic"), num_train=64, num_eval=16,
+                                 frames=8 if cfg.tiny else 64, size=56 if cfg.tiny else 224, seed=cfg.seed))
+    print(f"wrote {out}/model and {out}/synthetic; now: torchrun --nproc_per_node=1 train_grpo.py "
+          f"config/qwen2_5_vl_3b_vllm_1gpu.py --model={out}/model --data={out}/synthetic/train.jsonl --out_dir={out}/run")
+
+
 if __name__ == "__main__":
     from configurator import parse_config
     benches = {"video": None, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
-               "sp": bench_sp, "memory": bench_memory}
+               "sp": bench_sp, "memory": bench_memory, "grpo_setup": grpo_setup}
     which = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in benches else None
     if which is None and "--help" not in sys.argv and "-h" not in sys.argv:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--key=value ...]  (--help for fields)")
@@ -471,5 +484,8 @@ if __name__ == "__main__":
     cfg = parse_config(BenchConfig, sys.argv[2:] if which else sys.argv[1:])
     if cfg.tiny:
         cfg.shape = "tiny"
+    if which == "grpo_setup":
+        grpo_setup(cfg)
+        raise SystemExit(0)
     torch.manual_seed(cfg.seed)
     benches[which](cfg)

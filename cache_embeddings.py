@@ -78,10 +78,11 @@ def entry_path(cache_dir: str, want: dict) -> str:
     return os.path.join(cache_dir, folder, cache_key(want) + ".safetensors")
 
 
-def read_meta(path: str) -> dict:
+def read_entry(path: str) -> CachedVideo:
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
-        return json.loads(f.metadata()["longrl"])
+        meta, t = json.loads(f.metadata()["longrl"]), {k: f.get_tensor(k) for k in f.keys()}
+    return CachedVideo(t["embeds"], t.get("deepstack"), t["video_grid_thw"], t.get("second_per_grid_ts"), meta, path)
 
 
 def check(path: str, meta: dict, want: dict):
@@ -102,13 +103,11 @@ def load_cached(cache_dir: str, video_path: str, cfg, model):
     path = entry_path(cache_dir, want)
     if not os.path.exists(path):
         for other in sorted(glob.glob(os.path.join(os.path.dirname(path), "*.safetensors"))):
-            check(other, read_meta(other), want)  # always raises: the key differs, so some field does
+            check(other, read_entry(other).meta, want)  # always raises: the key differs, so some field does
         return None
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        meta, t = json.loads(f.metadata()["longrl"]), {k: f.get_tensor(k) for k in f.keys()}
-    check(path, meta, want)  # the key matched; the folder may still hold another model now (type, hidden size)
-    return CachedVideo(t["embeds"], t.get("deepstack"), t["video_grid_thw"], t.get("second_per_grid_ts"), meta, path)
+    entry = read_entry(path)
+    check(path, entry.meta, want)  # the key matched; the folder may hold another model by now (type, hidden size)
+    return entry
 
 
 @torch.no_grad()
@@ -123,7 +122,7 @@ def encode_video(model, processor, video) -> dict:
     if getattr(feats, "deepstack_features", None) is not None:
         tensors["deepstack"] = torch.stack([layer[0] for layer in feats.deepstack_features])
     if out.get("second_per_grid_ts") is not None:
-        tensors["second_per_grid_ts"] = torch.as_tensor(out["second_per_grid_ts"])
+        tensors["second_per_grid_ts"] = out["second_per_grid_ts"]
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
@@ -191,7 +190,7 @@ def bench_cache(train_cfg, steps: int = 5) -> dict:
     """bench.py's "cached embeddings" row: the same GRPO run (vision tower frozen) without and with the cache.
     Builds the cache for train_cfg.data (timed once), runs `steps` steps each way into out_dir/bench_{live,cached}
     and returns the median seconds per step over steps 2.. (sum of the loop's time_* phases), per phase too.
-    Call it on every rank under torchrun, like train_grpo.main."""
+    train_cfg needs model and data set; call it on every rank under torchrun, like train_grpo.main."""
     import dataclasses
     import shutil
     import statistics
@@ -212,9 +211,10 @@ def bench_cache(train_cfg, steps: int = 5) -> dict:
         train_grpo.main(dataclasses.replace(base, out_dir=out, embeddings_cache=cache))
         rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
         rows = rows[1:] or rows  # step 1 warms up (allocator, kernels)
+        for r in rows:
+            r["step_s"] = sum(v for k, v in r.items() if k.startswith("time_"))
         for key in ["step_s"] + sorted(k for k in rows[0] if k.startswith("time_")):
-            per_step = [sum(v for k, v in r.items() if k.startswith("time_")) if key == "step_s" else r[key] for r in rows]
-            result[f"{key}_{name}"] = statistics.median(per_step)
+            result[f"{key}_{name}"] = statistics.median(r[key] for r in rows)
     result["speedup"] = result["step_s_live"] / max(result["step_s_cached"], 1e-9)
     return result
 

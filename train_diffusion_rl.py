@@ -4,7 +4,7 @@ Re-creates yifan123/flow_grpo (scripts/train_sd3.py, train_wan2_1.py, diffusers_
 which Long-RL runs inside verl (verl/workers/diffusion_helper.py, dp_actor.py `update_policy_diffusion`).
 
     python train_diffusion_rl.py config/tiny_image_cpu.py       # CPU demo: tiny SD3 built from configs, redness
-    python train_diffusion_rl.py config/tiny_video_cpu.py       # tiny Wan2.1, 9-frame 64x64 clips
+    python train_diffusion_rl.py config/tiny_video_cpu.py       # tiny Wan2.1, 9-frame clips: a smoke run
     torchrun --standalone --nproc_per_node=8 train_diffusion_rl.py config/sd3_5_medium_flow_grpo.py --model=/ckpt/sd35m
     torchrun --standalone --nproc_per_node=8 train_diffusion_rl.py config/wan2_1_flow_grpo.py --model=/ckpt/wan2.1-1.3b
     python train_diffusion_rl.py config/sd3_5_medium_flow_grpo.py --bench   # 1 GPU: time one step, random init
@@ -128,9 +128,10 @@ def tiny_tokenizer(max_len: int):
 
 
 def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
-    """A tiny random (seed 0) StableDiffusion3Pipeline / WanPipeline, save_pretrained'd: it loads by path like a real one."""
+    """Tiny random (seed 0) StableDiffusion3Pipeline / WanPipeline, save_pretrained'd: loads by path like a real one."""
     import diffusers as D
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, UMT5Config,
+                              UMT5EncoderModel)
     t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000, feed_forward_proj="gated-gelu",
               relative_attention_num_buckets=8)
     clip = dict(hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -138,10 +139,10 @@ def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if kind == "sd3":  # CLIP outputs (32+32) are zero-padded to T5's 64 = joint_attention_dim; pooled 32+32 = 64
-            vae = D.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+            vae = D.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=16, norm_num_groups=4,
                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  latent_channels=16, norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-                                  shift_factor=0.0609, scaling_factor=1.5035)  # x2 spatial
+                                  use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                                  scaling_factor=1.5035)  # x2 spatial
             pipe = D.StableDiffusion3Pipeline(
                 transformer=D.SD3Transformer2DModel(**TINY_SD3), scheduler=D.FlowMatchEulerDiscreteScheduler(shift=3.0),
                 vae=vae, text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip)), tokenizer=tiny_tokenizer(16),
@@ -150,7 +151,8 @@ def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
         else:
             pipe = D.WanPipeline(
                 transformer=D.WanTransformer3DModel(**TINY_WAN), text_encoder=UMT5EncoderModel(UMT5Config(**t5)),
-                scheduler=D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+                scheduler=D.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                    flow_shift=3.0),
                 vae=D.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                        temperal_downsample=[False, True, True]),  # x8 spatial, x4 temporal
                 tokenizer=tiny_tokenizer(512))
@@ -187,7 +189,8 @@ def make_trainable(transformer, cfg: Config, d: Dist):
     else:
         transformer.requires_grad_(True)
         ref = copy.deepcopy(transformer).requires_grad_(False) if cfg.beta > 0 else None
-    blocks = lambda m: [b for n, b in m.named_modules() if re.fullmatch(r"(.*\.)?(transformer_)?blocks\.\d+", n)]  # noqa
+    blocks = lambda m: [b for n, b in m.named_modules()  # noqa: E731  the transformer blocks: one FSDP unit each
+                        if re.fullmatch(r"(.*\.)?(transformer_)?blocks\.\d+", n)]
     ref = None if ref is None else wrap_fsdp(ref, blocks(ref), d, cfg.bf16)
     return wrap_fsdp(transformer, blocks(transformer), d, cfg.bf16), ref
 
@@ -217,7 +220,8 @@ def schedule(scheduler, num_steps: int):
 
 def latent_shape(pipe, cfg: Config):
     if cfg.kind == "sd3":  # (C, H/f, W/f)
-        return (pipe.transformer.config.in_channels, cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor)
+        f = pipe.vae_scale_factor
+        return pipe.transformer.config.in_channels, cfg.height // f, cfg.width // f
     f_t, f_s = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial  # (C, (F-1)/4+1, H/8, W/8)
     return (pipe.vae.config.z_dim, (cfg.num_frames - 1) // f_t + 1, cfg.height // f_s, cfg.width // f_s)
 
@@ -330,7 +334,8 @@ def jpeg_kb(img) -> float:
 def make_reward_fn(cfg: Config, device):
     """(images (B,3,H,W) or videos (B,F,3,H,W) in [0,1], prompts) -> rewards (B,); a video scores its frames' mean."""
     assert cfg.reward in ("redness", "brightness", "jpeg", "clip", "aesthetic"), cfg.reward
-    scorer = load_clip_scorer(cfg.reward_model, cfg.aesthetic_head, device) if cfg.reward in ("clip", "aesthetic") else None
+    scorer = load_clip_scorer(cfg.reward_model, cfg.aesthetic_head, device) if cfg.reward in ("clip", "aesthetic") \
+        else None
 
     def reward_fn(images, prompts):
         n_f = images.shape[1] if images.dim() == 5 else 1
@@ -364,7 +369,7 @@ def flow_grpo_loss(transformer, ref, x, x_next, logp_old, adv, j, cond, uncond, 
     _, logp, mean = sde_step(x, v, sigmas[j], sigmas[j + 1], std_t, x_next)  # same x_next as sampled
     ratio = torch.exp(logp - logp_old)  # r = p_theta(x_next|x) / p_old(x_next|x), per sample (B,)
     eps = cfg.clip_range
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()  # mean(max(-A r, -A clip(r, 1-eps, 1+eps)))
+    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()  # mean(max(-A r, -A clip(r, 1+-eps)))
     if cfg.kind == "wan":
         pg = pg * std_t / math.sqrt(-dt)  # train_wan2_1.py weighting sigma_t / sqrt(-dt)
     kl = torch.zeros((), device=x.device)
@@ -372,8 +377,8 @@ def flow_grpo_loss(transformer, ref, x, x_next, logp_old, adv, j, cond, uncond, 
         with torch.no_grad(), (transformer.disable_adapter() if ref is None else nullcontext()):
             v_ref = velocity(ref if ref is not None else transformer, x, timesteps[j], cond, uncond, cfg.guidance_scale)
         _, _, mean_ref = sde_step(x, v_ref, sigmas[j], sigmas[j + 1], std_t, x_next)
-        var = std_t**2 * (-dt if cfg.kind == "wan" else 1.0)  # SD3: sigma_t^2 (upstream); Wan: the exact (sigma_t^2 |dt|)
-        kl = (((mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.dim()))) / (2 * var)).mean()  # beta*mean((mu-mu_ref)^2)/(2 var)
+        var = std_t**2 * (-dt if cfg.kind == "wan" else 1.0)  # SD3: sigma_t^2 (upstream); Wan: exact, sigma_t^2 |dt|
+        kl = (((mean - mean_ref) ** 2).mean(dim=tuple(range(1, x.dim()))) / (2 * var)).mean()  # (mu-mu_ref)^2/2var
     stats = {"clipfrac": ((ratio - 1).abs() > eps).float().mean().item(), "ratio_mean": ratio.mean().item(),
              "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item(),
              "approx_kl": 0.5 * ((logp - logp_old) ** 2).mean().item(), "kl": kl.item(), "policy_loss": pg.item()}
@@ -454,8 +459,8 @@ def main(cfg: Config):
     T = len(timesteps)
     n_train = cfg.sde_window_size or int(T * cfg.timestep_fraction)
     print0(f"{N * W} samples/step ({cfg.prompts_per_step} prompts x G={G}), {n_train} of {T} steps trained, "
-           f"{cfg.updates_per_step} update(s)/step, "
-           f"{sum(p.numel() for p in params) / 1e6:.3f}M trainable params, latents {shape}, sigmas {np.round(sigmas, 4)}")
+           f"{cfg.updates_per_step} update(s)/step, {sum(p.numel() for p in params) / 1e6:.3f}M trainable params, "
+           f"latents {shape}, sigmas {np.round(sigmas, 4).tolist()}")
     state = {"step": 0, "eval_before": None, "eval_last": None}
     if cfg.resume and latest_checkpoint(cfg.out_dir):
         state = load_checkpoint(latest_checkpoint(cfg.out_dir), transformer, optimizer)  # weights, Adam, RNG
@@ -485,7 +490,8 @@ def main(cfg: Config):
         for b in range(0, N, cfg.sample_batch_size):
             mb = slice(b, b + cfg.sample_batch_size)
             noise = torch.randn(cfg.sample_batch_size, *shape).to(d.device)  # CPU RNG, restored on --resume
-            x, lp = sample(transformer, {k: c[mb] for k, c in cond.items()}, uncond, noise, sigmas, timesteps, cfg, sde_js)
+            x, lp = sample(transformer, {k: c[mb] for k, c in cond.items()}, uncond, noise, sigmas, timesteps, cfg,
+                           sde_js)
             xs.append(x)  # (b, T+1, *latent): x_T ... x_0
             logps.append(lp)  # (b, T) fp32, logp_old
             images.append(decode(pipe, x[:, -1], cfg.kind))
@@ -503,7 +509,7 @@ def main(cfg: Config):
         for b in range(0, N, cfg.train_batch_size):
             mb, update = slice(b, b + cfg.train_batch_size), (b + cfg.train_batch_size) % per_update == 0
             for k, j in enumerate(train_js):
-                if hasattr(transformer, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last backward only
+                if hasattr(transformer, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter at the last backward
                     transformer.set_requires_gradient_sync(update and k == len(train_js) - 1)
                 loss, st = flow_grpo_loss(transformer, ref, xs[mb, j], xs[mb, j + 1], logps[mb, j], adv[mb], j,
                                           {kk: c[mb] for kk, c in cond.items()}, uncond, sigmas, timesteps, cfg)
@@ -517,8 +523,10 @@ def main(cfg: Config):
         t3 = time.time()
         # ---- log + eval + ckpt
         m = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-             **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]}, "grad_norm": grad_norm.item(),
-             "sde_window": [sde_js[0], sde_js[-1]], "t_sample": t1 - t0, "t_reward": t2 - t1, "t_train": t3 - t2}
+             **{k: float({"ratio_min": min, "ratio_max": max}.get(k, np.mean)([st[k] for st in stats]))
+                for k in stats[0]},
+             "grad_norm": grad_norm.item(), "sde_window": [sde_js[0], sde_js[-1]],
+             "t_sample": t1 - t0, "t_reward": t2 - t1, "t_train": t3 - t2}
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             m["eval_reward"] = state["eval_last"] = run_eval(step + 1)
         if d.is_main:
@@ -527,8 +535,8 @@ def main(cfg: Config):
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m['clipfrac']:.2f}",
                             **({"eval": f"{m['eval_reward']:.3f}"} if "eval_reward" in m else {}))
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg.out_dir, step + 1, transformer, optimizer, {k: state[k] for k in ("eval_before", "eval_last")},
-                            cfg.keep_last)
+            save_checkpoint(cfg.out_dir, step + 1, transformer, optimizer,
+                            {k: state[k] for k in ("eval_before", "eval_last")}, cfg.keep_last)
     if d.is_main and state["eval_before"] is not None and state.get("eval_last") is not None:
         print(f"held-out {cfg.reward} (ODE, {cfg.eval_num_steps} steps): before {state['eval_before']:.4f} -> "
               f"after {state['eval_last']:.4f}")
@@ -554,7 +562,7 @@ def bench_step(cfg: Config):
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     sigmas, timesteps = schedule(D.FlowMatchEulerDiscreteScheduler(shift=3.0) if sd3 else D.UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0), cfg.num_steps)
-    shape = (16, cfg.height // 8, cfg.width // 8) if sd3 else (16, (cfg.num_frames - 1) // 4 + 1, cfg.height // 8, cfg.width // 8)
+    shape = (16, *([] if sd3 else [(cfg.num_frames - 1) // 4 + 1]), cfg.height // 8, cfg.width // 8)  # real VAEs
     L = 77 + cfg.max_sequence_length if sd3 else cfg.max_sequence_length  # text tokens: CLIP 77 + T5 (SD3), UMT5 (Wan)
     emb = lambda b: {"embeds": torch.randn(b, L, 4096, device=d.device),  # noqa: E731
                      **({"pooled": torch.randn(b, 2048, device=d.device)} if sd3 else {})}
@@ -563,7 +571,8 @@ def bench_step(cfg: Config):
     for it in range(2):  # warm-up, then timed
         torch.cuda.synchronize()
         t0 = time.time()
-        xs, lps = sample(t, emb(B), uncond, torch.randn(B, *shape, device=d.device), sigmas, timesteps, cfg, js)
+        xs, lps = sample(t, emb(B), uncond, torch.randn(B, *shape, device=d.device), sigmas, timesteps, cfg,
+                         range(len(timesteps)))
         torch.cuda.synchronize()
         t1 = time.time()
         for j in js:
@@ -573,9 +582,10 @@ def bench_step(cfg: Config):
         opt.step()
         opt.zero_grad()
         torch.cuda.synchronize()
+        n_all, n_train = sum(p.numel() for p in t.parameters()) / 1e9, sum(p.numel() for p in params) / 1e6
         print0(f"[{it}] sample {B} x {len(timesteps)} steps (CFG {cfg.guidance_scale}): {t1 - t0:.2f}s | train {Bt} x "
-               f"{len(js)} steps + AdamW: {time.time() - t1:.2f}s | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-               f" | {sum(p.numel() for p in t.parameters()) / 1e9:.2f}B params, {sum(p.numel() for p in params) / 1e6:.1f}M trained")
+               f"{len(js)} steps + AdamW: {time.time() - t1:.2f}s | peak {torch.cuda.max_memory_allocated() / 2**30:.1f} "
+               f"GiB | {n_all:.2f}B params, {n_train:.1f}M trained | {cfg.height}x{cfg.width}, bf16={cfg.bf16}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 if __name__ == "__main__":  # run as a script: import from the repo root, not from data/ (data/datasets.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # would shadow HF datasets)
 
+import av
 import numpy as np
 import torch
 
@@ -144,7 +145,7 @@ def read_log(path: str) -> list:
     rows, good_end = [], 0
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            if False:
+            if not line.endswith(b"\n"):
                 break  # the torn tail: that item was not finished
             good_end += len(line)
             if line.strip():
@@ -257,7 +258,7 @@ def sample_windows(path, spans, num_frames, max_pixels=V.MAX_PIXELS, min_pixels=
         stream.thread_type = "AUTO"
         try:
             n, end_t = V._decode_targets(container, stream, info.fps, targets, tol, out, stamps)
-        except V.av.error.FFmpegError as e:
+        except av.error.FFmpegError as e:
             raise ValueError(f"{path}: corrupt video stream ({e})") from e
     results, j = [], 0
     for (first, last, wi), (start, end) in zip(windows, spans):

@@ -51,7 +51,8 @@ def test_sde_step_matches_formula():
         drawn, _, _ = sde_step(x, v, s, s2, std)  # sampling: x_next = mean + std sqrt(-dt) eps
         torch.manual_seed(1)
         torch.testing.assert_close(drawn, mean + sd * torch.randn(x.shape), rtol=1e-5, atol=1e-5)
-    assert sde_std(sigmas, 3, 0.7, "wan") == pytest.approx(sigmas[1] * sigmas[3]) and sde_std(sigmas, 3, 0.0, "sd3") == 0
+    assert sde_std(sigmas, 3, 0.7, "wan") == pytest.approx(sigmas[1] * sigmas[3])  # Wan: sigmas[1] * sigma
+    assert sde_std(sigmas, 3, 0.0, "sd3") == 0
     ode, _, _ = sde_step(x, v, sigmas[2], sigmas[3], 0.0)  # eta = 0: Euler x + v dt
     torch.testing.assert_close(ode, x + v * (sigmas[3] - sigmas[2]))
 
@@ -134,9 +135,9 @@ def test_rewards_and_clip_loader(tmp_path):
     torch.testing.assert_close(fn(video, ["a", "b"]), fn(video.flatten(0, 1), ["a"] * 6).view(2, 3).mean(1))
     jpeg = make_reward_fn(Config(reward="jpeg"), "cpu")
     assert jpeg(white, [""]) > jpeg(torch.rand(1, 3, 8, 8), [""])  # a flat image compresses better than noise
-    CLIPModel(CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                          vocab_size=1000, max_position_embeddings=77, bos_token_id=0, pad_token_id=1,
-                                          eos_token_id=2),
+    CLIPModel(CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                          num_attention_heads=4, vocab_size=1000, max_position_embeddings=77,
+                                          bos_token_id=0, pad_token_id=1, eos_token_id=2),
                          vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                             num_attention_heads=4, image_size=16, patch_size=8),
                          projection_dim=16)).save_pretrained(tmp_path / "clip")
