@@ -126,12 +126,18 @@ def lm_params(model):
                                                        else model.lm_head.weight.numel())
 
 
+@dataclass
+class RandomVideo:
+    """Random frames with the metadata data.video.SampledVideo carries (no decoding: PyAV is not needed)."""
+    frames: np.ndarray
+
+    def metadata(self):
+        n = len(self.frames)
+        return {"total_num_frames": n, "fps": 2.0, "duration": n / 2.0, "frames_indices": list(range(n))}
+
+
 def random_video(frames: int, side: int, seed=0):
-    from data.video import SampledVideo
-    rng = np.random.default_rng(seed)
-    pix = rng.integers(0, 255, (frames, side, side, 3), dtype=np.uint8)
-    return SampledVideo(frames=pix, timestamps=np.arange(frames) / 2.0, indices=list(range(frames)), fps=2.0,
-                        total_frames=frames, duration=frames / 2.0)
+    return RandomVideo(np.random.default_rng(seed).integers(0, 255, (frames, side, side, 3), dtype=np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,8 +163,13 @@ def bench_rollout(cfg: BenchConfig):
                                       pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0)
                        for _ in range(cfg.batch)]
         P = len(prompts[0].input_ids)
-        feats = rollout.encode_videos(model, prompts) if frames else None
-        engines = {"ours (DynamicCache)": dict(static_cache=False), "ours (static KV)": dict(static_cache=True)}
+        try:
+            with torch.no_grad():
+                feats = rollout.encode_videos(model, prompts) if frames else None
+        except torch.OutOfMemoryError as e:
+            rows.append({"case": name, "prompt_tokens": P, "engine": "vision tower", "error": f"OOM: {e}"[:200]})
+            continue
+        engines = {"ours (DynamicCache)": dict(static_cache=False)}
         if cfg.compile and dev == "cuda":
             engines["ours (static KV, compiled)"] = dict(static_cache=True, compile_step=True)
         for engine, kw in engines.items():
@@ -172,9 +183,12 @@ def bench_rollout(cfg: BenchConfig):
                 dt = time.perf_counter() - t
                 new = sum(len(o.response_ids) for o in outs)
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine, "tokens_per_s": new / dt, "s": dt})
+                print(rows[-1], flush=True)
             except Exception as e:  # report, keep measuring the others
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine, "error": f"{type(e).__name__}: {e}"[:300]})
         rows.append(bench_plain_generate(model, prompts, feats, cfg, name, P))
+        del prompts, feats
+        torch.cuda.empty_cache() if dev == "cuda" else None
     if cfg.vllm:
         rows += bench_vllm_rollout(cfg, processor, model, cases)
     print_table(rows, ["case", "prompt_tokens", "engine", "tokens_per_s", "s", "error"])
@@ -253,7 +267,7 @@ def bench_train(cfg: BenchConfig):
     tcfg = T.Config(max_new_tokens=cfg.new_tokens if not cfg.tiny else 8, micro_batch_size=1, n=4)
     rows = []
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
-        side = 56 if cfg.tiny else 448
+        side = 56 if cfg.tiny else 224  # 64 video tokens per frame pair (HF's non-flash vision attention loops per window)
         prompts = [rollout.build_prompt(model, processor, "What colour was the flash? Options: A. red B. green",
                                         random_video(frames, side, k)) for k in range(2)]
         sample = {"answer": "A", "problem_type": "multiple_choice", "options": ["A. red", "B. green"]}
@@ -282,6 +296,7 @@ def bench_train(cfg: BenchConfig):
         sync()
         times["update"] = time.perf_counter() - t
         tokens = sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs)
+        print(times, flush=True)
         rows.append({"frames": frames, "seq_tokens": len(prompts[0].input_ids) + tcfg.max_new_tokens,
                      "video_tokens": prompts[0].num_video_tokens, "sequences": len(seqs),
                      **{f"{k}_s": v for k, v in times.items()}, "update_tokens_per_s": tokens / times["update"],
@@ -317,7 +332,12 @@ def bench_longest(cfg: BenchConfig):
     n_params = lm_params(model)
     text = model.config.get_text_config()
     peak = matmul_tflops()
-    lens = cfg.seq_lens or ([256, 512] if cfg.tiny else [8192, 16384, 32768, 65536, 131072, 196608, 262144])
+    lens = cfg.seq_lens or ([256, 512] if cfg.tiny else [16384, 32768, 65536, 131072, 196608, 262144])
+    if dev == "cuda":  # "fits on an 80 GB GPU": cap this process at an H100's memory whatever the card
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 78 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    fwd_bwd(model, lens[0] // 2, lens[0] // 8, False)  # warm-up (kernels, allocator) once
     rows = []
     for variant in ("ours: response-only log-probs, checkpointing", "naive: full logits, no checkpointing"):
         naive = variant.startswith("naive")
@@ -332,9 +352,6 @@ def bench_longest(cfg: BenchConfig):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                fwd_bwd(model, S, min(1024, S // 4), naive)  # warm-up
-                sync()
-                model.zero_grad(set_to_none=True)
                 t = time.perf_counter()
                 fwd_bwd(model, S, min(1024, S // 4), naive)
                 sync()
@@ -342,6 +359,7 @@ def bench_longest(cfg: BenchConfig):
                 flops = 6 * n_params * S + 6 * text.num_hidden_layers * text.hidden_size * S * S
                 rows.append({"variant": variant, "tokens": S, "s": dt, "MFU": flops / dt / 1e12 / peak,
                              "peak_GiB": peak_gib()})
+                print(rows[-1], flush=True)
             except torch.OutOfMemoryError:
                 rows.append({"variant": variant, "tokens": S, "s": "OOM"})
                 model.zero_grad(set_to_none=True)

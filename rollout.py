@@ -188,32 +188,34 @@ def continue_positions(positions: torch.Tensor, n: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # the policy forward: vision tower -> decoder hidden states -> log-probs at response positions only
 
-def encode_videos(model, prompts: list):
-    """Run the vision tower once over the videos of `prompts` (those with cached video_features skip it); returns
-    the model's output object whose pooler_output is a tuple of per-video [tokens, hidden] tensors (Qwen3-VL also
-    carries deepstack_features)."""
-    live = [p for p in prompts if p.video_features is None]
-    if len(live) == len(prompts):
-        pixels = torch.cat([p.pixel_values_videos for p in prompts]).to(model.device)
-        grid = torch.cat([p.video_grid_thw for p in prompts]).to(model.device)
-        return model.model.get_video_features(pixels, grid, return_dict=True)
-    # some features come from the embeddings cache: run the tower on the others only, keep the prompts' order
-    feats = encode_videos(model, live) if live else None
-    computed, rows = iter(range(len(live))), []  # per video: (embeds, [deepstack per layer] or None)
-    for p in prompts:
-        if p.video_features is None:
-            k = next(computed)
-            deep = getattr(feats, "deepstack_features", None)
-            rows.append((feats.pooler_output[k], None if deep is None else [layer[k] for layer in deep]))
-        else:
+def encode_videos(model, prompts: list, max_patches: int = 65536):
+    """Run the vision tower over the videos of `prompts` (those with cached video_features skip it), at most
+    `max_patches` patches per call so that the tower's memory stays bounded for long videos; returns an object
+    like get_video_features': pooler_output is a tuple of per-video [tokens, hidden] tensors (Qwen3-VL also
+    carries deepstack_features, one tuple per DeepStack layer)."""
+    rows = [None] * len(prompts)  # per video: (embeds, [deepstack per layer] or None)
+    live = [i for i, p in enumerate(prompts) if p.video_features is None]
+    while live:
+        group, patches = [], 0    # consecutive videos within the patch budget (always at least one)
+        while live and (not group or patches + len(prompts[live[0]].pixel_values_videos) <= max_patches):
+            patches += len(prompts[live[0]].pixel_values_videos)
+            group.append(live.pop(0))
+        pixels = torch.cat([prompts[i].pixel_values_videos for i in group]).to(model.device)
+        grid = torch.cat([prompts[i].video_grid_thw for i in group]).to(model.device)
+        out = model.model.get_video_features(pixels, grid, return_dict=True)
+        deep = getattr(out, "deepstack_features", None)
+        for k, i in enumerate(group):
+            rows[i] = (out.pooler_output[k], None if deep is None else [layer[k] for layer in deep])
+    for i, p in enumerate(prompts):
+        if p.video_features is not None:  # from the embeddings cache (cache_embeddings.py)
             emb, deep = p.video_features
-            rows.append((emb.to(model.device), None if deep is None else list(deep.to(model.device))))
+            rows[i] = (emb.to(model.device), None if deep is None else list(deep.to(model.device)))
     if family(model) == "qwen3_vl":
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures as Out
     else:
         from transformers.modeling_outputs import BaseModelOutputWithPooling as Out
     out = Out(pooler_output=tuple(e for e, _ in rows))
-    if rows[0][1] is not None:
+    if rows and rows[0][1] is not None:
         out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
     return out
 
@@ -363,6 +365,8 @@ class StaticKV:
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if self.k is None:
             self.k, self.v = key.new_zeros(self.shape), value.new_zeros(self.shape)
+            for buffer in (self.k, self.v, self.length):  # fixed addresses: the compiled step can be a CUDA graph
+                torch._dynamo.mark_static_address(buffer)
         slot = self.length + torch.arange(key.shape[2], device=key.device)   # where the new keys go
         k, v = self.k[module.layer_idx], self.v[module.layer_idx]            # [B, H_kv, max_len, D] views
         k.index_copy_(2, slot, key)
@@ -529,8 +533,10 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
-        if hasattr(self.llm.llm_engine, "reset_encoder_cache"):  # vision features of the old vision tower
-            self.llm.llm_engine.reset_encoder_cache()
+        # vision features computed by the old vision tower, and processed inputs (whichever this version has)
+        for reset in (getattr(self.llm.llm_engine, "reset_encoder_cache", None), getattr(self.llm, "reset_mm_cache", None)):
+            if reset is not None:
+                reset()
         self.llm.wake_up(tags=["kv_cache"])
         self.asleep = False
 

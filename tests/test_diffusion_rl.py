@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from configurator import parse_config
-from train_diffusion_rl import (Config, compute_advantages, embedder, flow_grpo_loss, latent_shape, load_pipeline,
-                                main, make_reward_fn, make_tiny_pipeline, sample, schedule, sde_std, sde_step,
-                                tiny_tokenizer)
+from train_diffusion_rl import (TINY_SD3, TINY_WAN, Config, bench_step, compute_advantages, embedder, flow_grpo_loss,
+                                latent_shape, load_pipeline, main, make_reward_fn, make_tiny_pipeline, sample, schedule,
+                                sde_std, sde_step, tiny_tokenizer)
 from train_grpo import Dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,3 +159,11 @@ def test_presets_parse(preset):
     world = 1 if preset.endswith("cpu") else 8
     n = cfg.prompts_per_step // world * cfg.group_size  # samples per rank
     assert n % cfg.sample_batch_size == 0 and n % (cfg.updates_per_step * cfg.train_batch_size) == 0
+
+
+def test_bench_step_runs_on_tiny_shapes(capsys):  # the GPU benchmark's code path, with tiny shapes on CPU
+    bench_step(Config(kind="sd3", height=32, width=32, max_sequence_length=8, sample_batch_size=2, train_batch_size=1,
+                      num_steps=3, lora_rank=4), TINY_SD3)
+    bench_step(Config(kind="wan", height=32, width=32, num_frames=5, max_sequence_length=8, sample_batch_size=2,
+                      train_batch_size=1, num_steps=3), TINY_WAN)
+    assert capsys.readouterr().out.count("AdamW") == 4  # warm-up + timed, for each kind

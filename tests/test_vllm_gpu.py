@@ -28,11 +28,11 @@ def video(frames, side, seed):
                         total_frames=frames, duration=frames / 2.0)
 
 
-def training_logprobs(model, prompts, outs):
+def training_logprobs(model, prompts, outs, suppress):
     seqs = [(prompts[o.prompt_index].input_ids, prompts[o.prompt_index].positions, o.response_ids) for o in outs]
     feats = rollout.select_videos(rollout.encode_videos(model, prompts), [o.prompt_index for o in outs])
     with torch.no_grad():
-        lp, _ = rollout.response_logprobs(model, rollout.pack(seqs, 0), feats, [])
+        lp, _ = rollout.response_logprobs(model, rollout.pack(seqs, 0), feats, suppress)
     return lp.float().cpu()
 
 
@@ -44,11 +44,15 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
     prompts = [rollout.build_prompt(model, processor, "What colour was the flash?", video(16, 112, s)) for s in range(4)]
     engine = rollout.VLLMEngine(path, gpu_memory_utilization=0.3, max_model_len=4096, seed=0, enforce_eager=True)
     summary = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name()}
+    stop = rollout.eos_ids(model, processor)  # the vision/pad tokens are never sampled, as in train_grpo.py
+    suppress = [i for i in rollout.token_ids(processor, rollout.SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id]
+                if i not in stop]
 
-    outs = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1)
+    outs = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
+    assert not set(suppress) & {t for o in outs for t in o.response_ids}
     summary["prompt_mismatches"] = engine.prompt_mismatches  # vLLM's prompt ids vs our processor path's
     engine_lp = torch.tensor([x for o in outs for x in o.logprobs])
-    diff = (engine_lp - training_logprobs(model, prompts, outs)).abs()
+    diff = (engine_lp - training_logprobs(model, prompts, outs, suppress)).abs()
     summary["logprob_maxdiff_before_push"] = float(diff.max())
     summary["logprob_meandiff_before_push"] = float(diff.mean())
     assert diff.max() < 0.1 and diff.mean() < 0.02  # bf16 on both sides
@@ -56,22 +60,32 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
     free0 = torch.cuda.mem_get_info()[0]
     engine.sleep()
     summary["sleep_freed_GiB"] = (torch.cuda.mem_get_info()[0] - free0) / 2**30
-    assert summary["sleep_freed_GiB"] > 0.5  # the KV cache (most of 30% of the GPU) and the weights
-
-    with torch.no_grad():  # "train": perturb every weight, then push the new ones
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    stale = training_logprobs(model, prompts, outs)
-    engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
-    again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1)
-    summary["samples_changed_after_push"] = [o.response_ids for o in again] != [o.response_ids for o in outs]
-    assert summary["samples_changed_after_push"]
-    new_lp = torch.tensor([x for o in again for x in o.logprobs])
-    diff_after = (new_lp - training_logprobs(model, prompts, again)).abs()
-    summary["logprob_maxdiff_after_push"] = float(diff_after.max())
-    summary["stale_weights_would_differ_by"] = float((engine_lp - stale).abs().mean())
-    assert diff_after.max() < 0.1 and diff_after.mean() < 0.02
-    print("VLLM " + json.dumps(summary), flush=True)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "vllm_test.json"), "w") as f:
-            json.dump(summary, f)
+    try:
+        assert summary["sleep_freed_GiB"] > 0.5  # the KV cache (most of 30% of the GPU) and the weights
+        # "train": change the language model, push, compare; then change the vision tower, push, compare
+        groups = {"embed_tokens": "embed_tokens", "attention": "self_attn", "mlp": "language_model.layers",
+                  "norms": "norm", "lm_head": "lm_head", "vision_tower": "model.visual"}
+        for part, key in groups.items():  # one weight group at a time: a stale group shows up by name
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if key in name and (part != "mlp" or ".mlp." in name) and (part == "vision_tower" or "visual" not in name):
+                        p.add_(torch.randn_like(p) * 0.2 * p.float().std().clamp(min=1e-3))  # relative, like training
+            stale = training_logprobs(model, prompts, outs, suppress)
+            summary[f"{part}_stale_weights_would_differ_by"] = float((engine_lp - stale).abs().mean())
+            engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
+            again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
+            summary[f"{part}_samples_changed_after_push"] = [o.response_ids for o in again] != [o.response_ids for o in outs]
+            new_lp = torch.tensor([x for o in again for x in o.logprobs])
+            diff_after = (new_lp - training_logprobs(model, prompts, again, suppress)).abs()
+            summary[f"{part}_logprob_maxdiff_after_push"] = float(diff_after.max())
+            summary[f"{part}_logprob_meandiff_after_push"] = float(diff_after.mean())
+            outs, engine_lp = again, new_lp
+        for part in groups:
+            assert summary[f"{part}_samples_changed_after_push"]
+            assert summary[f"{part}_logprob_maxdiff_after_push"] < 0.1
+            assert summary[f"{part}_logprob_meandiff_after_push"] < 0.02
+    finally:
+        print("VLLM " + json.dumps(summary), flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "vllm_test.json"), "w") as f:
+                json.dump(summary, f)
