@@ -43,6 +43,7 @@ class BenchConfig:
     new_tokens: int = 256           # rollout: generated tokens per sequence
     vllm: bool = False              # rollout: also time the vLLM engine (needs vllm + CUDA)
     compile: bool = True            # rollout: also time the compiled static-cache decode step
+    hf: bool = True                 # rollout: time the HF engines (False: only vLLM, with --vllm=True)
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
 
@@ -153,7 +154,7 @@ def bench_rollout(cfg: BenchConfig):
     if cfg.tiny:
         cases = [("text", 0, 0), ("8 frames", 8, 56)]
     rows = []
-    for name, frames, side in cases:
+    for name, frames, side in (cases if cfg.hf else []):
         if frames:
             prompts = [rollout.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
@@ -235,10 +236,14 @@ def bench_vllm_rollout(cfg, processor, model, cases):
     except Exception as e:
         return [{"case": "all", "engine": "vLLM", "error": f"{type(e).__name__}: {e}"[:300]}]
     for name, frames, side in cases:
-        if not frames:
-            continue
-        prompts = [rollout.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
-                   for b in range(cfg.batch)]
+        if frames:
+            prompts = [rollout.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
+                       for b in range(cfg.batch)]
+        else:  # the same 1k-token text prompt as the HF engines get
+            ids = torch.randint(20, 300, (1024,), generator=torch.Generator().manual_seed(0))
+            prompts = [rollout.Prompt(input_ids=ids, positions=torch.arange(1024).expand(3, -1).clone(),
+                                      pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0)
+                       for _ in range(cfg.batch)]
         try:
             engine.generate(prompts, 1, 1.0, 1.0, cfg.new_tokens, 0)
             t = time.perf_counter()

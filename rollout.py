@@ -512,7 +512,8 @@ class VLLMEngine:
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
                                 seed=seed, logit_bias={int(i): -100.0 for i in suppress_ids} or None)
         requests = [{"prompt": p.text, "multi_modal_data": {"video": [(p.frames.frames, {
-            **p.frames.metadata(), "do_sample_frames": False})]}} for p in prompts]
+            **p.frames.metadata(), "do_sample_frames": False})]}} if p.frames is not None
+            else {"prompt_token_ids": p.input_ids.tolist()} for p in prompts]  # text-only: our token ids
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for i, (p, out) in enumerate(zip(prompts, outputs)):

@@ -69,7 +69,8 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if key in name and (part != "mlp" or ".mlp." in name) and (part == "vision_tower" or "visual" not in name):
-                        p.add_(torch.randn_like(p) * 0.2 * p.float().std().clamp(min=1e-3))  # relative, like training
+                        scale = 0.2 * p.float().std() if p.numel() > 1 and p.float().std() > 1e-3 else 0.05  # norms: all ones
+                        p.add_(torch.randn_like(p) * scale)  # relative to the weights, like a training step
             stale = training_logprobs(model, prompts, outs, suppress)
             summary[f"{part}_stale_weights_would_differ_by"] = float((engine_lp - stale).abs().mean())
             engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
