@@ -256,6 +256,8 @@ def compute_advantages(rewards: torch.Tensor, estimator: str = "grpo", eps: floa
     mean = rewards.mean(dim=1, keepdim=True)
     n = rewards.shape[1]
     if estimator == "grpo":      # A_i = (r_i - mean(r)) / (std(r) + eps), unbiased std as verl
+        if n == 1:               # a group of one has no baseline and no spread: no learning signal (not NaN)
+            return torch.zeros_like(rewards)
         return (rewards - mean) / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
     if estimator == "drgrpo":    # Dr.GRPO: no division by the std
         return rewards - mean
@@ -786,7 +788,8 @@ def main(cfg: Config):
             group_["lr"] = lr
         for epoch in range(cfg.ppo_epochs):
             order = list(range(len(groups)))
-            random.Random(cfg.seed + step * 31 + epoch).shuffle(order) if updates_per_epoch > 1 else None
+            if updates_per_epoch > 1:  # a fresh split of the groups into update batches each epoch
+                random.Random(cfg.seed + step * 31 + epoch).shuffle(order)
             for u in range(updates_per_epoch):
                 chosen = set(order[u * update_prompts:(u + 1) * update_prompts])
                 batch = [s for k, s in enumerate(seqs) if k // cfg.n in chosen]

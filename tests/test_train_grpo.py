@@ -32,6 +32,8 @@ def test_group_advantages_by_hand():
     assert torch.allclose(T.compute_advantages(r, "rloo")[0], torch.tensor([1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3]))
     with pytest.raises(ValueError, match="grpo, drgrpo"):
         T.compute_advantages(r, "ppo")
+    single = T.compute_advantages(torch.tensor([[1.0], [0.0]]), "grpo")  # n = 1: no signal, and never NaN
+    assert torch.equal(single, torch.zeros(2, 1))
 
 
 def test_reinforce_pp_by_hand():
@@ -222,6 +224,22 @@ def test_dapo_dynamic_sampling_drops_equal_reward_groups(tiny_run, tmp_path):
     T.main(tiny_cfg(tiny_run, tmp_path / "grpo", max_steps=1, eval_data=""))
     m = json.loads(open(tmp_path / "grpo" / "metrics.jsonl").readline())
     assert m["sampling_tries"] == 1 and m["groups_kept"] == 4  # plain GRPO keeps every group
+
+
+@pytest.mark.parametrize("algo", [
+    dict(kl_beta=0.05, kl_estimator="k3", ppo_epochs=2, update_batch_size=2),          # KL in the loss, 4 updates
+    dict(kl_beta=0.05, kl_estimator="k1", kl_in_reward=True, adv_estimator="reinforce_pp_baseline"),
+])
+def test_reference_kl_and_several_updates_per_rollout(tiny_run, tmp_path, algo):
+    """A short format warm-up moves the policy away from the frozen reference, so the KL is non-zero; with
+    several updates per rollout the old log-probs are recomputed once and the ratio moves off 1."""
+    T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=2, eval_data="", sft_steps=4, sft_lr=1e-2,
+                    sft_batch_size=8, max_new_tokens=16, **algo))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[0]["kl"] > 0
+    if algo.get("ppo_epochs", 1) > 1:
+        assert rows[0]["time_logprobs"] > 0  # old log-probs were computed before the first update
 
 
 def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
