@@ -256,7 +256,7 @@ def compute_advantages(rewards: torch.Tensor, estimator: str = "grpo", eps: floa
     mean = rewards.mean(dim=1, keepdim=True)
     n = rewards.shape[1]
     if estimator == "grpo":      # A_i = (r_i - mean(r)) / (std(r) + eps), unbiased std as verl
-        if n == 1:               # a group of one has no baseline and no spread: no learning signal (not NaN)
+        if n == 1 or rewards.numel() == 0:  # a group of one (or none kept): no learning signal, and never NaN
             return torch.zeros_like(rewards)
         return (rewards - mean) / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
     if estimator == "drgrpo":    # Dr.GRPO: no division by the std
