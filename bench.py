@@ -13,8 +13,8 @@ Models are random-initialised at the shape of Qwen2.5-VL-3B (or 7B with --shape=
 6 x (LM parameters) x tokens + 6 x layers x hidden x S^2 / 2 x 2 (causal attention, forward + backward), recompute
 not counted, against the bf16 matmul rate measured on the same GPU in the same run.
 """
+import functools
 import json
-import math
 import os
 import sys
 import time
@@ -137,6 +137,14 @@ class RandomVideo:
         return {"total_num_frames": n, "fps": 2.0, "duration": n / 2.0, "frames_indices": list(range(n))}
 
 
+def text_prompts(batch: int, length: int, seed=0):
+    """`batch` copies of a video-free prompt of `length` random allowed token ids (the same for every engine)."""
+    import rollout
+    ids = torch.randint(20, 300, (length,), generator=torch.Generator().manual_seed(seed))
+    return [rollout.Prompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(),
+                           pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0) for _ in range(batch)]
+
+
 def random_video(frames: int, side: int, seed=0):
     return RandomVideo(np.random.default_rng(seed).integers(0, 255, (frames, side, side, 3), dtype=np.uint8))
 
@@ -158,11 +166,8 @@ def bench_rollout(cfg: BenchConfig):
         if frames:
             prompts = [rollout.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
-        else:  # a 1k-token text prompt: a video-free prompt of random allowed ids
-            ids = torch.randint(20, 300, (1024 if not cfg.tiny else 64,))
-            prompts = [rollout.Prompt(input_ids=ids, positions=torch.arange(len(ids)).expand(3, -1).clone(),
-                                      pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0)
-                       for _ in range(cfg.batch)]
+        else:
+            prompts = text_prompts(cfg.batch, 64 if cfg.tiny else 1024)
         P = len(prompts[0].input_ids)
         try:
             with torch.no_grad():
@@ -174,7 +179,8 @@ def bench_rollout(cfg: BenchConfig):
         if cfg.compile and dev == "cuda":
             engines["ours (static KV, compiled)"] = dict(static_cache=True, compile_step=True)
         for engine, kw in engines.items():
-            run = lambda: rollout.hf_generate(model, processor, prompts, 1, 1.0, 1.0, cfg.new_tokens, 0, feats, **kw)
+            run = functools.partial(rollout.hf_generate, model, processor, prompts, 1, 1.0, 1.0, cfg.new_tokens, 0,
+                                    feats, **kw)
             try:
                 run()  # warm-up (and compilation)
                 sync()
@@ -240,10 +246,7 @@ def bench_vllm_rollout(cfg, processor, model, cases):
             prompts = [rollout.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
         else:  # the same 1k-token text prompt as the HF engines get
-            ids = torch.randint(20, 300, (1024,), generator=torch.Generator().manual_seed(0))
-            prompts = [rollout.Prompt(input_ids=ids, positions=torch.arange(1024).expand(3, -1).clone(),
-                                      pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0)
-                       for _ in range(cfg.batch)]
+            prompts = text_prompts(cfg.batch, 1024)
         try:
             engine.generate(prompts, 1, 1.0, 1.0, cfg.new_tokens, 0)
             t = time.perf_counter()

@@ -17,14 +17,13 @@ push). Both return the same `Rollout` records. The script always prints which en
 import inspect
 import json
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from data.datasets import Sample, format_question, load_jsonl
+from data.datasets import format_question, load_jsonl
 
 THINK_PROMPT = (
     "You are a helpful assistant. The user asks a question, and then you solves it.\n\n"
@@ -78,6 +77,13 @@ def eos_ids(model, processor) -> list:
     extra = getattr(gen, "eos_token_id", None) if gen is not None else None
     ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
     return sorted(i for i in ids if i is not None)
+
+
+def suppress_ids(model, processor) -> list:
+    """Token ids that are never sampled nor scored: the vision placeholders and the pad token (a sampled
+    <|video_pad|> would break re-scoring the response), unless one of them is also a stop token."""
+    stop = eos_ids(model, processor)
+    return [i for i in token_ids(processor, SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id] if i not in stop]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,8 +405,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     dev = model.lm_head.weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
     pad_id = processor.tokenizer.pad_token_id
-    stop, suppress = eos_ids(model, processor), token_ids(processor, SUPPRESS_TOKENS) + [pad_id]
-    suppress = [i for i in suppress if i not in stop]
+    stop, suppress = eos_ids(model, processor), suppress_ids(model, processor)
     if feats is None and any(p.video_grid_thw is not None for p in prompts):
         feats = encode_videos(model, prompts)
     order = [i for i in range(len(prompts)) for _ in range(n)]

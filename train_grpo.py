@@ -649,9 +649,7 @@ def main(cfg: Config):
                         set(ref.model.visual.parameters()) if cached else None).eval()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    stop = rollout.eos_ids(model, processor)
-    suppress = [i for i in rollout.token_ids(processor, rollout.SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id]
-                if i not in stop]
+    suppress = rollout.suppress_ids(model, processor)
     judge = JudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.open_ended == "judge" else None
     engine = None
     if cfg.engine == "vllm":
@@ -674,10 +672,10 @@ def main(cfg: Config):
         print0(f"resumed from {last} at step {start_step}")
     else:
         if cfg.sft_steps:
-            set_attention(model, attention["train"])
+            rollout.use_attention(model, attention["train"])
             format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // dp_size, dp_rank, dp_size,
                                                    cfg.seed + 1), cfg, d, suppress, spi)
-            set_attention(model, attention["rollout"])
+            rollout.use_attention(model, attention["rollout"])
         if held_out:
             ev = evaluate_all(policy, processor, held_out, cfg, d, engine, "step0")
             curve.append({"step": 0, **ev})
@@ -753,9 +751,9 @@ def main(cfg: Config):
                     engine_logprobs=o.logprobs) for p, outs_g, r in groups for o, r_i in zip(outs_g, r)]
         # ---- old / reference log-probs ----------------------------------------------------------------
         t1 = time.time()
-        set_attention(model, attention["train"])
+        rollout.use_attention(model, attention["train"])
         if ref is not None:
-            set_attention(ref.model, attention["train"])
+            rollout.use_attention(ref.model, attention["train"])
             fill_logprobs(ref, seqs, cfg, suppress, "logp_ref", fallback, spi)
         if need_old:
             fill_logprobs(policy, seqs, cfg, suppress, "logp_old", fallback, spi)
@@ -795,7 +793,7 @@ def main(cfg: Config):
                 batch = [s for k, s in enumerate(seqs) if k // cfg.n in chosen]
                 metrics.update(update(policy, optimizer, batch, cfg, d, suppress, fallback, spi))
         timing["update"] = time.time() - t2
-        set_attention(model, attention["rollout"])
+        rollout.use_attention(model, attention["rollout"])
         # ---- push the new weights into the sleeping vLLM engine ----------------------------------------
         t3 = time.time()
         if engine:
@@ -860,12 +858,6 @@ def main(cfg: Config):
             plot_curve(curve, os.path.join(cfg.out_dir, "learning_curve.png"))
     log.close()
     return result
-
-
-def set_attention(model, name: str):
-    """Switch the language model's attention function (Ulysses for SP training, plain for rollout/eval)."""
-    if model.config.get_text_config()._attn_implementation != name:
-        model.set_attn_implementation({"text_config": name, "vision_config": model.config.vision_config._attn_implementation})
 
 
 def gpu_used_gib() -> float:

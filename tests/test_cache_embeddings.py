@@ -6,8 +6,6 @@ equals training without it, refuses a trainable tower, and survives ranks that m
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,9 +17,8 @@ import train_grpo as T
 from data.datasets import Loader, load_jsonl
 from data.tiny import make_tiny_model
 from data.video import write_video
+from conftest import torchrun, write_preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +92,10 @@ def test_stale_entries_are_clear_errors(work, tmp_path):
     assert C.load_cached(one.out, str(work / "v0.mp4"), one, q25) is None  # never cached: a miss, not an error
 
 
-def two_ranks(script, args, timeout=300):
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True, env=ENV,
-                         timeout=timeout)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout
-
-
 def test_two_ranks_write_each_video_once(work):
     C.main(cache_cfg(work, "qwen3_vl"))  # the one-process cache (already there if the test above ran)
     cfg = cache_cfg(work, "qwen3_vl", out="sharded")
-    out = two_ranks("cache_embeddings.py", [f"--{k}={v}" for k, v in cfg.__dict__.items()])
+    out = torchrun("cache_embeddings.py", [f"--{k}={v}" for k, v in cfg.__dict__.items()])
     assert "[rank 0] wrote 1, already cached 0, bad 1" in out and "[rank 1] wrote 2, already cached 0, bad 0" in out
     assert "3 written, 0 already cached (skipped), 1 bad videos skipped, of 4 videos" in out
     files = sorted(p.relative_to(work / cfg.out) for p in (work / cfg.out).rglob("*.safetensors"))
@@ -146,7 +135,6 @@ def test_two_ranks_with_uneven_misses(work, tmp_path):
                                                   for s in rank0))
     C.main(c := cache_cfg(tmp_path, "", "c", "rank0.jsonl", model=cfg.model, num_frames=8, max_pixels=28 * 28))
     cfg.embeddings_cache = c.out
-    (tmp_path / "preset.py").write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.__dict__.items()))
-    two_ranks("train_grpo.py", [str(tmp_path / "preset.py")], timeout=240)
+    torchrun("train_grpo.py", [write_preset(cfg, tmp_path / "preset.py")], timeout=240)
     m = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
     assert m["cache_misses"] == 2 and m["groups_kept"] == 4 and T.latest_checkpoint(cfg.out_dir)

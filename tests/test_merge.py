@@ -14,8 +14,8 @@ import torch
 import merge
 import rollout
 import train_grpo as T
+from conftest import ROOT, torchrun, write_preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,7 @@ def trained(tmp_path_factory):
                    num_frames=8, max_pixels=28 * 28, min_pixels=28 * 28, rollout_batch_size=4, n=4, max_new_tokens=8,
                    lr=1e-2, max_steps=1, save_every=1, progress=False, gradient_checkpointing=False, sft_steps=2,
                    sft_batch_size=4, sft_lr=1e-2)
-    preset = d / "preset.py"
-    preset.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.__dict__.items()))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "train_grpo.py"), str(preset)], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    torchrun("train_grpo.py", [write_preset(cfg, d / "preset.py")])
     return d
 
 

@@ -3,16 +3,14 @@ rollout.py: model inputs, our 3-D rope positions, the HF engine, log-prob agreem
     python -m pytest tests/test_rollout.py -q
 """
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import rollout
-from data.datasets import Sample
 from data.tiny import make_tiny_model
-from data.video import sample_frames, write_video
+from data.video import write_video
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +43,6 @@ class VideoCfg:
 def prompts_for(model, processor, paths, question="What colour was the flash?"):
     fam = rollout.family(model)
     return [rollout.build_prompt(model, processor, question, rollout.load_video(p, VideoCfg, fam)) for p in paths]
-
-
-def suppress_ids(model, processor):
-    stop = rollout.eos_ids(model, processor)
-    return [i for i in rollout.token_ids(processor, rollout.SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id]
-            if i not in stop]
 
 
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
@@ -106,7 +98,7 @@ def test_sampling_reproducible_and_logprobs_match_forward(tiny, videos, fam):
     packed = rollout.pack(seqs, processor.tokenizer.pad_token_id)
     feats = rollout.select_videos(rollout.encode_videos(model, prompts), [o.prompt_index for o in a])
     with torch.no_grad():
-        lp, _ = rollout.response_logprobs(model, packed, feats, suppress_ids(model, processor))
+        lp, _ = rollout.response_logprobs(model, packed, feats, rollout.suppress_ids(model, processor))
     ref = torch.tensor([x for o in a for x in o.logprobs])
     assert lp.shape == ref.shape
     assert torch.allclose(lp, ref, atol=1e-4)
@@ -116,7 +108,7 @@ def test_generated_tokens_never_vision_or_pad(tiny, videos):
     _, model, processor = tiny["qwen2_5_vl"]
     prompts = prompts_for(model, processor, videos)
     outs = rollout.hf_generate(model, processor, prompts, n=4, temperature=1.5, max_new_tokens=24, seed=0)
-    banned = set(suppress_ids(model, processor))
+    banned = set(rollout.suppress_ids(model, processor))
     assert not banned & {t for o in outs for t in o.response_ids}
 
 

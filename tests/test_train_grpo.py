@@ -15,8 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_grpo as T
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, torchrun, write_preset
 
 
 # ---- algorithms, by hand ---------------------------------------------------------------------------------
@@ -182,7 +181,6 @@ def metrics_without_time(path):
 
 
 def final_params(out_dir):
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     path = T.latest_checkpoint(out_dir)
     dcp_to_torch_save(path, os.path.join(out_dir, "flat.pt"))
@@ -245,9 +243,8 @@ def test_reference_kl_and_several_updates_per_rollout(tiny_run, tmp_path, algo):
 def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
     """Multi-node is plain torchrun: two 'nodes' on localhost meet through the c10d rendezvous (gloo)."""
     port = free_port()
-    preset = tmp_path / "preset.py"
     cfg = tiny_cfg(tiny_run, tmp_path / "nodes", max_steps=1, eval_data="", save_every=1)
-    preset.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.__dict__.items()))
+    preset = write_preset(cfg, tmp_path / "preset.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
                                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
@@ -269,13 +266,7 @@ def test_sp2_first_step_loss_equals_sp1(tiny_run, tmp_path):
                   sft_batch_size=8, n=8, temperature=1.5, max_new_tokens=16)
     T.main(tiny_cfg(tiny_run, tmp_path / "sp1", **common))
     cfg = tiny_cfg(tiny_run, tmp_path / "sp2", sp_size=2, **common)
-    preset = tmp_path / "sp2.py"
-    preset.write_text("".join(f"{k} = {v!r}\n" for k, v in cfg.__dict__.items()))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "train_grpo.py"), str(preset)], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "dp 1 x sp 2" in run.stdout
+    assert "dp 1 x sp 2" in torchrun("train_grpo.py", [write_preset(cfg, tmp_path / "sp2.py")])
     one = json.loads(open(tmp_path / "sp1" / "metrics.jsonl").readline())
     two = json.loads(open(tmp_path / "sp2" / "metrics.jsonl").readline())
     assert one["reward"] == two["reward"] and one["response_len"] == two["response_len"]  # the same rollouts

@@ -44,9 +44,7 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
     prompts = [rollout.build_prompt(model, processor, "What colour was the flash?", video(16, 112, s)) for s in range(4)]
     engine = rollout.VLLMEngine(path, gpu_memory_utilization=0.3, max_model_len=4096, seed=0, enforce_eager=True)
     summary = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name()}
-    stop = rollout.eos_ids(model, processor)  # the vision/pad tokens are never sampled, as in train_grpo.py
-    suppress = [i for i in rollout.token_ids(processor, rollout.SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id]
-                if i not in stop]
+    suppress = rollout.suppress_ids(model, processor)  # never sampled, as in train_grpo.py
 
     outs = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
     assert not set(suppress) & {t for o in outs for t in o.response_ids}
