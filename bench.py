@@ -6,6 +6,7 @@ The benchmarks behind every number in the README. Each prints a table and one JS
     python bench.py train                 # one GRPO step by phase, 64 and 256 frames; longest fwd+bwd; naive baseline
     python bench.py sp                    # Ulysses attention + all-to-all vs plain SDPA; chunked vs plain gather
     python bench.py rollout --vllm=True   # ... and the vLLM engine beside the HF one (GPU node with vllm)
+    python bench.py cache                 # GRPO step time with cached vision embeddings vs live decode + encode
     python bench.py memory                # per-GPU memory plan for Qwen2.5-VL-7B at 256 / 1,024 / 3,600 frames
     python bench.py train --tiny=True     # every bench also runs on a tiny model (CPU smoke test)
 
@@ -139,9 +140,9 @@ class RandomVideo:
 
 def text_prompts(batch: int, length: int, seed=0):
     """`batch` copies of a video-free prompt of `length` random allowed token ids (the same for every engine)."""
-    import rollout
+    import vlm
     ids = torch.randint(20, 300, (length,), generator=torch.Generator().manual_seed(seed))
-    return [rollout.Prompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(),
+    return [vlm.Prompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(),
                            pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0) for _ in range(batch)]
 
 
@@ -154,6 +155,7 @@ def random_video(frames: int, side: int, seed=0):
 
 def bench_rollout(cfg: BenchConfig):
     import rollout
+    import vlm
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = make_model(cfg.shape, "/tmp/bench-model", device=dev,
                                   dtype=torch.bfloat16 if dev == "cuda" else torch.float32, save=cfg.vllm)
@@ -164,14 +166,14 @@ def bench_rollout(cfg: BenchConfig):
     rows = []
     for name, frames, side in (cases if cfg.hf else []):
         if frames:
-            prompts = [rollout.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
+            prompts = [vlm.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
         else:
             prompts = text_prompts(cfg.batch, 64 if cfg.tiny else 1024)
         P = len(prompts[0].input_ids)
         try:
             with torch.no_grad():
-                feats = rollout.encode_videos(model, prompts) if frames else None
+                feats = vlm.encode_videos(model, prompts) if frames else None
         except torch.OutOfMemoryError as e:
             rows.append({"case": name, "prompt_tokens": P, "engine": "vision tower", "error": f"OOM: {e}"[:200]})
             continue
@@ -236,6 +238,7 @@ def bench_plain_generate(model, prompts, feats, cfg, name, P):
 def bench_vllm_rollout(cfg, processor, model, cases):
     """The same prompts through the colocated vLLM engine (the model saved to /tmp/bench-model)."""
     import rollout
+    import vlm
     rows = []
     try:
         engine = rollout.VLLMEngine("/tmp/bench-model", gpu_memory_utilization=0.35, max_model_len=32768)
@@ -243,7 +246,7 @@ def bench_vllm_rollout(cfg, processor, model, cases):
         return [{"case": "all", "engine": "vLLM", "error": f"{type(e).__name__}: {e}"[:300]}]
     for name, frames, side in cases:
         if frames:
-            prompts = [rollout.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
+            prompts = [vlm.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
         else:  # the same 1k-token text prompt as the HF engines get
             prompts = text_prompts(cfg.batch, 1024)
@@ -264,6 +267,7 @@ def bench_vllm_rollout(cfg, processor, model, cases):
 
 def bench_train(cfg: BenchConfig):
     import rollout
+    import vlm
     import train_grpo as T
     from data.rewards import compute_rewards
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,7 +280,7 @@ def bench_train(cfg: BenchConfig):
     rows = []
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         side = 56 if cfg.tiny else 224  # 64 video tokens per frame pair (HF's non-flash vision attention loops per window)
-        prompts = [rollout.build_prompt(model, processor, "What colour was the flash? Options: A. red B. green",
+        prompts = [vlm.build_prompt(model, processor, "What colour was the flash? Options: A. red B. green",
                                         random_video(frames, side, k)) for k in range(2)]
         sample = {"answer": "A", "problem_type": "multiple_choice", "options": ["A. red", "B. green"]}
         torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
@@ -319,16 +323,16 @@ def bench_train(cfg: BenchConfig):
 def fwd_bwd(model, S: int, response: int, naive: bool, chunk=1024):
     """Forward + backward of response-only log-probs on one sequence of S text tokens (the policy-gradient
     forward without the vision tower); naive = full-vocabulary logits over the whole sequence."""
-    import rollout
+    import vlm
     dev = model.lm_head.weight.device
     ids = torch.randint(20, 300, (1, S), device=dev)
     pos = torch.arange(S, device=dev).view(1, 1, S).expand(3, 1, S)
-    hidden, _ = rollout.decoder_hidden(model, ids, pos)
+    hidden, _ = vlm.decoder_hidden(model, ids, pos)
     if naive:
         logits = model.lm_head(hidden).float()
         logp = torch.log_softmax(logits[0, S - response - 1:-1], -1).gather(-1, ids[0, S - response:, None])
     else:
-        logp, _ = rollout.token_logprobs(model, hidden[0, S - response - 1:-1], ids[0, S - response:], [], chunk=chunk)
+        logp, _ = vlm.token_logprobs(model, hidden[0, S - response - 1:-1], ids[0, S - response:], [], chunk=chunk)
     logp.sum().backward()
 
 
@@ -482,6 +486,31 @@ def bench_memory(cfg: BenchConfig):
     log({"bench": "memory_plan", "model": "Qwen2.5-VL-7B", "gpus": world, "rows": rows}, cfg)
 
 
+def bench_cache(cfg: BenchConfig):
+    """GRPO steps with the vision tower frozen, videos decoded + encoded live vs read from cache_embeddings.py's
+    cache (cache_embeddings.bench_cache does the runs; this writes the random model and the synthetic task)."""
+    import cache_embeddings
+    import train_grpo as T
+    from data.synthetic import SyntheticConfig, make_dataset
+    out = os.path.join(cfg.out and os.path.dirname(os.path.abspath(cfg.out)) or "/tmp", "bench_cache")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    frames = (cfg.frames or [8 if cfg.tiny else 64])[0]
+    make_model(cfg.shape, os.path.join(out, "model"), device=dev, dtype=torch.float32 if cfg.tiny else torch.bfloat16,
+               save=True)
+    make_dataset(SyntheticConfig(out=os.path.join(out, "data"), num_train=16, num_eval=4, frames=frames,
+                                 size=56 if cfg.tiny else 224, seed=cfg.seed))
+    tcfg = T.Config(model=os.path.join(out, "model"), data=os.path.join(out, "data", "train.jsonl"),
+                    out_dir=os.path.join(out, "runs"), num_frames=frames, max_pixels=(56 if cfg.tiny else 224) ** 2,
+                    rollout_batch_size=2, n=4, micro_batch_size=4, max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
+                    think=False, progress=False, device=dev, engine="hf")
+    res = cache_embeddings.bench_cache(tcfg, steps=3 if cfg.tiny else 5)
+    rows = [{"run": k, "step_s": res[f"step_s_{k}"], **{p[5:-len(k) - 1]: v for p, v in res.items()
+             if p.startswith("time_") and p.endswith("_" + k)}} for k in ("live", "cached")]
+    print_table(rows, list(rows[0]))
+    print(f"cache built in {res['cache_build_s']:.1f} s; speed-up {res['speedup']:.2f}x per step", flush=True)
+    log({"bench": "cache", **device_info(), "shape": cfg.shape, "frames": frames, **res}, cfg)
+
+
 def grpo_setup(cfg: BenchConfig):
     """Write a random model of the chosen shape (+ processor) and a 64-frame synthetic task to --out, for the
     single-GPU vLLM run of config/qwen2_5_vl_3b_vllm_1gpu.py."""
@@ -498,7 +527,7 @@ def grpo_setup(cfg: BenchConfig):
 if __name__ == "__main__":
     from configurator import parse_config
     benches = {"video": None, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
-               "sp": bench_sp, "memory": bench_memory, "grpo_setup": grpo_setup}
+               "sp": bench_sp, "memory": bench_memory, "cache": bench_cache, "grpo_setup": grpo_setup}
     which = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in benches else None
     if which is None and "--help" not in sys.argv and "-h" not in sys.argv:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--key=value ...]  (--help for fields)")

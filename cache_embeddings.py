@@ -13,7 +13,7 @@ OUT/<sha256(video path)[:16]>/<key>.safetensors, one file per video, all entries
     second_per_grid_ts [1] (Qwen2.5-VL)
 and as JSON in the safetensors metadata ("longrl"): model id/type, hidden size, sampling config, the video's
 path/size/mtime and its frame metadata (total_num_frames, fps, frames_indices, duration), which is all that
-rollout.build_prompt_cached needs to rebuild the prompt without decoding the video. `load_cached` returns None
+vlm.build_prompt_cached needs to rebuild the prompt without decoding the video. `load_cached` returns None
 for a video with no entry (the caller decodes it live and counts a miss) and raises a ValueError for a leftover
 made with another model, another sampling or before the video changed. Rank r of W encodes videos r::W;
 existing entries are skipped (a re-run resumes), bad videos are skipped and reported; files are written under a
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout import family, load_model, load_video
+from vlm import family, load_model, load_video
 
 FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
 WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
@@ -112,7 +112,7 @@ def load_cached(cache_dir: str, video_path: str, cfg, model):
 
 @torch.no_grad()
 def encode_video(model, processor, video) -> dict:
-    """The tower's outputs for one sampled video, with the processor called exactly as rollout.build_prompt does."""
+    """The tower's outputs for one sampled video, with the processor called exactly as vlm.build_prompt does."""
     out = processor(text=[processor.video_token], videos=[video.frames], video_metadata=[video.metadata()],
                     do_sample_frames=False, return_tensors="pt")
     dev = model.device

@@ -367,7 +367,7 @@ def all_reduce(t: torch.Tensor, group=None, op=None):
 @dataclass
 class Seq:
     """One sampled response and everything the update needs for it."""
-    prompt: object                  # rollout.Prompt
+    prompt: object                  # vlm.Prompt
     response_ids: list
     advantages: torch.Tensor        # [R] per token (GRPO: the sequence's advantage repeated)
     reward: float = 0.0
@@ -383,7 +383,7 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
     align/gather are identities; with SP (spi.sp_size > 1) logp covers only the response tokens this rank holds
     (Ulysses stage 2; stage 1 encodes 1/SP of every video here), `align(flat values)` picks the matching
     entries of any per-token quantity, and `gather(local logp)` rebuilds the flat full-length values."""
-    import rollout
+    import vlm
     import sp as sp_lib
     prompts, index, where = [], {}, []
     for s in seqs:
@@ -391,13 +391,13 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
             index[id(s.prompt)] = len(prompts)
             prompts.append(s.prompt)
         where.append(index[id(s.prompt)])
-    packed = rollout.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
+    packed = vlm.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
     vision_grad = torch.is_grad_enabled() and not cfg.freeze_vision
     if spi is None or spi.sp_size == 1:
         def run(model):
             with torch.set_grad_enabled(vision_grad):
-                feats = rollout.select_videos(rollout.encode_videos(model, prompts), where)
-            return rollout.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
+                feats = vlm.select_videos(vlm.encode_videos(model, prompts), where)
+            return vlm.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
                                              with_entropy)
         logp, ent = policy(run)
         return logp, ent, (lambda v: v.to(logp.device)), (lambda v: v)
@@ -410,18 +410,18 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
         dev = model.lm_head.weight.device
         with torch.set_grad_enabled(vision_grad):
             if any(p.video_features is not None for p in prompts):  # embeddings cache: no tower to split (SP peers
-                feats = rollout.encode_videos(model, prompts)          # share prompts, so all take this branch)
+                feats = vlm.encode_videos(model, prompts)          # share prompts, so all take this branch)
             else:
                 pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
                 grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
                 feats = sp_lib.parallel_video_features(model, pix, grid, spi.sp_group)
-            feats = rollout.select_videos(feats, where)
+            feats = vlm.select_videos(feats, where)
         sh = sp_lib.shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
                                    model.config.video_token_id)
-        hidden, _ = rollout.decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
+        hidden, _ = vlm.decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
                                            sp_lib.slice_video_features(feats, sh.video_rows))
         mask = sh.loss_mask.to(dev)
-        return rollout.token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, cfg.temperature,
+        return vlm.token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, cfg.temperature,
                                       cfg.logprob_chunk, with_entropy) + (sh.loss_mask,)
     logp, ent, local_mask = policy(run_sp)
 
@@ -589,6 +589,7 @@ def evaluate_all(policy, processor, samples, cfg: Config, d: Dist, engine, tag: 
 
 def main(cfg: Config):
     import rollout
+    import vlm
     from data.datasets import Loader, load_jsonl
     from data.rewards import JudgeConfig, RewardStats, compute_rewards
 
@@ -624,7 +625,7 @@ def main(cfg: Config):
         json.dump(cfg.__dict__, f, indent=1)
 
     # model, reference, optimizer (FSDP2 on several ranks or with bf16 on GPU)
-    model, processor = rollout.load_model(cfg.model, "float32" if cfg.dtype == "auto" else cfg.dtype,
+    model, processor = vlm.load_model(cfg.model, "float32" if cfg.dtype == "auto" else cfg.dtype,
                                           cfg.attn_implementation, d.device)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
@@ -643,13 +644,13 @@ def main(cfg: Config):
                        set(model.model.visual.parameters()) if cached else None)  # policy(fn, ...) runs fn(model, ...)
     ref = None
     if cfg.kl_beta > 0:  # a frozen copy of the initial policy; not loaded at all when beta = 0
-        ref, _ = rollout.load_model(cfg.model, "float32", cfg.attn_implementation, d.device)
+        ref, _ = vlm.load_model(cfg.model, "float32", cfg.attn_implementation, d.device)
         ref.requires_grad_(False)
         ref = wrap_fsdp(Root(ref), vlm_units(ref, vision=not cached), d, bf16,
                         set(ref.model.visual.parameters()) if cached else None).eval()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    suppress = rollout.suppress_ids(model, processor)
+    suppress = vlm.suppress_ids(model, processor)
     judge = JudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.open_ended == "judge" else None
     engine = None
     if cfg.engine == "vllm":
@@ -672,10 +673,10 @@ def main(cfg: Config):
         print0(f"resumed from {last} at step {start_step}")
     else:
         if cfg.sft_steps:
-            rollout.use_attention(model, attention["train"])
+            vlm.use_attention(model, attention["train"])
             format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // dp_size, dp_rank, dp_size,
                                                    cfg.seed + 1), cfg, d, suppress, spi)
-            rollout.use_attention(model, attention["rollout"])
+            vlm.use_attention(model, attention["rollout"])
         if held_out:
             ev = evaluate_all(policy, processor, held_out, cfg, d, engine, "step0")
             curve.append({"step": 0, **ev})
@@ -751,9 +752,9 @@ def main(cfg: Config):
                     engine_logprobs=o.logprobs) for p, outs_g, r in groups for o, r_i in zip(outs_g, r)]
         # ---- old / reference log-probs ----------------------------------------------------------------
         t1 = time.time()
-        rollout.use_attention(model, attention["train"])
+        vlm.use_attention(model, attention["train"])
         if ref is not None:
-            rollout.use_attention(ref.model, attention["train"])
+            vlm.use_attention(ref.model, attention["train"])
             fill_logprobs(ref, seqs, cfg, suppress, "logp_ref", fallback, spi)
         if need_old:
             fill_logprobs(policy, seqs, cfg, suppress, "logp_old", fallback, spi)
@@ -793,7 +794,7 @@ def main(cfg: Config):
                 batch = [s for k, s in enumerate(seqs) if k // cfg.n in chosen]
                 metrics.update(update(policy, optimizer, batch, cfg, d, suppress, fallback, spi))
         timing["update"] = time.time() - t2
-        rollout.use_attention(model, attention["rollout"])
+        vlm.use_attention(model, attention["rollout"])
         # ---- push the new weights into the sleeping vLLM engine ----------------------------------------
         t3 = time.time()
         if engine:

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 
 import rollout
+
+import vlm
 from data import video as V
 from data.datasets import Sample
 from data.rewards import JudgeConfig, compute_rewards, parse_choice
@@ -282,9 +284,9 @@ def local_model(cfg, path: str, models: dict):
         raise SystemExit("a local backend needs a model: set caption_model / question_model / filter_model")
     if path not in models:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-        model, processor = rollout.load_model(path, cfg.dtype, cfg.attn_implementation, device)
+        model, processor = vlm.load_model(path, cfg.dtype, cfg.attn_implementation, device)
         models[path] = (model.eval(), processor)
-        print(f"loaded {path} ({rollout.family(model)}) on {device}")
+        print(f"loaded {path} ({vlm.family(model)}) on {device}")
     return models[path]
 
 
@@ -339,25 +341,25 @@ def jpeg_url(frame: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def caption_prompt(model, processor, video) -> rollout.Prompt:
-    """rollout.build_prompt with the caption instruction instead of its QA templates: same inputs and positions."""
+def caption_prompt(model, processor, video) -> vlm.Prompt:
+    """vlm.build_prompt with the caption instruction instead of its QA templates: same inputs and positions."""
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": CAPTION_PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     out = processor(text=[text], videos=[video.frames], video_metadata=[video.metadata()], do_sample_frames=False,
                     return_tensors="pt")
     ids, sec = out["input_ids"][0], out.get("second_per_grid_ts")
-    positions = rollout.rope_positions(model.config, ids, out["video_grid_thw"], None if sec is None else sec.tolist())
-    return rollout.Prompt(input_ids=ids, positions=positions, pixel_values_videos=out["pixel_values_videos"],
+    positions = vlm.rope_positions(model.config, ids, out["video_grid_thw"], None if sec is None else sec.tolist())
+    return vlm.Prompt(input_ids=ids, positions=positions, pixel_values_videos=out["pixel_values_videos"],
                           video_grid_thw=out["video_grid_thw"], text=text, frames=video,
                           num_video_tokens=int((ids == model.config.video_token_id).sum()))
 
 
-def text_prompt(processor, conversation: list) -> rollout.Prompt:
-    """A text-only chat as a rollout.Prompt (no video: hf_generate skips the vision tower). For text alone the
+def text_prompt(processor, conversation: list) -> vlm.Prompt:
+    """A text-only chat as a vlm.Prompt (no video: hf_generate skips the vision tower). For text alone the
     Qwen-VL rope positions are t = h = w = token index."""
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     ids = torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return rollout.Prompt(input_ids=ids, positions=torch.arange(len(ids)).expand(3, -1), pixel_values_videos=None,
+    return vlm.Prompt(input_ids=ids, positions=torch.arange(len(ids)).expand(3, -1), pixel_values_videos=None,
                           video_grid_thw=None, num_video_tokens=0, text=text)
 
 
@@ -374,7 +376,7 @@ def caption_backend(cfg, models):
             outs = rollout.hf_generate(model, processor, prompts, n=1, temperature=0.0,
                                        max_new_tokens=cfg.caption_max_tokens)
             return [(o.text, "") for o in outs]
-        return rollout.SUPPORTED[rollout.family(model)], run
+        return vlm.SUPPORTED[vlm.family(model)], run
     ep = endpoint(cfg, cfg.caption_base_url, cfg.caption_model, cfg.caption_api_key_env, cfg.caption_max_tokens)
 
     def run(videos):

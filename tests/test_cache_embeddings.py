@@ -13,6 +13,7 @@ import torch
 
 import cache_embeddings as C
 import rollout
+import vlm
 import train_grpo as T
 from data.datasets import Loader, load_jsonl
 from data.tiny import make_tiny_model
@@ -50,7 +51,7 @@ def test_cached_prompts_and_logprobs_equal_live(work, fam, capsys):
     cfg = cache_cfg(work, fam)
     assert C.main(cfg) == {"videos": 4, "written": 3, "existing": 0, "bad": 1}  # v0 once, corrupt.mp4 reported
     assert "corrupt.mp4" in capsys.readouterr().out
-    model, processor = rollout.load_model(cfg.model)
+    model, processor = vlm.load_model(cfg.model)
     samples, skipped, misses = load_jsonl(cfg.data), [], []
     cached = rollout.prepare_prompts(model, processor, samples, cfg, True, skipped, cfg.out, misses)
     live = rollout.prepare_prompts(model, processor, samples, cfg, True, [])
@@ -60,11 +61,11 @@ def test_cached_prompts_and_logprobs_equal_live(work, fam, capsys):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.positions, b.positions)
     mixed = [cached[0], live[1], cached[2], live[3]]  # the tower runs on the live ones only, order kept
     for prompts in (cached, mixed):
-        packed = rollout.pack([(p.input_ids, p.positions, [20 + k, 30, 40 + k]) for k, p in enumerate(prompts)], 0)
+        packed = vlm.pack([(p.input_ids, p.positions, [20 + k, 30, 40 + k]) for k, p in enumerate(prompts)], 0)
         with torch.no_grad():
-            feats, ref = rollout.encode_videos(model, prompts), rollout.encode_videos(model, live)
-            lp, _ = rollout.response_logprobs(model, packed, feats, [])
-            lp_live, _ = rollout.response_logprobs(model, packed, ref, [])
+            feats, ref = vlm.encode_videos(model, prompts), vlm.encode_videos(model, live)
+            lp, _ = vlm.response_logprobs(model, packed, feats, [])
+            lp_live, _ = vlm.response_logprobs(model, packed, ref, [])
         assert type(feats) is type(ref)
         assert torch.allclose(lp, lp_live, atol=1e-5, rtol=0)
     # a re-run skips every existing entry and rewrites none
@@ -75,7 +76,7 @@ def test_cached_prompts_and_logprobs_equal_live(work, fam, capsys):
 
 
 def test_stale_entries_are_clear_errors(work, tmp_path):
-    q25, q3 = (rollout.load_model(str(work / f))[0] for f in ("qwen2_5_vl", "qwen3_vl"))
+    q25, q3 = (vlm.load_model(str(work / f))[0] for f in ("qwen2_5_vl", "qwen3_vl"))
     cfg, video = cache_cfg(work, "qwen2_5_vl"), str(work / "v1.mp4")
     C.main(cfg)
     assert C.load_cached(cfg.out, video, cfg, q25) is not None

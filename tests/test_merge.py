@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import merge
-import rollout
+import vlm
 import train_grpo as T
 from conftest import ROOT, torchrun, write_preset
 
@@ -37,11 +37,11 @@ def trained(tmp_path_factory):
 
 def logits(model, processor, video_path):
     """Full-vocabulary logits [1, L, V] of a fixed prompt with a video (vision tower, decoder and lm_head)."""
-    video = rollout.load_video(video_path, T.Config(num_frames=8, max_pixels=28 * 28, min_pixels=28 * 28), "qwen2_5_vl")
-    p = rollout.build_prompt(model, processor, "What colour was the flash?", video)
+    video = vlm.load_video(video_path, T.Config(num_frames=8, max_pixels=28 * 28, min_pixels=28 * 28), "qwen2_5_vl")
+    p = vlm.build_prompt(model, processor, "What colour was the flash?", video)
     with torch.no_grad():
-        hidden, _ = rollout.decoder_hidden(model, p.input_ids[None], p.positions[:, None],
-                                           rollout.encode_videos(model, [p]))
+        hidden, _ = vlm.decoder_hidden(model, p.input_ids[None], p.positions[:, None],
+                                           vlm.encode_videos(model, [p]))
         return model.lm_head(hidden)
 
 
@@ -51,7 +51,7 @@ def test_merged_logits_equal_training_model(trained, tmp_path):
     merged = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)  # the processor travelled with the weights
     # the training model: a fresh base model restored through train_grpo's own resume path
-    model, _ = rollout.load_model(str(trained / "model"))
+    model, _ = vlm.load_model(str(trained / "model"))
     base_logits = logits(model, processor, str(trained / "data" / "eval" / "00000.mp4"))
     T.load_checkpoint(T.latest_checkpoint(str(trained / "run")), model, torch.optim.AdamW(model.parameters()))
     want = logits(model.eval(), processor, str(trained / "data" / "eval" / "00000.mp4"))

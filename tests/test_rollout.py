@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import rollout
+
+import vlm
 from data.tiny import make_tiny_model
 from data.video import write_video
 
@@ -19,7 +21,7 @@ def tiny(tmp_path_factory):
     out = {}
     for fam in ("qwen2_5_vl", "qwen3_vl"):
         path = make_tiny_model(str(tmp_path_factory.mktemp(fam)), fam, seed=0)
-        model, processor = rollout.load_model(path)
+        model, processor = vlm.load_model(path)
         out[fam] = (path, model.eval(), processor)
     return out
 
@@ -41,8 +43,8 @@ class VideoCfg:
 
 
 def prompts_for(model, processor, paths, question="What colour was the flash?"):
-    fam = rollout.family(model)
-    return [rollout.build_prompt(model, processor, question, rollout.load_video(p, VideoCfg, fam)) for p in paths]
+    fam = vlm.family(model)
+    return [vlm.build_prompt(model, processor, question, vlm.load_video(p, VideoCfg, fam)) for p in paths]
 
 
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
@@ -50,7 +52,7 @@ def test_video_token_count_matches_sampled_frames(tiny, videos, fam):
     _, model, processor = tiny[fam]
     for p in prompts_for(model, processor, videos):
         T, H, W = p.frames.frames.shape[:3]
-        unit = rollout.SUPPORTED[fam]  # one merged token covers unit x unit pixels of 2 frames
+        unit = vlm.SUPPORTED[fam]  # one merged token covers unit x unit pixels of 2 frames
         assert p.num_video_tokens == (T // 2) * (H // unit) * (W // unit)
         assert p.positions.shape == (3, len(p.input_ids))
 
@@ -62,14 +64,14 @@ def test_rope_positions_hand_computed(tiny):
     V = model.config.video_token_id
     ids = torch.tensor([10, 11] + [V] * 8 + [12, 13])
     grid = torch.tensor([[2, 4, 4]])  # in patches; merged 2x2 -> h = w = 2
-    pos = rollout.rope_positions(model.config, ids, grid, [1.0])
+    pos = vlm.rope_positions(model.config, ids, grid, [1.0])
     start = 2
     expected_t = [0, 1] + [start + x for x in [0, 0, 0, 0, 2, 2, 2, 2]] + [5, 6]
     expected_h = [0, 1] + [start + x for x in [0, 0, 1, 1, 0, 0, 1, 1]] + [5, 6]
     expected_w = [0, 1] + [start + x for x in [0, 1, 0, 1, 0, 1, 0, 1]] + [5, 6]
     assert pos.tolist() == [expected_t, expected_h, expected_w]
     # a slower video (2 s per temporal grid) spreads the temporal ids further: 0 and 4
-    pos2 = rollout.rope_positions(model.config, ids, grid, [2.0])
+    pos2 = vlm.rope_positions(model.config, ids, grid, [2.0])
     assert pos2[0, 6].item() == start + 4 and pos2[0, -2].item() == start + 5
 
 
@@ -95,10 +97,10 @@ def test_sampling_reproducible_and_logprobs_match_forward(tiny, videos, fam):
     assert [o.prompt_index for o in a] == [i for i in range(3) for _ in range(3)]
     # the sampling log-probs equal a fresh training-style forward over prompt + response
     seqs = [(prompts[o.prompt_index].input_ids, prompts[o.prompt_index].positions, o.response_ids) for o in a]
-    packed = rollout.pack(seqs, processor.tokenizer.pad_token_id)
-    feats = rollout.select_videos(rollout.encode_videos(model, prompts), [o.prompt_index for o in a])
+    packed = vlm.pack(seqs, processor.tokenizer.pad_token_id)
+    feats = vlm.select_videos(vlm.encode_videos(model, prompts), [o.prompt_index for o in a])
     with torch.no_grad():
-        lp, _ = rollout.response_logprobs(model, packed, feats, rollout.suppress_ids(model, processor))
+        lp, _ = vlm.response_logprobs(model, packed, feats, vlm.suppress_ids(model, processor))
     ref = torch.tensor([x for o in a for x in o.logprobs])
     assert lp.shape == ref.shape
     assert torch.allclose(lp, ref, atol=1e-4)
@@ -108,7 +110,7 @@ def test_generated_tokens_never_vision_or_pad(tiny, videos):
     _, model, processor = tiny["qwen2_5_vl"]
     prompts = prompts_for(model, processor, videos)
     outs = rollout.hf_generate(model, processor, prompts, n=4, temperature=1.5, max_new_tokens=24, seed=0)
-    banned = set(rollout.suppress_ids(model, processor))
+    banned = set(vlm.suppress_ids(model, processor))
     assert not banned & {t for o in outs for t in o.response_ids}
 
 
@@ -126,10 +128,10 @@ def test_response_logprobs_never_touch_prompt_positions(tiny, videos):
     """lm_head must only see response rows: count its input rows."""
     _, model, processor = tiny["qwen2_5_vl"]
     prompts = prompts_for(model, processor, videos[:1])
-    packed = rollout.pack([(prompts[0].input_ids, prompts[0].positions, [20, 21, 22])], 0)
+    packed = vlm.pack([(prompts[0].input_ids, prompts[0].positions, [20, 21, 22])], 0)
     rows = []
     hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-    rollout.response_logprobs(model, packed, rollout.encode_videos(model, prompts), [], chunk=2)
+    vlm.response_logprobs(model, packed, vlm.encode_videos(model, prompts), [], chunk=2)
     hook.remove()
     assert rows == [2, 1]
 
@@ -138,7 +140,7 @@ def test_unsupported_model_type_lists_supported(tmp_path):
     from transformers import GPT2Config
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="qwen2_5_vl, qwen3_vl"):
-        rollout.load_model(str(tmp_path))
+        vlm.load_model(str(tmp_path))
 
 
 def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):

@@ -106,6 +106,7 @@ MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-to
 def _deltas(rank, world, run_dir, micro, seqs_per_rank):
     """Parameter change of one SGD(lr=1) update on this rank's sequences, for every aggregation mode."""
     import rollout
+    import vlm
     from data.datasets import load_jsonl
     cfg = T.Config(micro_batch_size=micro, max_new_tokens=12, grad_clip=1e9, num_frames=8, max_pixels=28 * 28,
                    min_pixels=28 * 28)
@@ -114,7 +115,7 @@ def _deltas(rank, world, run_dir, micro, seqs_per_rank):
     out = {}
     for mode in MODES:
         cfg.loss_agg = mode
-        model, processor = rollout.load_model(os.path.join(run_dir, "model"))
+        model, processor = vlm.load_model(os.path.join(run_dir, "model"))
         prompts = rollout.prepare_prompts(model, processor, samples, cfg, True, [])
         g = torch.Generator().manual_seed(0)
         all_seqs = []  # 8 sequences of different lengths, advantages +-1, split over ranks in order

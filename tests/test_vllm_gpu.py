@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 import rollout  # noqa: E402
+import vlm  # noqa: E402
 from data.tiny import TinySize, make_tiny_model  # noqa: E402
 from data.video import SampledVideo  # noqa: E402
 
@@ -30,21 +31,21 @@ def video(frames, side, seed):
 
 def training_logprobs(model, prompts, outs, suppress):
     seqs = [(prompts[o.prompt_index].input_ids, prompts[o.prompt_index].positions, o.response_ids) for o in outs]
-    feats = rollout.select_videos(rollout.encode_videos(model, prompts), [o.prompt_index for o in outs])
+    feats = vlm.select_videos(vlm.encode_videos(model, prompts), [o.prompt_index for o in outs])
     with torch.no_grad():
-        lp, _ = rollout.response_logprobs(model, rollout.pack(seqs, 0), feats, suppress)
+        lp, _ = vlm.response_logprobs(model, vlm.pack(seqs, 0), feats, suppress)
     return lp.float().cpu()
 
 
 def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
     path = make_tiny_model(str(tmp_path / "m"), "qwen2_5_vl", TinySize(hidden=256, layers=4, heads=4, kv_heads=2,
                                                                       ffn=512, vision_hidden=128, vision_depth=2))
-    model, processor = rollout.load_model(path, "bfloat16", "sdpa", "cuda")
+    model, processor = vlm.load_model(path, "bfloat16", "sdpa", "cuda")
     model.eval()
-    prompts = [rollout.build_prompt(model, processor, "What colour was the flash?", video(16, 112, s)) for s in range(4)]
+    prompts = [vlm.build_prompt(model, processor, "What colour was the flash?", video(16, 112, s)) for s in range(4)]
     engine = rollout.VLLMEngine(path, gpu_memory_utilization=0.3, max_model_len=4096, seed=0, enforce_eager=True)
     summary = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name()}
-    suppress = rollout.suppress_ids(model, processor)  # never sampled, as in train_grpo.py
+    suppress = vlm.suppress_ids(model, processor)  # never sampled, as in train_grpo.py
 
     outs = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
     assert not set(suppress) & {t for o in outs for t in o.response_ids}
