@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm import family, load_model, load_video
+from vlm import build_prompt_frames, encode_videos, family, load_model, load_video
 
 FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
 WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
@@ -97,6 +97,9 @@ def check(path: str, meta: dict, want: dict):
 def load_cached(cache_dir: str, video_path: str, cfg, model):
     """The CachedVideo for (video, sampling config `cfg`, model); None when the video has no entry (or is missing:
     the live path then reports it); a ValueError when its only entries were made for something else."""
+    if family(model).startswith("qwen2_5_omni"):
+        raise ValueError("the embeddings cache holds vision features only, not Qwen2.5-Omni's audio: run the Omni "
+                         "thinker without --embeddings_cache")
     if not os.path.exists(video_path):
         return None
     want = expected_meta(video_path, cfg, model)
@@ -113,6 +116,10 @@ def load_cached(cache_dir: str, video_path: str, cfg, model):
 @torch.no_grad()
 def encode_video(model, processor, video) -> dict:
     """The tower's outputs for one sampled video, with the processor called exactly as vlm.build_prompt does."""
+    if family(model) == "llava":  # embedding VLMs: every frame's tokens, frame after frame
+        prompt = build_prompt_frames(model, processor, "", video, think=False)
+        return {"embeds": encode_videos(model, [prompt]).pooler_output[0].contiguous().cpu(),
+                "video_grid_thw": prompt.video_grid_thw}
     out = processor(text=[processor.video_token], videos=[video.frames], video_metadata=[video.metadata()],
                     do_sample_frames=False, return_tensors="pt")
     dev = model.device
@@ -159,6 +166,9 @@ def main(cfg: CacheConfig) -> dict:
     d = init_distributed(cfg.device)
     model, processor = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, d.device)
     model.eval()
+    if family(model).startswith("qwen2_5_omni"):
+        raise SystemExit("cache_embeddings.py stores vision features only; Qwen2.5-Omni also needs its audio: train it "
+                         "without a cache")
     videos = sorted({s.video for s in load_jsonl(cfg.data)})  # a video asked about several times: encoded once
     mine, written, existing, bad, t0 = videos[d.rank::d.world_size], 0, 0, [], time.time()
     for path in tqdm(mine, desc="cache", disable=not (cfg.progress and d.is_main)):
@@ -196,7 +206,7 @@ def bench_cache(train_cfg, steps: int = 5) -> dict:
     import statistics
     import train_grpo
     base = dataclasses.replace(train_cfg, freeze_vision=True, max_steps=steps, eval_data="", eval_every=0,
-                               save_every=10 ** 9, resume=False)
+                               save_every=0, resume=False)
     cache_dir = os.path.join(train_cfg.out_dir, "bench_embeddings_cache")
     t0 = time.time()
     main(CacheConfig(model=base.model, data=base.data, out=cache_dir, fps=base.fps, num_frames=base.num_frames,

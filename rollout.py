@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from data.datasets import format_question, load_jsonl
-from vlm import (build_prompt, build_prompt_cached, decoder_hidden, encode_videos, eos_ids, family, load_model,
-                 load_video, masked_logits, select_videos, suppress_ids, use_attention)
+from vlm import (build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids, family,
+                 load_model, load_video, masked_logits, select_videos, suppress_ids, use_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,7 +176,10 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
 
 class VLLMEngine:
     def __init__(self, model_path: str, gpu_memory_utilization: float = 0.5, max_model_len: int = 32768,
-                 seed: int = 0, max_frames: int = 768, enforce_eager: bool = False, sleep_level: int = 1):
+                 seed: int = 0, max_frames: int = 768, enforce_eager: bool = False, sleep_level: int = 1,
+                 prompt_embeds: bool = False):
+        """prompt_embeds: model_path is an embedding VLM's language model alone (export_language_model), fed
+        the prompts' inputs_embeds computed by the trainer (Long-RL's LongVILA-R1 llm/ folder works the same)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights by reference
         try:
             from vllm import LLM
@@ -186,9 +189,11 @@ class VLLMEngine:
         multi = dist.is_initialized()  # under torchrun: every rank its own engine, reusing the process group
         self.prompt_mismatches = 0      # prompts that vLLM tokenized differently from our processor path
         self.sleep_level = sleep_level  # 1 keeps weights in CPU memory; 2 leaves garbage in any weight not pushed
+        self.prompt_embeds = prompt_embeds
+        media = {"enable_prompt_embeds": True} if prompt_embeds else {"limit_mm_per_prompt": {"video": 1, "image": 0}}
         self.llm = LLM(model=model_path, enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, seed=seed, dtype="bfloat16", enforce_eager=enforce_eager,
-                       limit_mm_per_prompt={"video": 1, "image": 0},
+                       **media,
                        # every rank builds its own engine together with the others (external_launcher)
                        distributed_executor_backend="external_launcher" if multi else None,
                        # log-probs after temperature: log_softmax(logits / T), what the trainer recomputes
@@ -196,7 +201,9 @@ class VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.asleep = False
 
-    def generate(self, prompts: list, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0, suppress_ids=()):
+    def generate(self, prompts: list, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0, suppress_ids=(),
+                 embeds=None):
+        """embeds: with prompt_embeds, one [L, hidden] CPU tensor per prompt (prompt_embeddings)."""
         from vllm import SamplingParams
         if self.asleep:
             self.wake()
@@ -206,10 +213,12 @@ class VLLMEngine:
         requests = [{"prompt": p.text, "multi_modal_data": {"video": [(p.frames.frames, {
             **p.frames.metadata(), "do_sample_frames": False})]}} if p.frames is not None
             else {"prompt_token_ids": p.input_ids.tolist()} for p in prompts]  # text-only: our token ids
+        if self.prompt_embeds:
+            requests = [{"prompt_embeds": e} for e in embeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
         for i, (p, out) in enumerate(zip(prompts, outputs)):
-            if list(out.prompt_token_ids) != p.input_ids.tolist():  # training re-scores OUR ids: say if they differ
+            if not self.prompt_embeds and list(out.prompt_token_ids) != p.input_ids.tolist():  # we re-score OUR ids
                 self.prompt_mismatches += 1
             for o in out.outputs:
                 ids = list(o.token_ids)
@@ -223,6 +232,8 @@ class VLLMEngine:
         every cache computed with the old weights, then wake the KV cache. Never call reload_weights without an
         iterator after a push: that reloads the checkpoint from disk."""
         self.llm.wake_up(tags=["weights"])
+        if self.prompt_embeds:  # the language model only, under a causal LM's names
+            named_tensors = language_model_weights(named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
@@ -240,6 +251,33 @@ class VLLMEngine:
     def wake(self):
         self.llm.wake_up()
         self.asleep = False
+
+
+def language_model_weights(named_tensors):
+    """An embedding VLM's (name, tensor) stream -> its decoder + lm_head under causal-LM names."""
+    for name, t in named_tensors:
+        if name.startswith("model.language_model."):
+            yield "model." + name[len("model.language_model."):], t
+        elif name.startswith("lm_head."):
+            yield name, t
+
+
+def export_language_model(model, processor, out_dir: str) -> str:
+    """Write an embedding VLM's decoder + lm_head as a causal-LM folder (config, weights, tokenizer) for vLLM."""
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_config(model.config.get_text_config())
+    lm.load_state_dict(dict(language_model_weights(model.state_dict().items())))
+    lm.save_pretrained(out_dir)
+    processor.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def prompt_embeddings(model, prompts: list) -> list:
+    """Each prompt's inputs_embeds [L, hidden] on the CPU (media features in place): vLLM's prompt_embeds."""
+    feats = encode_videos(model, prompts)
+    return [embed_inputs(model, p.input_ids[None].to(model.device), select_videos(feats, [i]))[0][0].cpu()
+            for i, p in enumerate(prompts)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,7 +318,8 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
         if not prompts:
             continue
         if engine is not None:
-            outs = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
+            embeds = prompt_embeddings(model, prompts) if engine.prompt_embeds else None
+            outs = engine.generate(prompts, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens, embeds=embeds)
         else:
             outs = hf_generate(model, processor, prompts, n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
         scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],

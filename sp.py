@@ -155,31 +155,41 @@ class Shard:
     labels: torch.Tensor        # (B,S/P) token t+1 of the FULL sequence
     loss_mask: torch.Tensor     # (B,S/P) bool, True where labels is a response token
     video_rows: torch.Tensor    # rows of cat(video features) for the video tokens here, in (batch, position) order
+    audio_rows: torch.Tensor = None  # the same for audio tokens (Omni), None without audio
 
 
-def shard_sequence(input_ids, position_ids, response_mask, sp_rank, sp_size, pad_id, video_token_id):
+def shard_sequence(input_ids, position_ids, response_mask, sp_rank, sp_size, pad_id, video_token_id,
+                   audio_token_id=None):
     """This rank's slice of a right-padded batch; response_mask (B,S) marks the tokens to score.
         S=10, P=3 -> padded to 12, 4 tokens a rank:
         tokens : t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 pd pd
         labels : t1 t2 t3 t4 | t5 t6 t7 t8 | t9 pd pd pd    shifted BEFORE slicing: rank 0's last label is t4
         rank   : 0           | 1           | 2
-    Pads get no loss and, being last, are never attended to by real tokens (causal)."""
-    is_video = input_ids == video_token_id
-    rows = is_video.flatten().cumsum(0).view_as(is_video) - 1  # feature row of each video token, (b, s) order
+    Pads get no loss and, being last, are never attended to by real tokens (causal). video_rows (audio_rows)
+    are the feature rows of the video (audio) placeholder tokens this rank holds."""
+    def rows_of(token):  # feature row of each placeholder token, (b, s) order, restricted to this rank's slice
+        is_media = input_ids == token
+        rows = is_media.flatten().cumsum(0).view_as(is_media) - 1
+        return shard_values(rows, sp_rank, sp_size)[shard_values(is_media, sp_rank, sp_size, False)]
     return Shard(input_ids=shard_values(input_ids, sp_rank, sp_size, pad_id),
                  position_ids=shard_values(position_ids, sp_rank, sp_size, 0),
                  labels=shard_values(input_ids, sp_rank, sp_size, pad_id, shift=True),
                  loss_mask=shard_values(response_mask.bool(), sp_rank, sp_size, False, shift=True),
-                 video_rows=shard_values(rows, sp_rank, sp_size)[shard_values(is_video, sp_rank, sp_size, False)])
+                 video_rows=rows_of(video_token_id),
+                 audio_rows=None if audio_token_id is None else rows_of(audio_token_id))
 
 
-def slice_video_features(feats, rows):
-    """get_video_features output restricted to `rows` (Shard.video_rows); DeepStack features sliced alike.
-    Zero rows is fine: pass it anyway, it keeps stage 1's gather in every rank's backward graph."""
+def slice_video_features(feats, rows, audio_rows=None):
+    """get_video_features output restricted to `rows` (Shard.video_rows); DeepStack features sliced alike, and
+    Omni's audio features by `audio_rows`. Zero rows is fine: pass it anyway, it keeps stage 1's gather in every
+    rank's backward graph."""
     kw = {"pooler_output": (torch.cat(feats.pooler_output)[rows],)}
     if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL: one tuple per DeepStack layer
         kw["deepstack_features"] = [(torch.cat(f)[rows],) for f in feats.deepstack_features]
-    return type(feats)(**kw)
+    out = type(feats)(**kw)
+    if getattr(feats, "audio_features", None) is not None:
+        out.audio_features = (torch.cat(feats.audio_features)[audio_rows],)
+    return out
 
 
 class _GatherTokens(torch.autograd.Function):

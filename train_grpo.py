@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import vlm
+
 
 # ----------------------------------------------------------------------------------------------------------
 # distributed set-up: torchrun env vars -> process group -> device. One process without torchrun works too.
@@ -93,8 +95,12 @@ class Root(torch.nn.Module):
 
 
 def vlm_units(model, vision: bool = True) -> list:
-    """FSDP2 units of a Qwen-VL model: each decoder layer and each vision block (the rest stays with the root)."""
-    return [*model.model.language_model.layers, *(model.model.visual.blocks if vision else [])]
+    """FSDP2 units: each decoder layer and each vision (and audio) encoder block (the rest stays with the root)."""
+    return [*model.model.language_model.layers, *(vlm.encoder_blocks(model) if vision else [])]
+
+
+def encoder_params(model) -> set:
+    return {p for m in vlm.media_encoders(model) for p in m.parameters()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,7 +173,7 @@ class Config:
     # I/O
     out_dir: str = "runs/grpo"          # checkpoints, metrics.jsonl, eval predictions, learning curve
     resume: bool = False                # continue from the newest complete checkpoint in out_dir
-    save_every: int = 50                # steps between checkpoints (and one at the end)
+    save_every: int = 50                # steps between checkpoints (and one at the end); 0 = never (benchmarks)
     keep_last: int = 2                  # checkpoints kept on disk
     # data
     data: str = ""                      # training jsonl (data/datasets.py format)
@@ -383,7 +389,6 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
     align/gather are identities; with SP (spi.sp_size > 1) logp covers only the response tokens this rank holds
     (Ulysses stage 2; stage 1 encodes 1/SP of every video here), `align(flat values)` picks the matching
     entries of any per-token quantity, and `gather(local logp)` rebuilds the flat full-length values."""
-    import vlm
     import sp as sp_lib
     prompts, index, where = [], {}, []
     for s in seqs:
@@ -409,17 +414,20 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
     def run_sp(model):
         dev = model.lm_head.weight.device
         with torch.set_grad_enabled(vision_grad):
-            if any(p.video_features is not None for p in prompts):  # embeddings cache: no tower to split (SP peers
-                feats = vlm.encode_videos(model, prompts)          # share prompts, so all take this branch)
+            # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); towers other
+            # than Qwen's video tower (LLaVA's image tower, Omni's audio) run whole on every SP rank
+            if any(p.video_features is not None or p.input_features is not None for p in prompts) or \
+                    vlm.family(model) == "llava":
+                feats = vlm.encode_videos(model, prompts)
             else:
                 pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
                 grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
                 feats = sp_lib.parallel_video_features(model, pix, grid, spi.sp_group)
             feats = vlm.select_videos(feats, where)
         sh = sp_lib.shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
-                                   model.config.video_token_id)
+                                   vlm.media_token_id(model), getattr(model.config, "audio_token_id", None))
         hidden, _ = vlm.decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
-                                           sp_lib.slice_video_features(feats, sh.video_rows))
+                                           sp_lib.slice_video_features(feats, sh.video_rows, sh.audio_rows))
         mask = sh.loss_mask.to(dev)
         return vlm.token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, cfg.temperature,
                                       cfg.logprob_chunk, with_entropy) + (sh.loss_mask,)
@@ -589,7 +597,6 @@ def evaluate_all(policy, processor, samples, cfg: Config, d: Dist, engine, tag: 
 
 def main(cfg: Config):
     import rollout
-    import vlm
     from data.datasets import Loader, load_jsonl
     from data.rewards import JudgeConfig, RewardStats, compute_rewards
 
@@ -626,9 +633,15 @@ def main(cfg: Config):
 
     # model, reference, optimizer (FSDP2 on several ranks or with bf16 on GPU)
     model, processor = vlm.load_model(cfg.model, "float32" if cfg.dtype == "auto" else cfg.dtype,
-                                          cfg.attn_implementation, d.device)
+                                      cfg.attn_implementation, d.device)
+    lm_dir = os.path.join(cfg.out_dir, "vllm_language_model")  # embedding VLMs under vLLM: the decoder alone
+    if cfg.engine == "vllm" and vlm.family(model) not in vlm.MROPE:
+        if d.is_main:
+            rollout.export_language_model(model, processor, lm_dir)
+        barrier()
     if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        for encoder in vlm.media_encoders(model):
+            encoder.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = cfg.bf16 and d.device.startswith("cuda")
@@ -641,21 +654,23 @@ def main(cfg: Config):
     # every rank, no collectives), else a rank without a miss would leave the others waiting in a vision all-gather
     cached = bool(cfg.embeddings_cache)
     policy = wrap_fsdp(Root(model), vlm_units(model, vision=not cached), d, bf16,
-                       set(model.model.visual.parameters()) if cached else None)  # policy(fn, ...) runs fn(model, ...)
+                       encoder_params(model) if cached else None)  # policy(fn, ...) runs fn(model, ...)
     ref = None
     if cfg.kl_beta > 0:  # a frozen copy of the initial policy; not loaded at all when beta = 0
         ref, _ = vlm.load_model(cfg.model, "float32", cfg.attn_implementation, d.device)
         ref.requires_grad_(False)
         ref = wrap_fsdp(Root(ref), vlm_units(ref, vision=not cached), d, bf16,
-                        set(ref.model.visual.parameters()) if cached else None).eval()
+                        encoder_params(ref) if cached else None).eval()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     suppress = vlm.suppress_ids(model, processor)
     judge = JudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.open_ended == "judge" else None
     engine = None
-    if cfg.engine == "vllm":
-        engine = rollout.VLLMEngine(cfg.model, cfg.gpu_memory_utilization, cfg.max_model_len,
-                                    seed=cfg.seed + dp_rank, max_frames=cfg.max_frames, sleep_level=cfg.vllm_sleep_level)
+    if cfg.engine == "vllm":  # embedding VLMs: vLLM runs their language model alone, on our prompt embeddings
+        embeds_only = vlm.family(model) not in vlm.MROPE
+        engine = rollout.VLLMEngine(lm_dir if embeds_only else cfg.model, cfg.gpu_memory_utilization,
+                                    cfg.max_model_len, seed=cfg.seed + dp_rank, max_frames=cfg.max_frames,
+                                    sleep_level=cfg.vllm_sleep_level, prompt_embeds=embeds_only)
     print0(f"rollout engine: {'vLLM (colocated, sleep level %d)' % cfg.vllm_sleep_level if engine else 'HF'}; "
            f"attention: {model.config._attn_implementation}; FSDP2: {d.world_size > 1 or bf16}; bf16: {bf16}")
 
@@ -710,8 +725,9 @@ def main(cfg: Config):
             n_local = cfg.n // cfg.sp_size if split else cfg.n
             gen_seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + dp_rank * 7919 + (spi.sp_rank if split else 0)
             if engine:
+                embeds = policy(rollout.prompt_embeddings, prompts) if engine.prompt_embeds else None
                 outs = engine.generate(prompts, n_local, cfg.temperature, cfg.top_p, cfg.max_new_tokens, gen_seed,
-                                       suppress)
+                                       suppress, embeds)
             else:
                 outs = policy(rollout.hf_generate, processor, prompts, n_local, cfg.temperature, cfg.top_p,
                               cfg.max_new_tokens, gen_seed)
@@ -843,7 +859,7 @@ def main(cfg: Config):
             if cfg.wandb_project:
                 import wandb
                 wandb.log(metrics, step=step + 1)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+        if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(cfg.out_dir, step + 1, model, optimizer,
                             {"loader": loader.state(), "curve": curve, "skipped": skipped_total}, cfg.keep_last)
     # ---- final held-out evaluation and the learning curve --------------------------------------------------

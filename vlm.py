@@ -4,7 +4,13 @@ inputs, and the forward from vision tower to log-probs at response positions onl
 train_grpo.py (training), sp.py and cache_embeddings.py all go through these, so that rollout and training
 see exactly the same inputs.
 
-Models: Qwen2.5-VL and Qwen3-VL through transformers' own classes and processors (a hub id or a local path).
+Models (transformers' own classes; a hub id or a local path):
+  Qwen2.5-VL, Qwen3-VL       video through the processor, 3-D positions
+  Qwen2.5-Omni (thinker)     video + the video's own audio track, interleaved in 2-s chunks (build_prompt_omni)
+  LLaVA-style embedding VLMs every frame through the image tower, its tokens spliced into the prompt embeddings
+                             (build_prompt_frames), 1-D positions; the decoder is fed inputs_embeds
+All of them share one mechanism: placeholder tokens in input_ids whose embeddings are replaced, in order, by
+rows of media features (embed_inputs), so caching, sequence parallelism and both engines treat them alike.
 Inputs: frames decoded by data/video.py are handed to the processor *with their metadata* (without it
 Qwen2.5-VL silently assumes 24 fps); 3-D rope positions come from `rope_positions` below, which follows the
 original Qwen2.5-VL rule (transformers 5.x starts text after a video at a different position), and are passed
@@ -23,9 +29,11 @@ THINK_PROMPT = (
     "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.\n\n"
     " Question: {question}")  # Long-RL's system_prompt_thinking, verbatim
 PLAIN_PROMPT = "{question}\nPut the final answer inside <answer> </answer> tags."
-# model_type -> frame size multiple (patch size x spatial merge)
-SUPPORTED = {"qwen2_5_vl": 28, "qwen3_vl": 32}
-SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>"]
+# model_type -> frame size multiple (patch size x spatial merge; LLaVA's processor resizes frames itself)
+SUPPORTED = {"qwen2_5_vl": 28, "qwen3_vl": 32, "qwen2_5_omni_thinker": 28, "qwen2_5_omni": 28, "llava": 14}
+MROPE = ("qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker")  # 3-D rope positions; the others take 1-D ones
+SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                   "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,14 +54,27 @@ def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"
         except ImportError:
             print("flash-attn is not installed: using PyTorch SDPA attention")
             attn_implementation = "sdpa"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                        attn_implementation=attn_implementation).to(device)
+    kw = dict(dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+    if config.model_type == "qwen2_5_omni":  # the whole Omni: keep the thinker (text out); the talker is not loaded
+        from transformers import Qwen2_5OmniForConditionalGeneration
+        model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, enable_audio_output=False, **kw).thinker
+    elif config.model_type == "qwen2_5_omni_thinker":  # a thinker saved on its own (merge.py writes this)
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, **kw)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kw)
+    model = model.to(device)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 
 
 def family(model) -> str:
     return model.config.model_type
+
+
+def media_token_id(model) -> int:
+    """The placeholder whose embeddings are replaced by vision feature rows, one row per token."""
+    return model.config.image_token_id if family(model) == "llava" else model.config.video_token_id
 
 
 def token_ids(processor, tokens) -> list:
@@ -92,6 +113,8 @@ class Prompt:
     frames: object = None           # the SampledVideo, kept for vLLM
     sample: object = None
     video_features: tuple = None    # cached tower outputs (embeds [N, H], deepstack [layers, N, H] or None)
+    input_features: torch.Tensor = None  # Omni: log-mel of the video's audio track [mel bins, frames]
+    num_audio_tokens: int = 0       # Omni: <|AUDIO|> tokens in input_ids
 
 
 def prompt_text(processor, question: str, think: bool) -> str:
@@ -102,6 +125,10 @@ def prompt_text(processor, question: str, think: bool) -> str:
 
 def build_prompt(model, processor, question: str, video, think: bool = True, sample=None) -> Prompt:
     """`video` is a data.video.SampledVideo (frames already sampled and resized)."""
+    if family(model) == "llava":
+        return build_prompt_frames(model, processor, question, video, think, sample)
+    if family(model) == "qwen2_5_omni_thinker":
+        return build_prompt_omni(model, processor, question, video, think, sample)
     text = prompt_text(processor, question, think)
     out = processor(text=[text], videos=[video.frames], video_metadata=[video.metadata()], do_sample_frames=False,
                     return_tensors="pt")
@@ -114,12 +141,101 @@ def build_prompt(model, processor, question: str, video, think: bool = True, sam
                   text=text, frames=video, sample=sample)
 
 
+def expand_placeholder(ids: torch.Tensor, token: int, replacement: list) -> torch.Tensor:
+    """Replace the one `token` of a prompt by the token list `replacement`."""
+    where = (ids == token).nonzero().flatten().tolist()
+    if len(where) != 1:
+        raise ValueError(f"the chat template put {len(where)} media placeholders (id {token}) in the prompt, expected 1")
+    return torch.cat([ids[:where[0]], torch.tensor(replacement, dtype=ids.dtype), ids[where[0] + 1:]])
+
+
+def frame_tokens(config) -> int:
+    """LLaVA-style: tokens per frame = the tower's patches (its CLS token dropped by the "default" strategy)."""
+    v = config.vision_config
+    return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+
+
+def build_prompt_frames(model, processor, question: str, video, think: bool = True, sample=None) -> Prompt:
+    """Embedding VLMs (LLaVA-style, as LongVILA): each frame goes through the image tower on its own and its
+    tokens replace, frame after frame, the prompt's one image placeholder. Positions are 1-D."""
+    text = prompt_text(processor, question, think)
+    ids = torch.tensor(processor.tokenizer(text)["input_ids"])
+    pixels = processor.image_processor(images=list(video.frames), return_tensors="pt")["pixel_values"]  # [F, 3, S, S]
+    n = len(pixels) * frame_tokens(model.config)
+    ids = expand_placeholder(ids, media_token_id(model), [media_token_id(model)] * n)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    return Prompt(input_ids=ids, positions=rope_positions(model.config, ids, None), pixel_values_videos=pixels,
+                  video_grid_thw=torch.tensor([[len(pixels), side, side]]), num_video_tokens=n, text=text,
+                  frames=video, sample=sample)
+
+
+def omni_chunks(values: list, size: int) -> list:
+    """Split increasing time positions into consecutive runs at multiples of `size`, advancing one boundary per
+    token, exactly as transformers' Qwen2.5-Omni get_chunked_index does (the positions it computes for a
+    prompt assume that layout)."""
+    runs, start, boundary = [], 0, size
+    for i, v in enumerate(values):
+        if v >= boundary:
+            runs.append((start, i))
+            start, boundary = i, boundary + size
+    return runs + [(start, len(values))]
+
+
+def build_prompt_omni(model, processor, question: str, video, think: bool = True, sample=None) -> Prompt:
+    """Qwen2.5-Omni thinker: the frames plus the video's own audio track (video.audio, 16 kHz), as
+    <|vision_bos|><|audio_bos|> [video 0-2 s][audio 0-2 s][video 2-4 s][audio 2-4 s]... <|audio_eos|><|vision_eos|>
+    (the processor's use_audio_in_video layout, written out here so it does not depend on the transformers
+    version). Time position of video group i: i * seconds_per_group * 25; of audio token j: j (25 per second).
+    3-D positions come from the model's own get_rope_index. A video without audio gets video tokens only."""
+    c = model.config
+    text = prompt_text(processor, question, think)
+    ids = torch.tensor(processor.tokenizer(text)["input_ids"])
+    vp = processor.video_processor
+    out = vp(videos=[video.frames], do_sample_frames=False, return_tensors="pt")
+    grid = out["video_grid_thw"]
+    t, h, w = grid[0].tolist()
+    per_group = h * w // vp.merge_size ** 2
+    sampled_fps = len(video.indices) / max(video.total_frames, 1) * video.fps  # Qwen2.5-VL's rule, not a fixed 2 fps
+    sec = vp.temporal_patch_size / sampled_fps
+    feats, n_audio, mel_frames = None, 0, None
+    if video.audio is None or len(video.audio) < 400:  # < 25 ms: not even one audio token
+        block = [c.video_token_id] * (t * per_group)
+    else:
+        # as the Omni processor: padded to 30 s (the last frames' STFT windows see zeros), longer tracks kept whole
+        fe = processor.feature_extractor(video.audio, sampling_rate=16000, return_attention_mask=True, truncation=False,
+                                         padding="max_length", return_tensors="pt")
+        feats, mel_frames = fe["input_features"][0], int(fe["attention_mask"].sum())
+        n_audio = ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1                # two stride-2 stages: 100 mel/s -> 25/s
+        chunk = int(c.position_id_per_seconds * c.seconds_per_chunk)
+        vchunks = omni_chunks([int(i * sec * c.position_id_per_seconds) for i in range(t) for _ in range(per_group)], chunk)
+        achunks = omni_chunks(list(range(n_audio)), chunk)
+        block = [c.audio_start_token_id]
+        for j in range(max(len(vchunks), len(achunks))):
+            block += [c.video_token_id] * (vchunks[j][1] - vchunks[j][0]) if j < len(vchunks) else []
+            block += [c.audio_token_id] * (achunks[j][1] - achunks[j][0]) if j < len(achunks) else []
+        block += [c.audio_end_token_id]
+    ids = expand_placeholder(ids, c.video_token_id, block)
+    pos, _ = model.model.get_rope_index(ids[None], None, grid, None, use_audio_in_video=feats is not None,
+                                        audio_seqlens=None if feats is None else torch.tensor([mel_frames]),
+                                        second_per_grids=torch.tensor([sec]))
+    return Prompt(input_ids=ids, positions=pos[:, 0], pixel_values_videos=out["pixel_values_videos"], video_grid_thw=grid,
+                  num_video_tokens=t * per_group, text=text, frames=video, sample=sample,
+                  input_features=None if feats is None else feats[:, :mel_frames], num_audio_tokens=n_audio)
+
+
 def build_prompt_cached(model, processor, question: str, entry, think: bool = True, sample=None) -> Prompt:
-    """A Prompt from a cache_embeddings.py entry, without decoding the video: the processor's own
+    """A Prompt from a cache_embeddings.py entry, without decoding the video. Embedding VLMs: the placeholder
+    is expanded to the stored number of rows; Qwen-VL: the processor's own
     replace_video_token expands the placeholder from the stored grid and frame metadata (Qwen2.5-VL: N
     <|video_pad|>; Qwen3-VL: a timestamp and a vision block per temporal group), exactly as for frames."""
     from transformers.video_utils import VideoMetadata
     text = prompt_text(processor, question, think)
+    if family(model) == "llava":
+        ids = expand_placeholder(torch.tensor(processor.tokenizer(text)["input_ids"]), media_token_id(model),
+                                 [media_token_id(model)] * len(entry.embeds))
+        return Prompt(input_ids=ids, positions=rope_positions(model.config, ids, None), pixel_values_videos=None,
+                      video_grid_thw=entry.video_grid_thw, num_video_tokens=len(entry.embeds), text=text,
+                      sample=sample, video_features=(entry.embeds, None))
     video = {"video_grid_thw": entry.video_grid_thw, "video_metadata": [VideoMetadata(**entry.meta["frames"])]}
     expanded, _ = processor.get_text_with_replacements([text], videos_replacements=[
         processor.replace_video_token(video, video_idx=0)])
@@ -132,11 +248,18 @@ def build_prompt_cached(model, processor, question: str, entry, think: bool = Tr
 
 
 def load_video(path: str, cfg, model_type: str):
-    """Decode and sample one video for a model family (frame sides a multiple of its patch x merge)."""
-    from data.video import sample_frames
+    """Decode and sample one video for a model family (frame sides a multiple of its patch x merge); for the
+    Omni thinker also its audio track (None, with a message, when it has none: the input is then video only)."""
+    from data.video import load_audio, probe, sample_frames
     fps = cfg.fps or None  # fps, when given, takes precedence over num_frames
-    return sample_frames(path, fps=fps, num_frames=None if fps else (cfg.num_frames or None), max_frames=cfg.max_frames,
-                         max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, size_multiple=SUPPORTED[model_type])
+    video = sample_frames(path, fps=fps, num_frames=None if fps else (cfg.num_frames or None), max_frames=cfg.max_frames,
+                          max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, size_multiple=SUPPORTED[model_type])
+    if model_type.startswith("qwen2_5_omni"):
+        if probe(path).has_audio:
+            video.audio = load_audio(path, sr=16000)
+        else:
+            print(f"{path}: no audio track; the Omni thinker gets its frames only")
+    return video
 
 
 def rope_positions(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor, second_per_grid=None):
@@ -145,7 +268,10 @@ def rope_positions(config, input_ids: torch.Tensor, video_grid_thw: torch.Tensor
         video block: t = start + floor(i_t * second_per_grid * tokens_per_second), h = start + i_h, w = start + i_w
                      (grid in merged tokens, start = previous max + 1)
     Qwen3-VL puts each temporal group in its own block (timestamps between them), with i_t = 0.
-    Text after the last vision block restarts at max + 1; that is where transformers 5.x differs."""
+    Text after the last vision block restarts at max + 1; that is where transformers 5.x differs.
+    Models without 3-D rope (LLaVA-style) get 0, 1, 2, ... on all three rows (the decoder reads row 0)."""
+    if config.model_type not in MROPE:
+        return torch.arange(len(input_ids)).expand(3, -1).clone()
     merge = config.vision_config.spatial_merge_size
     qwen3 = config.model_type == "qwen3_vl"
     tps = getattr(config.vision_config, "tokens_per_second", 1)
@@ -199,7 +325,7 @@ def encode_videos(model, prompts: list, max_patches: int = 65536):
             group.append(live.pop(0))
         pixels = torch.cat([prompts[i].pixel_values_videos for i in group]).to(model.device)
         grid = torch.cat([prompts[i].video_grid_thw for i in group]).to(model.device)
-        out = model.model.get_video_features(pixels, grid, return_dict=True)
+        out = tower_features(model, pixels, grid)
         deep = getattr(out, "deepstack_features", None)
         for k, i in enumerate(group):
             rows[i] = (out.pooler_output[k], None if deep is None else [layer[k] for layer in deep])
@@ -214,7 +340,45 @@ def encode_videos(model, prompts: list, max_patches: int = 65536):
     out = Out(pooler_output=tuple(e for e, _ in rows))
     if rows and rows[0][1] is not None:
         out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
+    if any(p.input_features is not None for p in prompts):  # Omni: the audio encoder, one track at a time
+        out.audio_features = tuple(audio_features(model, p.input_features) for p in prompts)
     return out
+
+
+def tower_features(model, pixels, grid):
+    """One vision-tower call over consecutive videos -> per-video [rows, hidden] (Qwen3-VL: + DeepStack)."""
+    if family(model) != "llava":
+        return model.model.get_video_features(pixels, grid, return_dict=True)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    per_frame = model.model.get_image_features(pixel_values=pixels).pooler_output  # F x [tokens, hidden]
+    frames = torch.stack(list(per_frame)).split(grid[:, 0].tolist())                # per video [F_v, tokens, hidden]
+    return BaseModelOutputWithPooling(pooler_output=tuple(f.flatten(0, 1) for f in frames))
+
+
+def audio_features(model, input_features):
+    """Omni: [audio tokens, hidden] for one track's log-mel [mel bins, frames] (an empty [0, hidden] for none)."""
+    if input_features is None:
+        return torch.zeros(0, model.config.get_text_config().hidden_size, device=model.device, dtype=model.dtype)
+    mel = input_features[None].to(model.device, model.dtype)
+    out = model.model.get_audio_features(mel, torch.ones(1, mel.shape[-1], dtype=torch.long, device=model.device))
+    return out.last_hidden_state
+
+
+def media_encoders(model) -> list:
+    """The modules that turn media into feature rows: frozen by freeze_vision, skipped with an embeddings cache."""
+    m = model.model
+    if family(model) == "llava":
+        return [m.vision_tower, m.multi_modal_projector]
+    return [m.visual] + ([m.audio_tower] if hasattr(m, "audio_tower") else [])
+
+
+def encoder_blocks(model) -> list:
+    """The media encoders' repeated blocks (FSDP2 wraps each as a unit)."""
+    m = model.model
+    if family(model) == "llava":
+        tower = getattr(m.vision_tower, "vision_model", m.vision_tower)  # CLIPVisionModel nests it in older versions
+        return list(tower.encoder.layers)
+    return [*m.visual.blocks, *(m.audio_tower.layers if hasattr(m, "audio_tower") else [])]
 
 
 def select_videos(feats, index: list):
@@ -224,6 +388,8 @@ def select_videos(feats, index: list):
     out = type(feats)(pooler_output=tuple(feats.pooler_output[i] for i in index))
     if getattr(feats, "deepstack_features", None) is not None:
         out.deepstack_features = [tuple(layer[i] for i in index) for layer in feats.deepstack_features]
+    if getattr(feats, "audio_features", None) is not None:
+        out.audio_features = tuple(feats.audio_features[i] for i in index)
     return out
 
 
@@ -234,11 +400,17 @@ def embed_inputs(model, input_ids, feats=None):
     emb = model.model.get_input_embeddings()(input_ids)
     if feats is None:
         return emb, {}
-    mask = input_ids == model.config.video_token_id                  # [B, S]
+    mask = input_ids == media_token_id(model)                        # [B, S]
     rows = torch.cat(feats.pooler_output).to(emb.dtype)              # [video tokens, hidden]
     if rows.shape[0] != int(mask.sum()):
         raise ValueError(f"{int(mask.sum())} video tokens in the input but {rows.shape[0]} video feature rows")
     emb = emb.masked_scatter(mask[..., None].expand_as(emb), rows)
+    if getattr(feats, "audio_features", None) is not None:          # Omni: the audio rows, the same way
+        amask = input_ids == model.config.audio_token_id
+        arows = torch.cat(feats.audio_features).to(emb.dtype)
+        if arows.shape[0] != int(amask.sum()):
+            raise ValueError(f"{int(amask.sum())} audio tokens in the input but {arows.shape[0]} audio feature rows")
+        emb = emb.masked_scatter(amask[..., None].expand_as(emb), arows)
     deepstack = getattr(feats, "deepstack_features", None)
     if deepstack is None:
         return emb, {}
@@ -251,6 +423,8 @@ def decoder_hidden(model, input_ids, positions, feats=None, attention_mask=None,
     `cache` (DynamicCache / StaticCache) is filled in place."""
     emb, extra = embed_inputs(model, input_ids, feats)
     lm = model.model.language_model
+    if family(model) not in MROPE:
+        positions = positions[0]                                     # 1-D rope: the rows are equal
     cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # 5.24 / 5.17
     out = lm(inputs_embeds=emb, position_ids=positions, attention_mask=attention_mask, use_cache=cache is not None,
              **{cache_kw: cache}, **extra)

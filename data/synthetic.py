@@ -34,6 +34,17 @@ def make_frames(rng: np.random.Generator, frames: int, size: int, flash_len: int
     return video, start
 
 
+PITCH = {"red": 330.0, "green": 440.0, "blue": 660.0, "yellow": 880.0}  # Hz of the beep heard with each flash
+
+
+def flash_tone(rng, cfg, start: int, hz: float, sr: int = 16000) -> np.ndarray:
+    """Quiet noise over the whole video and a beep at `hz` while the flash is on (audio for Omni models)."""
+    t = np.arange(int(cfg.frames / cfg.fps * sr)) / sr
+    wave = rng.normal(0, 0.01, len(t))
+    on = (t >= start / cfg.fps) & (t < (start + cfg.flash_frames) / cfg.fps)
+    return (wave + on * 0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
 def write_split(out_dir: str, split: str, count: int, rng, cfg, balanced: bool) -> str:
     from data.video import write_video
     rows = []
@@ -44,7 +55,8 @@ def write_split(out_dir: str, split: str, count: int, rng, cfg, balanced: bool) 
         shown = int(rng.integers(0, 4)) if cfg.leak_control else answer
         frames, start = make_frames(rng, cfg.frames, cfg.size, cfg.flash_frames, COLOURS[names[shown]])
         rel = os.path.join(split, f"{i:05d}.mp4")
-        write_video(os.path.join(out_dir, rel), frames, fps=cfg.fps)
+        audio = flash_tone(rng, cfg, start, PITCH[names[shown]]) if cfg.audio else None
+        write_video(os.path.join(out_dir, rel), frames, fps=cfg.fps, audio=audio)
         rows.append({"video": rel, "problem": QUESTION, "options": OPTIONS, "answer": "ABCD"[answer],
                      "problem_type": "multiple_choice", "category": "flash",
                      "flash_start_s": start / cfg.fps})
@@ -63,6 +75,7 @@ class SyntheticConfig:
     fps: float = 8.0                # frame rate of the written videos (frames / fps = duration in seconds)
     size: int = 28                  # frame side in pixels (28 = one Qwen2.5-VL merged patch per frame pair)
     flash_frames: int = 4           # length of the coloured flash, in frames
+    audio: bool = False             # add an audio track: a beep whose pitch names the colour, during the flash
     leak_control: bool = False      # draw the flash colour independently of the answer (must stay at chance)
     seed: int = 0                   # everything is deterministic from this
 

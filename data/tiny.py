@@ -1,8 +1,9 @@
 """
-Tiny Qwen-VL models built from configs, with a byte-level BPE tokenizer trained at run time and the real
+Tiny VLMs built from configs (Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker, a LLaVA-style embedding VLM), with a byte-level BPE tokenizer trained at run time and the real
 transformers processor: the models every test and the CPU demo run on (no hub, nothing downloaded).
 
     python data/tiny.py --out=runs/tiny-qwen2_5_vl --family=qwen2_5_vl   # writes a from_pretrained folder
+    (families: qwen2_5_vl | qwen3_vl | qwen2_5_omni_thinker | llava)
 
 The folder loads with `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained`, so
 tests go through exactly the code path a real checkpoint takes. Traps handled here (notes/transformers-qwen.md):
@@ -36,6 +37,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The Omni thinker's chat template puts a video between <|vision_bos|> and <|vision_eos|> as one <|VIDEO|>
+# (vlm.py expands it into interleaved video and audio chunks); the LLaVA-style model uses one <|image_pad|>
+# (vlm.py expands it into the frames' tokens).
+OMNI_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|video_pad|><|vision_end|>",
+                                           "<|vision_bos|><|VIDEO|><|vision_eos|>")
+LLAVA_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|video_pad|><|vision_end|>",
+                                            "<|vision_start|><|image_pad|><|vision_end|>")
+
 # Text the BPE is trained on: our prompts, so that whole words become single tokens and prompts stay short.
 CORPUS = [
     "You are a helpful assistant. The user asks a question, and then you solves it.",
@@ -50,7 +59,7 @@ CORPUS = [
 ]
 
 
-def train_tokenizer(vocab_size: int = 400):
+def train_tokenizer(vocab_size: int = 400, family: str = "qwen2_5_vl"):
     """Byte-level BPE trained on CORPUS, wrapped as transformers' Qwen2Tokenizer with Qwen's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast
@@ -61,11 +70,14 @@ def train_tokenizer(vocab_size: int = 400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(CORPUS * 20, trainer=trainer)
+    named = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "vision_start_token": "<|vision_start|>",
+             "vision_end_token": "<|vision_end|>"}
+    if family.startswith("qwen2_5_omni"):  # the names Qwen2_5OmniProcessor reads from its tokenizer
+        named.update(video_token="<|VIDEO|>", audio_token="<|AUDIO|>", audio_bos_token="<|audio_bos|>",
+                     audio_eos_token="<|audio_eos|>", vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>")
+    template = {"qwen2_5_omni_thinker": OMNI_CHAT_TEMPLATE, "llava": LLAVA_CHAT_TEMPLATE}.get(family, CHAT_TEMPLATE)
     tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                             unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
-                             extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                                                   "vision_start_token": "<|vision_start|>",
-                                                   "vision_end_token": "<|vision_end|>"})
+                             unk_token=None, bos_token=None, chat_template=template, extra_special_tokens=named)
     tok.add_tokens(TAG_TOKENS)
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     return tok
@@ -115,7 +127,28 @@ def model_config(family: str, tok, size: TinySize = TinySize()):
                       spatial_merge_size=2, out_hidden_size=size.hidden, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
-    raise ValueError(f"unknown tiny family {family!r}; choose qwen2_5_vl or qwen3_vl")
+    if family == "qwen2_5_omni_thinker":  # Qwen2.5-VL's vision tower + a Whisper-style audio encoder
+        from transformers import Qwen2_5OmniThinkerConfig
+        qwen = model_config("qwen2_5_vl", tok, size)
+        ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
+            ("audio_token_index", "<|AUDIO|>"), ("image_token_index", "<|image_pad|>"), ("video_token_index", "<|VIDEO|>"),
+            ("audio_start_token_id", "<|audio_bos|>"), ("audio_end_token_id", "<|audio_eos|>"),
+            ("vision_start_token_id", "<|vision_bos|>")]}  # vision_start is read by get_rope_index though undeclared
+        vision = {**qwen.vision_config.to_dict(), "tokens_per_second": 25}
+        audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, d_model=32, encoder_ffn_dim=64,
+                     output_dim=size.hidden, n_window=50)
+        return Qwen2_5OmniThinkerConfig(text_config=text | {"rope_parameters": qwen.text_config.rope_parameters},
+                                        vision_config=vision, audio_config=audio, position_id_per_seconds=25,
+                                        seconds_per_chunk=2, **ids)
+    if family == "llava":  # a CLIP-style image tower + projector + a Qwen2 decoder: video = its frames' tokens
+        from transformers import LlavaConfig
+        vision = dict(model_type="clip_vision_model", hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+                      num_hidden_layers=size.vision_depth, num_attention_heads=size.vision_heads, image_size=28,
+                      patch_size=14, projection_dim=size.vision_hidden)
+        return LlavaConfig(vision_config=vision, text_config=text | {"model_type": "qwen2"},
+                           image_token_index=ids["image_token_id"], vision_feature_layer=-1,
+                           vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    raise ValueError(f"unknown tiny family {family!r}; choose qwen2_5_vl, qwen3_vl, qwen2_5_omni_thinker or llava")
 
 
 def make_processor(family: str, tok):
@@ -134,16 +167,31 @@ def make_processor(family: str, tok):
                                 video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16,
                                                                       do_sample_frames=False),
                                 tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    if family == "qwen2_5_omni_thinker":
+        from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
+        return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(size=size),
+                                    video_processor=Qwen2VLVideoProcessor(size=size),
+                                    feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
+                                    chat_template=OMNI_CHAT_TEMPLATE)
+    if family == "llava":  # frames are resized to the tower's 28 x 28 (2 x 2 patches of 14 -> 4 tokens a frame)
+        from transformers import CLIPImageProcessor, LlavaProcessor
+        image = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        return LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                              image_token="<|image_pad|>", chat_template=LLAVA_CHAT_TEMPLATE)
     raise ValueError(f"unknown tiny family {family!r}")
 
 
 def make_tiny_model(out_dir: str, family: str = "qwen2_5_vl", size: TinySize = TinySize(), seed: int = 0):
     """Build a random tiny model + tokenizer + processor and save them as a from_pretrained folder."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.manual_seed(seed)
-    tok = train_tokenizer()
-    model = AutoModelForImageTextToText.from_config(model_config(family, tok, size))
+    tok = train_tokenizer(family=family)
+    config = model_config(family, tok, size)
+    if family == "qwen2_5_omni_thinker":  # no Auto class maps the thinker alone
+        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    else:
+        model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     os.makedirs(out_dir, exist_ok=True)
@@ -155,7 +203,7 @@ def make_tiny_model(out_dir: str, family: str = "qwen2_5_vl", size: TinySize = T
 @dataclass
 class TinyConfig:
     out: str = "runs/tiny-qwen2_5_vl"   # output folder (from_pretrained-loadable)
-    family: str = "qwen2_5_vl"          # qwen2_5_vl | qwen3_vl
+    family: str = "qwen2_5_vl"          # qwen2_5_vl | qwen3_vl | qwen2_5_omni_thinker | llava
     hidden: int = 64                    # text hidden size
     layers: int = 2                     # decoder layers
     seed: int = 0                       # weight init seed

@@ -1,0 +1,178 @@
+"""
+vlm.py's model families beyond Qwen-VL: the Qwen2.5-Omni thinker (video + its audio track) and a LLaVA-style
+embedding VLM. Our forward (features written into the placeholder embeddings, decoder fed inputs_embeds) must
+give the logits of the model's own forward on the same input.
+    python -m pytest tests/test_vlm.py -q
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import vlm
+from data.tiny import make_tiny_model
+from data.video import write_video
+
+
+class VideoCfg:
+    fps, num_frames, max_frames, max_pixels, min_pixels = 0.0, 8, 64, 56 * 56, 28 * 28
+
+
+def tone(seconds: float, hz: float, sr: int = 16000) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * hz * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Three 5-second videos with the same frames: a 440 Hz track, a 1,000 Hz track, and no audio."""
+    d = tmp_path_factory.mktemp("media")
+    frames = np.random.default_rng(0).integers(0, 255, (40, 56, 56, 3), dtype=np.uint8)
+    paths = {"a440": str(d / "a440.mp4"), "a1000": str(d / "a1000.mp4"), "silent": str(d / "silent.mp4")}
+    write_video(paths["a440"], frames, fps=8, audio=tone(5, 440))
+    write_video(paths["a1000"], frames, fps=8, audio=tone(5, 1000))
+    write_video(paths["silent"], frames, fps=8)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for fam in ("qwen2_5_omni_thinker", "llava"):
+        model, processor = vlm.load_model(make_tiny_model(str(tmp_path_factory.mktemp(fam)), fam, seed=0))
+        out[fam] = (model.eval(), processor)
+    return out
+
+
+def our_logits(model, prompt):
+    feats = vlm.encode_videos(model, [prompt])
+    hidden, _ = vlm.decoder_hidden(model, prompt.input_ids[None], prompt.positions[:, None], feats)
+    return model.lm_head(hidden)[0]
+
+
+def test_omni_layout_matches_the_processor(models, media):
+    """Our interleaved <video chunk><audio chunk> ids equal transformers' processor output for the same frames
+    and audio (its use_audio_in_video path), and our logits equal the thinker's own forward on them."""
+    model, processor = models["qwen2_5_omni_thinker"]
+    video = vlm.load_video(media["a440"], VideoCfg, "qwen2_5_omni_thinker")
+    prompt = vlm.build_prompt(model, processor, "What sound?", video, think=False)
+    assert prompt.num_audio_tokens > 0 and prompt.num_video_tokens > 0
+    sampled_fps = len(video.indices) / video.total_frames * video.fps
+    size = {k: v for k, v in dict(processor.video_processor.size).items() if v is not None}  # else the class default wins
+    ref = processor(size=size, text=[prompt.text], videos=[video.frames], audio=[video.audio], load_audio_from_video=True,
+                    audio_from_video_indices=[0], fps=sampled_fps, do_sample_frames=False, return_tensors="pt",
+                    audio_kwargs={"truncation": False, "padding": "longest"})
+    assert ref["input_ids"][0].tolist() == prompt.input_ids.tolist()
+    with torch.no_grad():
+        theirs = model(**ref, use_audio_in_video=True).logits[0]
+        ours = our_logits(model, prompt)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_omni_audio_reaches_the_model(models, media):
+    """Same frames, different audio track: the log-probs of the same response change; no audio: video only."""
+    model, processor = models["qwen2_5_omni_thinker"]
+    response = torch.tensor(processor.tokenizer("<answer> A </answer>")["input_ids"])
+    logps = {}
+    for name in ("a440", "a1000", "silent"):
+        prompt = vlm.build_prompt(model, processor, "What sound?", vlm.load_video(media[name], VideoCfg,
+                                                                                 "qwen2_5_omni_thinker"), think=False)
+        packed = vlm.pack([(prompt.input_ids, prompt.positions, response)], pad_id=0)
+        with torch.no_grad():
+            logps[name], _ = vlm.response_logprobs(model, packed, vlm.encode_videos(model, [prompt]), [])
+        if name == "silent":
+            assert prompt.num_audio_tokens == 0 and prompt.input_features is None
+            assert (prompt.input_ids == model.config.audio_token_id).sum() == 0
+    assert (logps["a440"] - logps["a1000"]).abs().max() > 1e-4
+    assert logps["silent"].shape == logps["a440"].shape and torch.isfinite(logps["silent"]).all()
+
+
+def test_embedding_vlm_logits_equal_its_own_forward(models, media):
+    """LLaVA-style: inputs_embeds built by us (every frame's tokens in order) == LlavaForConditionalGeneration
+    on input_ids + pixel_values, for the whole prompt."""
+    model, processor = models["llava"]
+    prompt = vlm.build_prompt(model, processor, "What colour?", vlm.load_video(media["silent"], VideoCfg, "llava"),
+                              think=False)
+    assert prompt.num_video_tokens == 8 * vlm.frame_tokens(model.config)
+    assert (prompt.positions[0] == torch.arange(len(prompt.input_ids))).all()
+    with torch.no_grad():
+        theirs = model(input_ids=prompt.input_ids[None], pixel_values=prompt.pixel_values_videos).logits[0]
+        ours = our_logits(model, prompt)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_placeholder_errors_are_clear(models):
+    ids = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="0 media placeholders"):
+        vlm.expand_placeholder(ids, 9, [9, 9])
+    assert vlm.expand_placeholder(torch.tensor([1, 9, 3]), 9, [9, 9]).tolist() == [1, 9, 9, 3]
+
+
+# ---- the families through the GRPO loop ------------------------------------------------------------------------
+
+def family_cfg(run_dir, model_dir, out, **kw):
+    import train_grpo as T
+    base = dict(out_dir=str(out), data=os.path.join(run_dir, "train.jsonl"), model=model_dir, num_frames=8,
+                max_pixels=56 * 56, min_pixels=28 * 28, rollout_batch_size=2, n=4, max_new_tokens=8, lr=1e-3,
+                max_steps=1, eval_every=0, save_every=100, progress=False, gradient_checkpointing=False,
+                micro_batch_size=8, think=False)
+    return T.Config(**{**base, **kw})
+
+
+def first_metrics(out_dir) -> dict:
+    return json.loads(open(os.path.join(out_dir, "metrics.jsonl")).readline())
+
+
+def test_omni_grpo_step_on_video_with_audio(tmp_path):
+    """One GRPO step of the tiny Omni thinker on synthetic videos whose audio beeps with the flash."""
+    import train_grpo as T
+    from data.synthetic import SyntheticConfig, make_dataset
+    make_dataset(SyntheticConfig(out=str(tmp_path / "data"), num_train=4, num_eval=2, frames=16, size=56, audio=True))
+    model_dir = make_tiny_model(str(tmp_path / "omni"), "qwen2_5_omni_thinker", seed=0)
+    T.main(family_cfg(tmp_path / "data", model_dir, tmp_path / "run"))
+    m = first_metrics(tmp_path / "run")
+    assert m["step"] == 1 and m["skipped_samples"] == 0 and np.isfinite(m["loss"])
+
+
+def test_embedding_vlm_rollout_grpo_cache_and_sp2(tmp_path):
+    """The LLaVA-style model: rollout + one GRPO step; the same step from the embeddings cache (same loss); and
+    SP=2 on two gloo processes (same loss as SP=1)."""
+    import cache_embeddings
+    import train_grpo as T
+    from conftest import torchrun, write_preset
+    from data.synthetic import SyntheticConfig, make_dataset
+    make_dataset(SyntheticConfig(out=str(tmp_path / "data"), num_train=4, num_eval=2, frames=8, size=56))
+    model_dir = make_tiny_model(str(tmp_path / "llava"), "llava", seed=0)
+    # a short format warm-up so that rewards vary and the loss is not trivially 0 (a long one amplifies float
+    # differences between SP=1 and SP=2 into different samples); the tower frozen for the cache run
+    common = dict(sft_steps=12, sft_lr=1e-2, sft_batch_size=4, temperature=1.5, freeze_vision=True,
+                  sp_split_rollout=False)
+    T.main(family_cfg(tmp_path / "data", model_dir, tmp_path / "live", **common))
+    live = first_metrics(tmp_path / "live")
+    assert live["loss"] != 0.0
+    cache = str(tmp_path / "cache")
+    res = cache_embeddings.main(cache_embeddings.CacheConfig(model=model_dir, data=str(tmp_path / "data" / "train.jsonl"),
+                                                             out=cache, num_frames=8, max_pixels=56 * 56, progress=False))
+    assert res["written"] == 4 and res["bad"] == 0
+    T.main(family_cfg(tmp_path / "data", model_dir, tmp_path / "cached", embeddings_cache=cache, **common))
+    cached = first_metrics(tmp_path / "cached")
+    assert cached["reward"] == live["reward"] and cached["loss"] == pytest.approx(live["loss"], rel=1e-4, abs=1e-6)
+    cfg = family_cfg(tmp_path / "data", model_dir, tmp_path / "sp2", sp_size=2, **common)
+    assert "dp 1 x sp 2" in torchrun("train_grpo.py", [write_preset(cfg, tmp_path / "sp2.py")])
+    sp2 = first_metrics(tmp_path / "sp2")
+    assert sp2["reward"] == live["reward"] and sp2["loss"] == pytest.approx(live["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_exported_language_model_on_prompt_embeds(models, media, tmp_path):
+    """What the vLLM engine gets for an embedding VLM: the decoder exported as a causal LM, fed our prompt
+    embeddings, gives our logits (vLLM itself: tests/test_vllm_gpu.py on a GPU)."""
+    import rollout
+    from transformers import AutoModelForCausalLM
+    model, processor = models["llava"]
+    prompt = vlm.build_prompt(model, processor, "What?", vlm.load_video(media["silent"], VideoCfg, "llava"), think=False)
+    lm = AutoModelForCausalLM.from_pretrained(rollout.export_language_model(model, processor, str(tmp_path / "lm")))
+    with torch.no_grad():
+        theirs = lm(inputs_embeds=rollout.prompt_embeddings(model, [prompt])[0][None]).logits[0]
+        ours = our_logits(model, prompt)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
