@@ -1,13 +1,15 @@
 """
 The benchmarks behind every number in the README. Each prints a table and one JSON line (`BENCH {...}`).
 
-    python bench.py video                 # data/video.py: seek-based frame sampling vs decoding every frame (CPU)
-    python bench.py rollout               # HF engine tokens/s: generate() vs our loop (dynamic / static / compiled)
-    python bench.py train                 # one GRPO step by phase, 64 and 256 frames; longest fwd+bwd; naive baseline
+    python bench.py video                 # data/video.py, 1-hour video: our sampler vs decode-all, torchcodec, decord
+    python bench.py rollout               # HF engine tokens/s: generate() vs our loop (dynamic / static KV + CUDA graph)
+    python bench.py train                 # one GRPO step by phase, 64 and 256 frames; then `longest`
+    python bench.py longest               # fwd+bwd time, MFU, peak per length and checkpoint mode; naive baseline
     python bench.py sp                    # Ulysses attention + all-to-all vs plain SDPA; chunked vs plain gather
     python bench.py rollout --vllm=True   # ... and the vLLM engine beside the HF one (GPU node with vllm)
     python bench.py cache                 # GRPO step time with cached vision embeddings vs live decode + encode
     python bench.py memory                # per-GPU memory plan for Qwen2.5-VL-7B at 256 / 1,024 / 3,600 frames
+    python bench.py trl                   # GRPO step time + reward vs TRL's GRPOTrainer (needs: pip install trl)
     python bench.py train --tiny=True     # every bench also runs on a tiny model (CPU smoke test)
 
 Models are random-initialised at the shape of Qwen2.5-VL-3B (or 7B with --shape=7b): no download. MFU counts
@@ -40,13 +42,15 @@ class BenchConfig:
     tiny: bool = False              # shortcut for shape=tiny and small sizes (a CPU smoke test)
     frames: list = None             # frame counts (rollout, train); default per bench
     seq_lens: list = None           # train: sequence lengths for the longest-sequence / MFU scan
+    variants: list = None           # longest: which memory variants to run (full | attention | offload | none; default all)
     batch: int = 8                  # rollout: sequences decoded together
     new_tokens: int = 256           # rollout: generated tokens per sequence
     vllm: bool = False              # rollout: also time the vLLM engine (needs vllm + CUDA)
-    compile: bool = True            # rollout: also time the compiled static-cache decode step
+    compile: bool = False           # rollout: also time torch.compile + CUDA graph (slower on an H200, 2026-11-25)
     hf: bool = True                 # rollout: time the HF engines (False: only vLLM, with --vllm=True)
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
+    steps: int = 0                  # trl: GRPO steps per trainer (0: 100, or 4 with --tiny)
 
 
 def log(result: dict, cfg: BenchConfig):
@@ -160,16 +164,17 @@ def bench_rollout(cfg: BenchConfig):
     model, processor = make_model(cfg.shape, "/tmp/bench-model", device=dev,
                                   dtype=torch.bfloat16 if dev == "cuda" else torch.float32, save=cfg.vllm)
     frames = cfg.frames or [64, 512]  # 64 frames at 448x448 (8k video tokens), 512 at 224x224 (16k)
-    cases = [("text 1k", 0, 0), (f"{frames[0]} frames", frames[0], 448), (f"{frames[-1]} frames", frames[-1], 224)]
+    cases = [("text 1k", 0, 1024), ("text 8k", 0, 8192), (f"{frames[0]} frames", frames[0], 448),
+             (f"{frames[-1]} frames", frames[-1], 224)]
     if cfg.tiny:
-        cases = [("text", 0, 0), ("8 frames", 8, 56)]
+        cases = [("text", 0, 64), ("8 frames", 8, 56)]
     rows = []
     for name, frames, side in (cases if cfg.hf else []):
         if frames:
             prompts = [vlm.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
         else:
-            prompts = text_prompts(cfg.batch, 64 if cfg.tiny else 1024)
+            prompts = text_prompts(cfg.batch, side)  # text cases: `side` is the prompt length
         P = len(prompts[0].input_ids)
         try:
             with torch.no_grad():
@@ -178,8 +183,10 @@ def bench_rollout(cfg: BenchConfig):
             rows.append({"case": name, "prompt_tokens": P, "engine": "vision tower", "error": f"OOM: {e}"[:200]})
             continue
         engines = {"ours (DynamicCache)": dict(static_cache=False)}
+        if dev == "cuda":
+            engines["ours (static KV + CUDA graph)"] = dict(static_cache=True, cuda_graph=True)
         if cfg.compile and dev == "cuda":
-            engines["ours (static KV, compiled)"] = dict(static_cache=True, compile_step=True)
+            engines["ours (static KV, compiled + CUDA graph)"] = dict(static_cache=True, compile_step=True, cuda_graph=True)
         for engine, kw in engines.items():
             run = functools.partial(rollout.hf_generate, model, processor, prompts, 1, 1.0, 1.0, cfg.new_tokens, 0,
                                     feats, **kw)
@@ -248,8 +255,8 @@ def bench_vllm_rollout(cfg, processor, model, cases):
         if frames:
             prompts = [vlm.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
-        else:  # the same 1k-token text prompt as the HF engines get
-            prompts = text_prompts(cfg.batch, 1024)
+        else:  # the same text prompt as the HF engines get
+            prompts = text_prompts(cfg.batch, side)
         try:
             engine.generate(prompts, 1, 1.0, 1.0, cfg.new_tokens, 0)
             t = time.perf_counter()
@@ -314,7 +321,9 @@ def bench_train(cfg: BenchConfig):
                      **{f"{k}_s": v for k, v in times.items()}, "update_tokens_per_s": tokens / times["update"],
                      "peak_GiB": peak_gib(), "loss": metrics["loss"]})
     print_table(rows, list(rows[0]))
-    del policy, optimizer, model
+    del policy, optimizer, model, prompts, seqs, outs
+    import gc
+    gc.collect()  # the FSDP2 model sits in reference cycles: without this 16 GiB stay allocated into bench_longest
     torch.cuda.empty_cache() if dev == "cuda" else None
     log({"bench": "train_step", **device_info(), "shape": cfg.shape, "rows": rows}, cfg)
     bench_longest(cfg)
@@ -337,7 +346,9 @@ def fwd_bwd(model, S: int, response: int, naive: bool, chunk=1024):
 
 
 def bench_longest(cfg: BenchConfig):
-    """Time and MFU of forward+backward at growing lengths until out of memory, ours vs the naive baseline."""
+    """Time and MFU of forward+backward at growing lengths until out of memory, for each activation-memory variant
+    (vlm.set_checkpointing) and the naive baseline."""
+    import vlm
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = make_model(cfg.shape, "", dtype=torch.bfloat16 if dev == "cuda" else torch.float32, device=dev)
     model.model.visual.to("cpu")  # the LM alone here
@@ -347,35 +358,46 @@ def bench_longest(cfg: BenchConfig):
     lens = cfg.seq_lens or ([256, 512] if cfg.tiny else [16384, 32768, 65536, 131072, 196608, 262144])
     if dev == "cuda":  # "fits on an 80 GB GPU": cap this process at an H100's memory whatever the card
         torch.cuda.set_per_process_memory_fraction(min(1.0, 78 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    big = [S for S in lens if S >= 131072] or lens[-1:]
+    # (name, vlm.set_checkpointing mode, mlp_chunk, attention_layers to try in turn, lengths)
+    variants = [("full checkpointing", "full", 0, [0], lens),
+                ("keep attention outputs", "attention", 0, [0, 28, 20], [S for S in lens if S <= 131072]),
+                ("offload layer inputs + MLP chunks", "offload", 16384 if not cfg.tiny else 64, [0], big),
+                ("naive: full logits, no checkpointing", "none", 0, [0], lens)]
+    variants = [v for v in variants if any(v[1] == m or v[0] == m for m in cfg.variants)] if cfg.variants else variants
     model.train()
+    vlm.set_checkpointing(model, "full")
     fwd_bwd(model, lens[0] // 2, lens[0] // 8, False)  # warm-up (kernels, allocator) once
-    rows = []
-    for variant in ("ours: response-only log-probs, checkpointing", "naive: full logits, no checkpointing"):
-        naive = variant.startswith("naive")
-        if naive:
-            model.gradient_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        for S in lens:
+
+    def measure(name, S, mode):
+        model.zero_grad(set_to_none=True)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            t = time.perf_counter()
+            fwd_bwd(model, S, min(1024, S // 4), mode == "none")
+            sync()
+            dt = time.perf_counter() - t
+            flops = 6 * n_params * S + 6 * text.num_hidden_layers * text.hidden_size * S * S
+            row = {"variant": name, "tokens": S, "s": dt, "MFU": flops / dt / 1e12 / peak, "peak_GiB": peak_gib()}
+        except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                t = time.perf_counter()
-                fwd_bwd(model, S, min(1024, S // 4), naive)
-                sync()
-                dt = time.perf_counter() - t
-                flops = 6 * n_params * S + 6 * text.num_hidden_layers * text.hidden_size * S * S
-                rows.append({"variant": variant, "tokens": S, "s": dt, "MFU": flops / dt / 1e12 / peak,
-                             "peak_GiB": peak_gib()})
-                print(rows[-1], flush=True)
-            except torch.OutOfMemoryError:
-                rows.append({"variant": variant, "tokens": S, "s": "OOM"})
-                model.zero_grad(set_to_none=True)
-                break
+            row = {"variant": name, "tokens": S, "s": "OOM"}
+        print(row, flush=True)
+        return row
+
+    rows = []
+    for variant, mode, mlp_chunk, keep_layers, var_lens in variants:
+        for S in var_lens:
+            for layers_kept in keep_layers:  # "attention": fewer layers keep theirs when all of them do not fit
+                vlm.set_checkpointing(model, mode, mlp_chunk, layers_kept)
+                rows.append(measure(variant + (f" ({layers_kept} layers)" if layers_kept else ""), S, mode))
+                if rows[-1]["s"] != "OOM":
+                    break
+            if rows[-1]["s"] == "OOM":
+                break  # longer sequences will not fit either
+    vlm.set_checkpointing(model, "full")
     print_table(rows, ["variant", "tokens", "s", "MFU", "peak_GiB"])
     log({"bench": "longest_fwd_bwd", **device_info(), "shape": cfg.shape, "lm_params": n_params,
          "bf16_matmul_TFLOPs": peak, "rows": rows}, cfg)
@@ -465,25 +487,84 @@ def print_table(rows, keys):
 # memory plan: per-GPU memory for Qwen2.5-VL-7B on 8 GPUs, with and without SP
 
 def bench_memory(cfg: BenchConfig):
-    """Estimate = sharded training state + one sequence's activations on this GPU:
-        state  = params x (4 fp32 master + 4 grad + 8 Adam) bytes / world  (FSDP2 shards everything)
-        acts   = checkpointed layer inputs: layers x (S / sp) x hidden x 2 bytes (bf16), plus one layer's
-                 recompute working set ~ c x (S / sp) x (hidden + ffn) x 2 bytes, plus the vision tower's
-                 output (S_video / sp x hidden) and logits of one lm_head chunk
-    c is fitted to the single-GPU measurement of `bench.py train` (see README)."""
-    s = SHAPES[cfg.shape if cfg.shape != "3b" else "7b"]
-    params = 8.3e9
-    world, tokens_per_frame = 8, 64  # Long-RL: 448x448 frames, 2x2 merge, 2 frames per temporal patch -> 64/frame
+    """Per-GPU peak of one policy forward + backward (one sequence of S tokens, response-only log-probs, every
+    decoder layer checkpointed, bf16 compute), in bytes; h hidden, f ffn, L layers, V vocab, N parameters:
+        state  = N x (4 fp32 master + 8 AdamW) / world     FSDP2 shards it (the check rows: their own state)
+        grads  = N x 4 / world                             complete only at the end of backward
+        gather = 4 x (non-unit params + one layer)         bf16 copy + bf16 grad of the FSDP2 root (embeddings,
+                                                           lm_head, vision merger) and of the unit in flight
+        ckpt   = (L + 1) x 2h per token                    each layer's bf16 input, + the gradient flowing back
+        layer  = (14 f + 10 h) per token                   one layer recomputed + its backward: gate, up, silu,
+                                                           product (4 x 2f) + backward temporaries (3 x 2f); 10h
+                                                           (attention, norms) fitted: 3B measured 174.1 KB/token
+        logits = chunk x V x 12                            one lm_head chunk (bf16 logits, fp32 log-softmax, grad)
+        vision = 4 x (2 v_depth + 13) x v_hidden per video token, if the vision tower is trained: 4 patches per
+                                                           merged token, checkpointed block inputs + the rest (13
+                                                           fitted: measured 98.9 KB/patch); held until the LM
+                                                           backward is done; 0 when frozen or cached
+    peak = state + gather + vision/sp + max(S/sp x ckpt + max(S/sp x layer, logits),   (start of backward)
+                                            grads + S/sp x (4h + layer))               (end of backward)
+    Ulysses SP divides every per-token term by sp; its all-to-all buffers are left out. Checked first against
+    single-GPU peaks of the 3B shape (lent H200, torch 2.11, transformers 5.17, 2026-11-25). Verdicts leave the
+    CUDA context, NCCL and allocator fragmentation ~10% of an 80 GB card: fits < 72 GiB, tight < 78, else OOM."""
+    GiB, tokens_per_frame, world, chunk = 2**30, 64, 8, 1024
+
+    def count(s):  # (LM params, vision params, params outside decoder layers/vision blocks, one decoder layer)
+        h, f, v, vf, kv = s["hidden"], s["ffn"], s["v_hidden"], s["v_ffn"], s["kv_heads"] * s["hidden"] // s["heads"]
+        layer = 2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * f + 2 * h
+        emb = s["vocab"] * h * (1 if s["tie"] else 2) + h
+        v_root = 3 * 2 * 14 * 14 * v + v + 16 * v * v + 4 * v + 4 * v * h + h  # patch embed + merger
+        v_block = 4 * v * v + 4 * v + 3 * v * vf + 2 * vf + 3 * v
+        return s["layers"] * layer + emb, s["v_depth"] * v_block + v_root, emb + v_root, layer
+
+    def peak(s, S, sp, state, grads, gather, video=0, vision=False):
+        h, L = s["hidden"], s["layers"]
+        layer, logits = 14 * s["ffn"] + 10 * h, chunk * s["vocab"] * 12
+        vis = video * 4 * (2 * s["v_depth"] + 13) * s["v_hidden"] if vision else 0
+        start = S / sp * 2 * h * (L + 1) + max(S / sp * layer, logits)
+        return (state + gather + vis / sp + max(start, grads + S / sp * (4 * h + layer))) / GiB
+
+    # measured peaks (torch.cuda.max_memory_allocated, GiB; "OOM" under the 78 GiB cap), 3B shape, one GPU, one
+    # sequence with 1,024 response tokens. Rows 1-2: bench_longest at commit 282b6ed in a process of its own and,
+    # as in the README, after bench_train in the same process, which left 16.42 GiB allocated (14.0 of them the
+    # deleted FSDP2 model, freed only by gc.collect()). Row 3: the same forward+backward under FSDP2 as train_grpo
+    # wraps it, AdamW state present (a one-off probe script, same machine and day).
+    s3 = SHAPES["3b"]
+    lm, vis, root, layer = count(s3)
+    plain = (2 * lm, 2 * lm, 2 * s3["vocab"] * s3["hidden"])  # state (bf16 params), grads, the embedding's grad
+    setups = {  # name: (state, grads, gather, {tokens: measured})
+        "bf16 params + grads, no optimizer (bench.py longest)":
+            (*plain, {16384: 14.42, 65536: 26.70, 131072: 46.86, 196608: 67.03, 262144: "OOM"}),
+        "the same after bench.py train, +16.42 GiB left (README)":
+            (plain[0] + 16.42 * GiB, *plain[1:], {16384: 30.79, 131072: 63.22, 196608: "OOM"}),
+        "FSDP2 fp32 master + AdamW, bf16 compute (vision idle)":
+            (12 * lm + 4 * vis, 4 * lm, 4 * (root + layer), {16384: 51.59, 32768: 54.38, 65536: 59.96, 98304: 68.53}),
+    }
+    check = []
+    for name, (state, grads, gather, measured) in setups.items():
+        for S, m in measured.items():
+            p = peak(s3, S, 1, state, grads, gather)
+            check.append({"setup": name, "tokens": S, "predicted_GiB": p, "measured_GiB": m,
+                          "pred/meas": p / m if m != "OOM" else "agrees (> 78)" if p > 78 else "DISAGREES"})
+    print_table(check, list(check[0]))
+    # the plan: Qwen2.5-VL-7B, FSDP2 over 8 GPUs, one sequence of video + 1,024 response tokens per SP group.
+    # 64 tokens per frame (e.g. 448x224 px: 128 merged tokens per 2-frame patch): 3,600 frames = 231k tokens.
+    s7 = SHAPES["7b"]
+    lm, vis, root, layer = count(s7)
+    state, grads, gather = 12 * (lm + vis) / world, 4 * (lm + vis) / world, 4 * (root + layer)
+    verdict = lambda gib: "fits" if gib < 72 else "tight" if gib < 78 else "OOM"
     rows = []
     for frames in (256, 1024, 3600):
         S = frames * tokens_per_frame + 1024
-        for sp_size in (1, 4, 8):
-            state = params * 16 / world
-            acts = (s["layers"] * S / sp_size * s["hidden"] * 2 + 6 * S / sp_size * (s["hidden"] + s["ffn"]) * 2)
-            rows.append({"frames": frames, "tokens": S, "sp": sp_size, "state_GiB": state / 2**30,
-                         "activations_GiB": acts / 2**30, "total_GiB": (state + acts) / 2**30})
+        for sp_size in (1, 2, 4, 8):
+            est = [peak(s7, S, sp_size, state, grads, gather, frames * tokens_per_frame, v) for v in (False, True)]
+            rows.append({"frames": frames, "tokens": S, "sp": sp_size, "state+grads_GiB": (state + grads) / GiB,
+                         "vision_frozen_GiB": est[0], "vision_trained_GiB": est[1],
+                         "80GB (frozen / trained)": f"SP invalid: {s7['heads']} heads % {sp_size}"
+                         if s7["heads"] % sp_size else f"{verdict(est[0])} / {verdict(est[1])}"})
     print_table(rows, list(rows[0]))
-    log({"bench": "memory_plan", "model": "Qwen2.5-VL-7B", "gpus": world, "rows": rows}, cfg)
+    log({"bench": "memory_plan", "model": "Qwen2.5-VL-7B", "gpus": world, "params": lm + vis, "check_3b": check,
+         "rows": rows}, cfg)
 
 
 def bench_cache(cfg: BenchConfig):
@@ -492,7 +573,8 @@ def bench_cache(cfg: BenchConfig):
     import cache_embeddings
     import train_grpo as T
     from data.synthetic import SyntheticConfig, make_dataset
-    out = os.path.join(cfg.out and os.path.dirname(os.path.abspath(cfg.out)) or "/tmp", "bench_cache")
+    import tempfile
+    out = os.path.join(tempfile.gettempdir(), "bench_cache")  # model, videos, cache, runs (never under $OUT)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     frames = (cfg.frames or [8 if cfg.tiny else 64])[0]
     make_model(cfg.shape, os.path.join(out, "model"), device=dev, dtype=torch.float32 if cfg.tiny else torch.bfloat16,
@@ -511,6 +593,172 @@ def bench_cache(cfg: BenchConfig):
     log({"bench": "cache", **device_info(), "shape": cfg.shape, "frames": frames, **res}, cfg)
 
 
+def bench_trl(cfg: BenchConfig):
+    """GRPO side by side: train_grpo.main vs TRL's GRPOTrainer (TRL is a benchmark-only dependency: pip install trl).
+    Same tiny Qwen2.5-VL weights (data/tiny.py, then one format warm-up with train_grpo.format_warmup, saved and
+    loaded by both), same synthetic flash-colour data, same reward (data/rewards.compute_rewards, answer-only
+    format), group size n, prompts per step, max_new_tokens, steps, temperature 1, top_p 1, beta 0, clip 0.2,
+    token-mean loss (TRL's "dapo" = sum over tokens / tokens in the batch), one optimizer update per rollout batch
+    on the whole batch (no micro-batching, no gradient accumulation, no activation checkpointing), the same AdamW
+    (handed to TRL: lr, betas, weight decay on every tensor), constant lr, grad clip 1, the same suppressed tokens
+    when sampling; TRL samples with transformers' generate() (use_vllm=False).
+    What differs, because TRL 1.16's GRPOTrainer cannot feed videos (it collects only "image" parts of the
+    messages, and its training forward takes no pixel_values_videos): TRL gets each video as ONE IMAGE, every
+    second frame (the first of each temporal-patch pair) side by side in a 28 x (28 * frames / 2) strip. That is
+    the same number of vision patches (frames / 2 x 4) and visual tokens (frames / 2) and the same prompt length,
+    so the same compute, and the flash is still visible (4 frames cover 2 even ones); but rope positions are
+    spatial (image) instead of temporal (video), and the tokens are <|image_pad|>. Smaller differences: TRL's
+    advantage eps is 1e-4 (ours 1e-6); ours adds a dual clip (inactive: with one on-policy update the ratio is 1);
+    TRL's log-probs are over the full vocabulary, ours over the allowed one (the suppressed tokens have ~0
+    probability after the warm-up); ours decodes the mp4 files every step (inside its rollout time), TRL reads
+    pre-decoded images; prompt order differs (each trainer's own shuffling).
+    Time per step: ours = the sum of metrics.jsonl's time_* (video decode + rollout, reward, log-probs, update);
+    TRL = wall time from on_step_begin to on_step_end of a TrainerCallback (generation, reward, loss, backward,
+    optimizer step). Median over steps 2.. (step 1 warms up). On a GPU both compute in bf16 with fp32 weights
+    (ours: FSDP2 mixed precision; TRL: autocast)."""
+    try:
+        import trl
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        raise SystemExit("bench.py trl compares against TRL's GRPOTrainer, a benchmark-only dependency that is not "
+                         "installed: pip install trl")
+    import shutil
+    import tempfile
+    from dataclasses import replace
+    import torch.distributed as dist
+    import transformers
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    import train_grpo as T
+    import vlm
+    from data.datasets import Loader, format_question, load_jsonl
+    from data.rewards import compute_rewards
+    from data.synthetic import SyntheticConfig, make_dataset
+    from data.tiny import make_tiny_model
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # default: the CPU demo's shape (config/tiny_cpu.py: 64 frames, 16 prompts x 8, 8 new tokens, lr 1e-3) for
+    # 100 steps, so everything takes about 4 minutes on 2 idle cores; --tiny: a smoke test
+    frames, prompts, n, steps, sft_steps, sft_batch, num_train = (16, 4, 4, 4, 10, 8, 16) if cfg.tiny else \
+        (64, 16, 8, 100, 100, 16, 512)
+    steps = cfg.steps or steps
+    root = os.path.join(tempfile.gettempdir(), "bench_trl")  # model, videos, both runs (never under $OUT)
+    shutil.rmtree(root, ignore_errors=True)
+    make_dataset(SyntheticConfig(out=os.path.join(root, "data"), num_train=num_train, num_eval=4, frames=frames,
+                                 seed=cfg.seed))
+    make_tiny_model(os.path.join(root, "init"), seed=cfg.seed)
+    tcfg = T.Config(model=os.path.join(root, "init"), data=os.path.join(root, "data", "train.jsonl"),
+                    out_dir=os.path.join(root, "ours"), num_frames=frames, max_pixels=28 * 28, min_pixels=28 * 28,
+                    think=False, rollout_batch_size=prompts, n=n, max_new_tokens=8, temperature=1.0, top_p=1.0,
+                    lr=1e-3, beta2=0.99, weight_decay=1e-2, grad_clip=1.0, max_steps=steps, kl_beta=0.0,
+                    micro_batch_size=prompts * n, gradient_checkpointing=False, sft_steps=sft_steps, sft_lr=1e-3,
+                    sft_batch_size=sft_batch, save_every=10 ** 9, eval_every=0, progress=False, device=dev,
+                    engine="hf", seed=cfg.seed)
+
+    # one format warm-up (random letters, so accuracy starts at chance), saved: both trainers start from it
+    # (from random weights neither would ever emit "<answer> X </answer>", and every reward would be 0)
+    t = time.perf_counter()
+    model, processor = vlm.load_model(tcfg.model, "float32", "sdpa", dev)
+    train = load_jsonl(tcfg.data)
+    suppress = vlm.suppress_ids(model, processor)
+    torch.manual_seed(cfg.seed)
+    T.format_warmup(T.Root(model), processor, Loader(train, sft_batch, 0, 1, cfg.seed + 1), tcfg, T.Dist(device=dev),
+                    suppress)
+    warm = os.path.join(root, "warm")
+    model.save_pretrained(warm)
+    processor.save_pretrained(warm)
+    video = vlm.load_video(train[0].video, tcfg, "qwen2_5_vl")
+    ours_prompt = vlm.build_prompt(model, processor, format_question(train[0]), video, think=False)
+    del model
+    print(f"format warm-up: {sft_steps} steps of {sft_batch} prompts in {time.perf_counter() - t:.1f} s", flush=True)
+
+    # ours: train_grpo.main as the demo runs it, minus evaluation and warm-up (done above)
+    t = time.perf_counter()
+    T.main(replace(tcfg, model=warm, sft_steps=0))
+    ours_wall = time.perf_counter() - t
+    if dist.is_initialized():  # FSDP2 on a GPU made a size-1 process group; TRL runs as a plain single process
+        dist.destroy_process_group()
+    with open(os.path.join(tcfg.out_dir, "metrics.jsonl")) as f:
+        ours = [json.loads(line) for line in f]
+    ours_s = [sum(v for k, v in m.items() if k.startswith("time_")) for m in ours]
+
+    # TRL: the same videos as image strips, a conversational prompt with the same text
+    rows = []
+    for s in train:
+        strip = np.concatenate(list(vlm.load_video(s.video, tcfg, "qwen2_5_vl").frames[::2]), axis=1)
+        rows.append({"prompt": [{"role": "user", "content": vlm.PLAIN_PROMPT.format(question=format_question(s))}],
+                     "image": Image.fromarray(strip), "answer": s.answer, "problem_type": s.problem_type,
+                     "options": s.options})
+    processor = AutoProcessor.from_pretrained(warm, padding_side="left")
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                          "text": rows[0]["prompt"][0]["content"]}]}], add_generation_prompt=True,
+                                         tokenize=False)
+    trl_ids = processor(text=[text], images=[rows[0]["image"]], return_tensors="pt")["input_ids"][0]
+    trl_log = []  # per step: reward, format, accuracy (the reward function runs once per step)
+
+    def reward_fn(prompts, completions, answer, problem_type, options, **kwargs):
+        scores = compute_rewards([c[0]["content"] for c in completions],
+                                 [dict(answer=a, problem_type=p, options=o)
+                                  for a, p, o in zip(answer, problem_type, options)], think=False)
+        trl_log.append({k: float(np.mean(scores[k])) for k in ("reward", "format", "accuracy")})
+        return scores["reward"].tolist()
+
+    trl_s = []
+
+    class StepTimer(TrainerCallback):  # TRL's own step_time metric leaves out the optimizer step
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            trl_s.append(time.perf_counter() - self.t)
+
+    t = time.perf_counter()  # like ours' wall time: model load + set-up + steps
+    model = AutoModelForImageTextToText.from_pretrained(warm, dtype=torch.float32, attn_implementation="sdpa")
+    # our optimizer, handed over: Trainer's own AdamW would skip weight decay on biases and norms
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, tcfg.beta2),
+                                  weight_decay=tcfg.weight_decay)
+    args = GRPOConfig(output_dir=os.path.join(root, "trl"), max_steps=steps, per_device_train_batch_size=prompts * n,
+                      gradient_accumulation_steps=1, num_generations=n, max_completion_length=tcfg.max_new_tokens,
+                      temperature=1.0, top_p=1.0, learning_rate=tcfg.lr, lr_scheduler_type="constant", beta=0.0,
+                      num_iterations=1, loss_type="dapo", epsilon=0.2, scale_rewards="group", max_grad_norm=1.0,
+                      use_vllm=False, gradient_checkpointing=False, bf16=dev == "cuda", use_cpu=dev == "cpu",
+                      generation_kwargs={"suppress_tokens": suppress}, logging_steps=steps, report_to="none",
+                      save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=processor, callbacks=[StepTimer()], optimizers=(optimizer, None))
+    trainer.train()
+    trl_wall = time.perf_counter() - t
+
+    last = max(1, steps // 5)  # reward over the last fifth of the run
+    table = []
+    for name, visual, step_s, log_, wall, P, V in [
+            ("ours (train_grpo.py)", "video", ours_s, ours, ours_wall, len(ours_prompt.input_ids),
+             ours_prompt.num_video_tokens),
+            (f"TRL {trl.__version__} GRPOTrainer", "image strip", trl_s, trl_log, trl_wall, len(trl_ids),
+             int((trl_ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()))]:
+        timed = step_s[1:] or step_s
+        table.append({"trainer": name, "visual input": visual, "prompt_tokens": P, "visual_tokens": V,
+                      "steps": len(step_s), "median_step_s": float(np.median(timed)), "min_step_s": min(timed),
+                      "max_step_s": max(timed), "reward_first": log_[0]["reward"],
+                      f"reward_last{last}": float(np.mean([m["reward"] for m in log_[-last:]])),
+                      f"format_last{last}": float(np.mean([m["format"] for m in log_[-last:]])),
+                      f"accuracy_last{last}": float(np.mean([m["accuracy"] for m in log_[-last:]])), "wall_s": wall})
+    print_table(table, list(table[0]))
+    ratio = table[0]["median_step_s"] / table[1]["median_step_s"]
+    print(f"ours / TRL median step time: {ratio:.2f}; ours phases (median): " +
+          ", ".join(f"{k[5:]} {np.median([m[k] for m in ours[1:] or ours]):.3f} s" for k in ours[0]
+                    if k.startswith("time_")), flush=True)
+    log({"bench": "trl", **device_info(), "transformers": transformers.__version__, "trl": trl.__version__,
+         "date": time.strftime("%Y-%m-%d"), "frames": frames, "prompts": prompts, "n": n, "max_new_tokens": 8,
+         "lr": tcfg.lr, "format_warmup_steps": sft_steps, "ours_over_trl_step_time": ratio, "rows": table,
+         "ours_phases_median_s": {k[5:]: float(np.median([m[k] for m in ours[1:] or ours])) for k in ours[0]
+                                  if k.startswith("time_")},
+         "ours_reward": [round(m["reward"], 4) for m in ours], "trl_reward": [round(m["reward"], 4) for m in trl_log]},
+        cfg)
+
+
 def grpo_setup(cfg: BenchConfig):
     """Write a random model of the chosen shape (+ processor) and a 64-frame synthetic task to --out, for the
     single-GPU vLLM run of config/qwen2_5_vl_3b_vllm_1gpu.py."""
@@ -527,7 +775,8 @@ def grpo_setup(cfg: BenchConfig):
 if __name__ == "__main__":
     from configurator import parse_config
     benches = {"video": None, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
-               "sp": bench_sp, "memory": bench_memory, "cache": bench_cache, "grpo_setup": grpo_setup}
+               "sp": bench_sp, "memory": bench_memory, "cache": bench_cache, "grpo_setup": grpo_setup,
+               "trl": bench_trl}
     which = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in benches else None
     if which is None and "--help" not in sys.argv and "-h" not in sys.argv:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--key=value ...]  (--help for fields)")

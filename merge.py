@@ -70,13 +70,14 @@ def check_match(step_dir: str, saved: dict, model, base: str, base_from: str, tr
 
 def merge(cfg: MergeConfig) -> str:
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
+    from vlm import load_model
     t0 = time.time()
     step_dir, base, base_from, trained = resolve(cfg.checkpoint, cfg.base)
     dtype = cfg.dtype
     if dtype == "auto":  # the dtype the base checkpoint ships in (fp32 for our tiny models, bf16 for Qwen's)
         dtype = str(getattr(AutoConfig.from_pretrained(base), "dtype", None) or "float32").replace("torch.", "")
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=getattr(torch, dtype))
+    model, _ = load_model(base, dtype)  # every family vlm.py supports (the Omni thinker has no Auto class)
     check_match(step_dir, checkpoint_shapes(step_dir), model, base, base_from, trained)
     # DCP reads into the given tensors in place (casting fp32 -> the model's dtype); tied weights share storage
     dcp.load({"model": model.state_dict()}, checkpoint_id=step_dir, no_dist=True)

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from data.datasets import format_question, load_jsonl
 from vlm import (build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids, family,
@@ -73,24 +72,58 @@ class StaticKV:
         if key.shape[2] > 1:  # the prompt: plain SDPA over its own keys, with transformers' causal+padding mask
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0)
-        # one new token: attend to every written, non-padding slot
-        mask = (self.slots <= slot[-1])[None, None, None, :] & self.valid[:, None, None, :]
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None
+        # one new token: attend to every written, non-padding slot. The G query heads that share a KV head are
+        # stacked as G rows against it, so K and V are read once (a masked SDPA would copy them G times, for GQA)
+        B, H, _, D = query.shape
+        q = query.view(B, k.shape[1], H // k.shape[1], D)                    # [B, H_kv, G, D]
+        scores = (q @ k.transpose(-1, -2)).float() * (scaling or D ** -0.5)   # [B, H_kv, G, max_len]
+        mask = (self.slots <= slot[-1])[None, :] & self.valid                 # [B, max_len]
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v                   # [B, H_kv, G, D]
+        return out.reshape(B, 1, H, D), None
 
 
+def graphed_step(step, kv: StaticKV, tok, step_pos):
+    """`step` recorded once as a CUDA graph; the returned function copies its inputs into the recorded buffers and
+    replays it. Works because every address is fixed (StaticKV) and nothing in the step waits for the CPU. A step
+    that cannot be recorded falls back to running eagerly, and says so."""
+    tok, step_pos = tok.clone(), step_pos.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):  # one eager run first: lazy initialisation and allocations happen here
+            step(tok, step_pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        kv.length -= 1                   # that run wrote a throw-away slot; the first real step overwrites it
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            hidden = step(tok, step_pos)
+    except RuntimeError as e:
+        print(f"CUDA graph capture failed ({str(e).splitlines()[0][:120]}): decoding eagerly")
+        torch.cuda.synchronize()
+        return step
+
+    def replay(new_tok, new_pos):
+        tok.copy_(new_tok)
+        step_pos.copy_(new_pos)
+        graph.replay()                   # also advances kv.length, as recorded
+        return hidden
+    return replay
 
 
 @torch.no_grad()
 def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                max_new_tokens: int = 256, seed: int = 0, feats=None, static_cache=None, compile_step=False) -> list:
+                max_new_tokens: int = 256, seed: int = 0, feats=None, static_cache=None, compile_step=False,
+                cuda_graph=None) -> list:
     """n samples for each prompt. temperature 0 = greedy. Returns len(prompts) * n Rollouts, grouped by prompt.
     The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
     truncation), which is exactly what the training forward recomputes.
     static_cache (default: on GPU) decodes with StaticKV instead of transformers' DynamicCache; compile_step
-    additionally compiles the decode step (torch.compile, CUDA graphs): the fast path on a GPU."""
+    additionally compiles the decode step (torch.compile: fewer, fused kernels); cuda_graph (default: with static_cache on a GPU) records
+    one decode step as a CUDA graph and replays it: one launch per token instead of one per kernel."""
     dev = model.lm_head.weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
+    cuda_graph = (static_cache and dev.type == "cuda") if cuda_graph is None else cuda_graph
     pad_id = processor.tokenizer.pad_token_id
     stop, suppress = eos_ids(model, processor), suppress_ids(model, processor)
     if feats is None and any(p.video_grid_thw is not None for p in prompts):
@@ -121,7 +154,10 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
             out, _ = decoder_hidden(model, tok[:, None], step_pos)
             kv.length += 1
             return out
-        step = torch.compile(step, mode="reduce-overhead") if compile_step else step
+        if compile_step:  # fuse the step's ~40 small kernels a layer; the graph below then replays fewer launches
+            step = torch.compile(step, mode="default" if cuda_graph else "reduce-overhead")
+        if cuda_graph:
+            step = graphed_step(step, kv, ids[:, -1], pos[:, :, -1:])
     else:
         from transformers import DynamicCache
         cache = DynamicCache(config=model.config.get_text_config())

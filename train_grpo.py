@@ -195,6 +195,9 @@ class Config:
     bf16: bool = True                   # on GPU: bf16 compute with fp32 master weights and fp32 grad reduction
     attn_implementation: str = "sdpa"   # sdpa | flash_attention_2 (when installed) | eager
     gradient_checkpointing: bool = True  # recompute decoder layers in backward (activation memory ~ 1 layer)
+    checkpoint_mode: str = "full"       # full | attention (keep attention outputs: faster, more memory) | offload (layer inputs in host memory)
+    attention_layers: int = 0           # checkpoint_mode=attention: keep attention in the first this-many layers (0 = all)
+    mlp_chunk: int = 0                  # > 0: MLPs over the sequence in chunks of this many tokens (longest sequences)
     freeze_vision: bool = False         # train the language model only
     # rollout
     engine: str = "hf"                  # hf (any machine) | vllm (colocated, GPU)
@@ -642,8 +645,8 @@ def main(cfg: Config):
     if cfg.freeze_vision:
         for encoder in vlm.media_encoders(model):
             encoder.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # what the decoder keeps for backward: vlm.set_checkpointing
+        vlm.set_checkpointing(model, cfg.checkpoint_mode, cfg.mlp_chunk, cfg.attention_layers)
     bf16 = cfg.bf16 and d.device.startswith("cuda")
     attention = {"rollout": cfg.attn_implementation, "train": cfg.attn_implementation}
     if cfg.sp_size > 1:  # Ulysses for the language model in training; rollout/eval keep plain attention

@@ -16,7 +16,9 @@ Qwen2.5-VL silently assumes 24 fps); 3-D rope positions come from `rope_position
 original Qwen2.5-VL rule (transformers 5.x starts text after a video at a different position), and are passed
 explicitly everywhere, so that rollout and training log-probs agree.
 """
+import contextlib
 import inspect
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -426,8 +428,10 @@ def decoder_hidden(model, input_ids, positions, feats=None, attention_mask=None,
     if family(model) not in MROPE:
         positions = positions[0]                                     # 1-D rope: the rows are equal
     cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # 5.24 / 5.17
-    out = lm(inputs_embeds=emb, position_ids=positions, attention_mask=attention_mask, use_cache=cache is not None,
-             **{cache_kw: cache}, **extra)
+    offload = getattr(model, "offload_activations", False) and torch.is_grad_enabled()  # set_checkpointing(offload)
+    with torch.autograd.graph.save_on_cpu(pin_memory=emb.is_cuda) if offload else contextlib.nullcontext():
+        out = lm(inputs_embeds=emb, position_ids=positions, attention_mask=attention_mask, use_cache=cache is not None,
+                 **{cache_kw: cache}, **extra)
     return out.last_hidden_state, cache
 
 
@@ -499,3 +503,57 @@ def use_attention(model, name: str):
     if previous != name:
         model.set_attn_implementation({"text_config": name, "vision_config": model.config.vision_config._attn_implementation})
     return previous
+
+
+# ----------------------------------------------------------------------------------------------------------
+# activation memory: what the decoder keeps for backward (train_grpo.py's checkpoint_mode / mlp_chunk; bench.py)
+
+def set_checkpointing(model, mode: str = "full", mlp_chunk: int = 0, attention_layers: int = 0):
+    """Activation checkpointing of the decoder layers: a layer keeps only its input and reruns its forward in
+    backward. Modes:
+      none       keep everything (fastest, most memory)
+      full       recompute everything
+      attention  also keep the attention kernel's outputs (in the first `attention_layers` layers; 0 = all), so
+                 backward recomputes the projections but not the O(S^2) attention: at 128k tokens on a 3B model
+                 attention is 3/4 of the FLOPs, and its output costs S x hidden x 2 bytes a layer
+      offload    full, and the kept layer inputs (S x hidden x 2 bytes a layer) wait in pinned host memory
+                 (decoder_hidden wraps the forward in save_on_cpu; the layers use reentrant checkpointing, whose
+                 inputs are saved tensors)
+    mlp_chunk > 0: every MLP runs over the sequence `mlp_chunk` tokens at a time, each chunk recomputed in backward,
+    so its [S, ffn] intermediates (the largest tensors at long S) exist for one chunk at a time."""
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    if mode not in ("none", "full", "attention", "offload"):
+        raise ValueError(f"checkpoint mode {mode!r}: choose none, full, attention or offload")
+    model.offload_activations = mode == "offload"
+    layers = model.model.language_model.layers
+    if mode == "none":
+        model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "offload"})
+    if mode == "attention":
+        keep = partial(create_selective_checkpoint_contexts, keep_attention_outputs)
+        for layer in layers[:attention_layers or len(layers)]:
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False, context_fn=keep)
+    for layer in layers:
+        if mlp_chunk > 0:
+            layer.mlp.forward = partial(chunked_mlp, type(layer.mlp).forward.__get__(layer.mlp), mlp_chunk)
+        elif "forward" in vars(layer.mlp):
+            del layer.mlp.forward
+
+
+def keep_attention_outputs(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: save what the fused attention kernels return, recompute everything else."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    keep = getattr(op, "_opname", getattr(op, "__name__", "")).split(".")[0] in names
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def chunked_mlp(forward, chunk: int, x):
+    """MLP over the sequence in chunks, each checkpointed: out[:, i:i+c] = mlp(x[:, i:i+c]) (the MLP is per token)."""
+    from torch.utils.checkpoint import checkpoint
+    if not torch.is_grad_enabled() or x.shape[-2] <= chunk:
+        return forward(x)
+    return torch.cat([checkpoint(forward, x[..., i:i + chunk, :], use_reentrant=False)
+                      for i in range(0, x.shape[-2], chunk)], dim=-2)

@@ -528,7 +528,8 @@ def _other_env(lib, folder, path):
         m = re.match(r"(lib(?:av|sw)\w+)-[0-9a-f]+\.so\.(\d+)", f)
         if m and not os.path.lexists(os.path.join(shim, f"{m[1]}.so.{m[2]}")):
             os.symlink(os.path.join(libs, f), os.path.join(shim, f"{m[1]}.so.{m[2]}"))
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [shim, libs, os.environ.get("LD_LIBRARY_PATH")]))}
+    paths = [shim, libs] + ([os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH") else [])
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(paths)}
     if run(env).returncode == 0:
         return env, name, (f"no FFmpeg libraries on this system; runs on the FFmpeg bundled in PyAV's wheel "
                            f"(libavutil {'.'.join(map(str, av.library_versions['libavutil']))}) through {shim}")
@@ -564,7 +565,8 @@ def bench(cfg):
 
     def measure(mode, n, save="-"):
         r = subprocess.run([sys.executable, "-c", _BENCH_WORKER, root, mode, path, str(n),
-                            str(limit if mode == "naive" else 0), save], env=envs[mode][0], capture_output=True, text=True)
+                            str(limit if mode == "naive" else 0), save], env=envs[mode][0], capture_output=True,
+                           text=True)
         if r.returncode:
             return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:200]}
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -572,7 +574,8 @@ def bench(cfg):
     label = {"seek": "ours: seek-based sample_frames",
              "naive": "decode every frame (PyAV)" + f", first {cfg.naive_minutes:g} min, extrapolated" * bool(limit)}
     for lib in cfg.others:  # "name version" (or the name asked for, when not installed) and the seek mode
-        label[lib] = envs[lib][1] + {"torchcodec": ", seek_mode=exact", "torchcodec_approx": ", seek_mode=approximate"}.get(lib, "")
+        label[lib] = envs[lib][1] + {"torchcodec": ", seek_mode=exact",
+                                     "torchcodec_approx": ", seek_mode=approximate"}.get(lib, "")
     floors = {mode: measure(mode, 0, "-").get("max_rss_mb") for mode in envs if envs[mode][0] is not None}
     with av.open(path) as container:  # how far apart two adjacent frames are (what a frame off by one would score)
         pair = [VideoReformatter().reformat(f, width=w, height=h, format="rgb24").to_ndarray().astype(np.int16)
@@ -622,7 +625,7 @@ def bench(cfg):
             print(f"{r['num_frames']:>6}  {label[r['method']]:<58} {r['error']}")
             continue
         same = ("identical" if r.get("identical") else f"max frame MAD {r['max_frame_mad']:.1f}/255"
-                if "max_frame_mad" in r else "-") + (f" ({r['frames']} frames in the prefix)" if r["extrapolated"] else "")
+                if "max_frame_mad" in r else "-") + f" ({r['frames']} frames in the prefix)" * r["extrapolated"]
         print(f"{r['num_frames']:>6}  {label[r['method']]:<58} {r['wall_s']:>7.2f} {r['cpu_s']:>7.2f} "
               f"{r['frames_per_s']:>8.0f} {r.get('vs_decode_all', float('nan')):>4.1f}x {r['peak_rss_mb']:>7.0f} "
               f"{r['over_floor_mb']:>6.0f}  {same if r['method'] != 'seek' else '(reference)'}")

@@ -176,3 +176,41 @@ def test_exported_language_model_on_prompt_embeds(models, media, tmp_path):
         theirs = lm(inputs_embeds=rollout.prompt_embeddings(model, [prompt])[0][None]).logits[0]
         ours = our_logits(model, prompt)
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_checkpoint_modes_same_gradients_and_attention_kept(tmp_path):
+    """Every activation-memory mode gives the gradients of no checkpointing; "attention" runs the attention kernel
+    once per layer (kept for backward), "full" twice (recomputed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func) and "backward" not in str(func):
+                CountAttention.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model, _ = vlm.load_model(make_tiny_model(str(tmp_path / "q"), "qwen2_5_vl", seed=0))
+    model.train()
+    ids = torch.randint(20, 300, (2, 96), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(96).view(1, 1, -1).expand(3, 2, -1)
+
+    def grads(mode, chunk=0):
+        vlm.set_checkpointing(model, mode, chunk)
+        model.zero_grad()
+        CountAttention.calls = 0
+        with CountAttention():
+            hidden, _ = vlm.decoder_hidden(model, ids, pos)
+            logp, _ = vlm.token_logprobs(model, hidden[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), [])
+            logp.sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, CountAttention.calls
+
+    ref, _ = grads("none")
+    layers = model.config.get_text_config().num_hidden_layers
+    for mode, chunk in [("full", 0), ("attention", 0), ("offload", 0), ("offload", 32), ("full", 40)]:
+        g, calls = grads(mode, chunk)
+        assert g.keys() == ref.keys()
+        assert max((g[n] - ref[n]).abs().max() for n in ref) < 1e-5, (mode, chunk)
+        if chunk == 0:
+            assert calls == (layers if mode == "attention" else 2 * layers), (mode, calls)
