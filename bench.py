@@ -2,7 +2,8 @@
 The benchmarks behind every number in the README. Each prints a table and one JSON line (`BENCH {...}`).
 
     python bench.py video                 # data/video.py, 1-hour video: our sampler vs decode-all, torchcodec, decord
-    python bench.py rollout               # HF engine tokens/s: generate() vs our loop (dynamic / static KV + CUDA graph)
+    python bench.py rollout               # HF engine tokens/s: generate() vs our loop
+                                          # (dynamic / static KV + CUDA graph)
     python bench.py train                 # one GRPO step by phase, 64 and 256 frames; then `longest`
     python bench.py longest               # fwd+bwd time, MFU, peak per length and checkpoint mode; naive baseline
     python bench.py sp                    # Ulysses attention + all-to-all vs plain SDPA; chunked vs plain gather
@@ -42,7 +43,7 @@ class BenchConfig:
     tiny: bool = False              # shortcut for shape=tiny and small sizes (a CPU smoke test)
     frames: list = None             # frame counts (rollout, train); default per bench
     seq_lens: list = None           # train: sequence lengths for the longest-sequence / MFU scan
-    variants: list = None           # longest: which memory variants to run (full | attention | offload | none; default all)
+    variants: list = None  # longest: which memory variants to run (full | attention | offload | none; default all)
     batch: int = 8                  # rollout: sequences decoded together
     new_tokens: int = 256           # rollout: generated tokens per sequence
     vllm: bool = False              # rollout: also time the vLLM engine (needs vllm + CUDA)
@@ -186,7 +187,8 @@ def bench_rollout(cfg: BenchConfig):
         if dev == "cuda":
             engines["ours (static KV + CUDA graph)"] = dict(static_cache=True, cuda_graph=True)
         if cfg.compile and dev == "cuda":
-            engines["ours (static KV, compiled + CUDA graph)"] = dict(static_cache=True, compile_step=True, cuda_graph=True)
+            engines["ours (static KV, compiled + CUDA graph)"] = dict(static_cache=True, compile_step=True,
+                                                                      cuda_graph=True)
         for engine, kw in engines.items():
             run = functools.partial(rollout.hf_generate, model, processor, prompts, 1, 1.0, 1.0, cfg.new_tokens, 0,
                                     feats, **kw)
@@ -201,7 +203,8 @@ def bench_rollout(cfg: BenchConfig):
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine, "tokens_per_s": new / dt, "s": dt})
                 print(rows[-1], flush=True)
             except Exception as e:  # report, keep measuring the others
-                rows.append({"case": name, "prompt_tokens": P, "engine": engine, "error": f"{type(e).__name__}: {e}"[:300]})
+                rows.append({"case": name, "prompt_tokens": P, "engine": engine,
+                             "error": f"{type(e).__name__}: {e}"[:300]})
         rows.append(bench_plain_generate(model, prompts, feats, cfg, name, P))
         del prompts, feats
         torch.cuda.empty_cache() if dev == "cuda" else None
@@ -239,7 +242,8 @@ def bench_plain_generate(model, prompts, feats, cfg, name, P):
         return {"case": name, "prompt_tokens": P, "engine": "transformers generate()",
                 "tokens_per_s": (out.shape[1] - ids.shape[1]) * len(prompts) / dt, "s": dt}
     except Exception as e:
-        return {"case": name, "prompt_tokens": P, "engine": "transformers generate()", "error": f"{type(e).__name__}: {e}"[:300]}
+        return {"case": name, "prompt_tokens": P, "engine": "transformers generate()",
+                "error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def bench_vllm_rollout(cfg, processor, model, cases):
@@ -286,7 +290,8 @@ def bench_train(cfg: BenchConfig):
     tcfg = T.Config(max_new_tokens=cfg.new_tokens if not cfg.tiny else 8, micro_batch_size=1, n=4)
     rows = []
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
-        side = 56 if cfg.tiny else 224  # 64 video tokens per frame pair (HF's non-flash vision attention loops per window)
+        # 64 video tokens per frame pair (HF's non-flash vision attention loops per window)
+        side = 56 if cfg.tiny else 224
         prompts = [vlm.build_prompt(model, processor, "What colour was the flash? Options: A. red B. green",
                                         random_video(frames, side, k)) for k in range(2)]
         sample = {"answer": "A", "problem_type": "multiple_choice", "options": ["A. red", "B. green"]}
@@ -357,7 +362,8 @@ def bench_longest(cfg: BenchConfig):
     peak = matmul_tflops()
     lens = cfg.seq_lens or ([256, 512] if cfg.tiny else [16384, 32768, 65536, 131072, 196608, 262144])
     if dev == "cuda":  # "fits on an 80 GB GPU": cap this process at an H100's memory whatever the card
-        torch.cuda.set_per_process_memory_fraction(min(1.0, 78 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
+        torch.cuda.set_per_process_memory_fraction(min(1.0,
+                                                       78 * 2**30 / torch.cuda.get_device_properties(0).total_memory))
     big = [S for S in lens if S >= 131072] or lens[-1:]
     # (name, vlm.set_checkpointing mode, mlp_chunk, attention_layers to try in turn, lengths)
     variants = [("full checkpointing", "full", 0, [0], lens),
@@ -769,7 +775,8 @@ def grpo_setup(cfg: BenchConfig):
     make_dataset(SyntheticConfig(out=os.path.join(out, "synthetic"), num_train=64, num_eval=16,
                                  frames=8 if cfg.tiny else 64, size=56 if cfg.tiny else 224, seed=cfg.seed))
     print(f"wrote {out}/model and {out}/synthetic; now: torchrun --nproc_per_node=1 train_grpo.py "
-          f"config/qwen2_5_vl_3b_vllm_1gpu.py --model={out}/model --data={out}/synthetic/train.jsonl --out_dir={out}/run")
+          f"config/qwen2_5_vl_3b_vllm_1gpu.py --model={out}/model --data={out}/synthetic/train.jsonl "
+          f"--out_dir={out}/run")
 
 
 if __name__ == "__main__":
@@ -783,7 +790,8 @@ if __name__ == "__main__":
     if which == "video":
         sys.argv = [sys.argv[0], "--bench"] + sys.argv[2:]
         import runpy
-        runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "video.py"), run_name="__main__")
+        runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "video.py"),
+                       run_name="__main__")
         raise SystemExit(0)
     cfg = parse_config(BenchConfig, sys.argv[2:] if which else sys.argv[1:])
     if cfg.tiny:

@@ -19,8 +19,6 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
-
 
 @dataclass
 class MergeConfig:

@@ -11,14 +11,15 @@ push). Both return the same `Rollout` records. The script always prints which en
 """
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
 from data.datasets import format_question, load_jsonl
-from vlm import (build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids, family,
-                 load_model, load_video, masked_logits, select_videos, suppress_ids, use_attention)
+from vlm import (MROPE, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
+                 family, load_model, load_video, masked_logits, select_videos, suppress_ids, use_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,7 +120,8 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
     truncation), which is exactly what the training forward recomputes.
     static_cache (default: on GPU) decodes with StaticKV instead of transformers' DynamicCache; compile_step
-    additionally compiles the decode step (torch.compile: fewer, fused kernels); cuda_graph (default: with static_cache on a GPU) records
+    additionally compiles the decode step (torch.compile: fewer, fused kernels); cuda_graph (default: with
+    static_cache on a GPU) records
     one decode step as a CUDA graph and replays it: one launch per token instead of one per kernel."""
     dev = model.lm_head.weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
@@ -274,7 +276,8 @@ class VLLMEngine:
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()
         # vision features computed by the old vision tower, and processed inputs (whichever this version has)
-        for reset in (getattr(self.llm.llm_engine, "reset_encoder_cache", None), getattr(self.llm, "reset_mm_cache", None)):
+        for reset in (getattr(self.llm.llm_engine, "reset_encoder_cache", None),
+                      getattr(self.llm, "reset_mm_cache", None)):
             if reset is not None:
                 reset()
         self.llm.wake_up(tags=["kv_cache"])
@@ -374,7 +377,7 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
 
 @dataclass
 class RolloutConfig:
-    model: str = ""                 # checkpoint folder or hub id (Qwen2.5-VL, Qwen3-VL)
+    model: str = ""                 # checkpoint folder or hub id (Qwen2.5-VL, Qwen3-VL, Qwen2.5-Omni, LLaVA-format)
     video: str = ""                 # a video to ask one question about
     question: str = ""              # the question for --video
     eval: str = ""                  # an eval jsonl (data/datasets.py format): accuracy per category
@@ -410,7 +413,13 @@ def main(cfg: RolloutConfig):
     model.eval()
     engine = None
     if cfg.engine == "vllm":
-        engine = VLLMEngine(cfg.model, cfg.gpu_memory_utilization, cfg.max_model_len, cfg.seed, cfg.max_frames)
+        if family(model).startswith("qwen2_5_omni"):
+            raise SystemExit("--engine=vllm does not pass Qwen2.5-Omni's audio track to vLLM yet: use --engine=hf")
+        embeds_only = family(model) not in MROPE  # embedding VLMs: vLLM runs the language model on prompt_embeds
+        path = export_language_model(model, processor, tempfile.mkdtemp(prefix="longrl_lm_")) \
+            if embeds_only else cfg.model
+        engine = VLLMEngine(path, cfg.gpu_memory_utilization, cfg.max_model_len, cfg.seed, cfg.max_frames,
+                            prompt_embeds=embeds_only)
     print(f"engine: {'vLLM' if engine else 'HF (transformers, our KV-cached decode loop)'}; device {device}; "
           f"attention {model.config._attn_implementation}")
     if cfg.eval:
@@ -430,11 +439,15 @@ def main(cfg: RolloutConfig):
         return res
     video = load_video(cfg.video, cfg, family(model))
     prompt = build_prompt(model, processor, cfg.question, video, cfg.think)
+    audio = f", {prompt.num_audio_tokens} audio tokens" if prompt.num_audio_tokens else ""
     print(f"{len(video.frames)} frames of {video.frames.shape[2]}x{video.frames.shape[1]} -> "
-          f"{prompt.num_video_tokens} video tokens, prompt {len(prompt.input_ids)} tokens")
-    gen = engine.generate if engine else lambda ps, **kw: hf_generate(model, processor, ps, **kw)
-    out = gen([prompt], n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-              seed=cfg.seed)[0]
+          f"{prompt.num_video_tokens} video tokens{audio}, prompt {len(prompt.input_ids)} tokens")
+    kw = dict(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    if engine:
+        out = engine.generate([prompt], **kw,
+                              embeds=prompt_embeddings(model, [prompt]) if engine.prompt_embeds else None)[0]
+    else:
+        out = hf_generate(model, processor, [prompt], **kw)[0]
     print(out.text)
     return out
 

@@ -140,7 +140,8 @@ def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
         torch.manual_seed(0)
         if kind == "sd3":  # CLIP outputs (32+32) are zero-padded to T5's 64 = joint_attention_dim; pooled 32+32 = 64
             vae = D.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=16, norm_num_groups=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
                                   use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                                   scaling_factor=1.5035)  # x2 spatial
             pipe = D.StableDiffusion3Pipeline(

@@ -73,7 +73,8 @@ def wrap_fsdp(model: torch.nn.Module, units, d: Dist, bf16: bool, ignored: set =
         dist.init_process_group("gloo" if d.device == "cpu" else "nccl", rank=0, world_size=1,
                                 init_method=f"file:///tmp/longrl-pg-{os.getpid()}")
     mesh = init_device_mesh("cuda" if d.device.startswith("cuda") else "cpu", (d.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
@@ -195,8 +196,8 @@ class Config:
     bf16: bool = True                   # on GPU: bf16 compute with fp32 master weights and fp32 grad reduction
     attn_implementation: str = "sdpa"   # sdpa | flash_attention_2 (when installed) | eager
     gradient_checkpointing: bool = True  # recompute decoder layers in backward (activation memory ~ 1 layer)
-    checkpoint_mode: str = "full"       # full | attention (keep attention outputs: faster, more memory) | offload (layer inputs in host memory)
-    attention_layers: int = 0           # checkpoint_mode=attention: keep attention in the first this-many layers (0 = all)
+    checkpoint_mode: str = "full"       # full | attention (keep attention: faster) | offload (inputs to host memory)
+    attention_layers: int = 0           # checkpoint_mode=attention: only the first this-many layers keep it (0: all)
     mlp_chunk: int = 0                  # > 0: MLPs over the sequence in chunks of this many tokens (longest sequences)
     freeze_vision: bool = False         # train the language model only
     # rollout
@@ -217,7 +218,7 @@ class Config:
     judge_model: str = ""               # judge model name
     # algorithm
     adv_estimator: str = "grpo"         # grpo | drgrpo | rloo | reinforce_pp | reinforce_pp_baseline
-    loss_agg: str = "token-mean"        # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     clip_low: float = 0.2               # PPO clip: ratio >= 1 - clip_low
     clip_high: float = 0.2              # PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)
     dual_clip: float = 3.0              # dual clip c for negative advantages (0 = off)
@@ -622,7 +623,8 @@ def main(cfg: Config):
     if cfg.n % cfg.sp_size:
         raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:
-        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} must divide by the {dp_size} data-parallel ranks")
+        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} must divide by the {dp_size} "
+                         "data-parallel ranks")
     prompts_per_rank = cfg.rollout_batch_size // dp_size
     update_prompts = (cfg.update_batch_size or cfg.rollout_batch_size) // dp_size
     updates_per_epoch = max(prompts_per_rank // max(update_prompts, 1), 1)
@@ -669,6 +671,8 @@ def main(cfg: Config):
     suppress = vlm.suppress_ids(model, processor)
     judge = JudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.open_ended == "judge" else None
     engine = None
+    if cfg.engine == "vllm" and vlm.family(model).startswith("qwen2_5_omni"):
+        raise ValueError("--engine=vllm does not pass Qwen2.5-Omni's audio track to vLLM yet: use --engine=hf")
     if cfg.engine == "vllm":  # embedding VLMs: vLLM runs their language model alone, on our prompt embeddings
         embeds_only = vlm.family(model) not in vlm.MROPE
         engine = rollout.VLLMEngine(lm_dir if embeds_only else cfg.model, cfg.gpu_memory_utilization,

@@ -147,7 +147,8 @@ def expand_placeholder(ids: torch.Tensor, token: int, replacement: list) -> torc
     """Replace the one `token` of a prompt by the token list `replacement`."""
     where = (ids == token).nonzero().flatten().tolist()
     if len(where) != 1:
-        raise ValueError(f"the chat template put {len(where)} media placeholders (id {token}) in the prompt, expected 1")
+        raise ValueError(f"the chat template put {len(where)} media placeholders (id {token}) "
+                         "in the prompt, expected 1")
     return torch.cat([ids[:where[0]], torch.tensor(replacement, dtype=ids.dtype), ids[where[0] + 1:]])
 
 
@@ -209,7 +210,8 @@ def build_prompt_omni(model, processor, question: str, video, think: bool = True
         feats, mel_frames = fe["input_features"][0], int(fe["attention_mask"].sum())
         n_audio = ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1                # two stride-2 stages: 100 mel/s -> 25/s
         chunk = int(c.position_id_per_seconds * c.seconds_per_chunk)
-        vchunks = omni_chunks([int(i * sec * c.position_id_per_seconds) for i in range(t) for _ in range(per_group)], chunk)
+        vchunks = omni_chunks([int(i * sec * c.position_id_per_seconds) for i in range(t) for _ in range(per_group)],
+                              chunk)
         achunks = omni_chunks(list(range(n_audio)), chunk)
         block = [c.audio_start_token_id]
         for j in range(max(len(vchunks), len(achunks))):
@@ -220,7 +222,8 @@ def build_prompt_omni(model, processor, question: str, video, think: bool = True
     pos, _ = model.model.get_rope_index(ids[None], None, grid, None, use_audio_in_video=feats is not None,
                                         audio_seqlens=None if feats is None else torch.tensor([mel_frames]),
                                         second_per_grids=torch.tensor([sec]))
-    return Prompt(input_ids=ids, positions=pos[:, 0], pixel_values_videos=out["pixel_values_videos"], video_grid_thw=grid,
+    return Prompt(input_ids=ids, positions=pos[:, 0], pixel_values_videos=out["pixel_values_videos"],
+                  video_grid_thw=grid,
                   num_video_tokens=t * per_group, text=text, frames=video, sample=sample,
                   input_features=None if feats is None else feats[:, :mel_frames], num_audio_tokens=n_audio)
 
@@ -254,7 +257,8 @@ def load_video(path: str, cfg, model_type: str):
     Omni thinker also its audio track (None, with a message, when it has none: the input is then video only)."""
     from data.video import load_audio, probe, sample_frames
     fps = cfg.fps or None  # fps, when given, takes precedence over num_frames
-    video = sample_frames(path, fps=fps, num_frames=None if fps else (cfg.num_frames or None), max_frames=cfg.max_frames,
+    video = sample_frames(path, fps=fps, num_frames=None if fps else (cfg.num_frames or None),
+                          max_frames=cfg.max_frames,
                           max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, size_multiple=SUPPORTED[model_type])
     if model_type.startswith("qwen2_5_omni"):
         if probe(path).has_audio:
@@ -501,7 +505,8 @@ def use_attention(model, name: str):
     """Set the language model's attention function (the vision tower keeps its own); returns the previous."""
     previous = model.config.get_text_config()._attn_implementation
     if previous != name:
-        model.set_attn_implementation({"text_config": name, "vision_config": model.config.vision_config._attn_implementation})
+        model.set_attn_implementation({"text_config": name,
+                                       "vision_config": model.config.vision_config._attn_implementation})
     return previous
 
 

@@ -119,7 +119,8 @@ class Loader:
         if len(samples) < batch_size * dp_size:
             raise ValueError(f"dataset has {len(samples)} rows, fewer than one global batch "
                              f"({batch_size} prompts x {dp_size} data-parallel ranks)")
-        self.samples, self.batch_size, self.dp_rank, self.dp_size, self.seed = samples, batch_size, dp_rank, dp_size, seed
+        self.samples, self.batch_size, self.dp_rank, self.dp_size, self.seed = \
+            samples, batch_size, dp_rank, dp_size, seed
         self.epoch, self.cursor = 0, 0
 
     def _order(self):

@@ -1,5 +1,6 @@
 """
-Tiny VLMs built from configs (Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker, a LLaVA-style embedding VLM), with a byte-level BPE tokenizer trained at run time and the real
+Tiny VLMs built from configs (Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker, a LLaVA-style embedding VLM), with a
+byte-level BPE tokenizer trained at run time and the real
 transformers processor: the models every test and the CPU demo run on (no hub, nothing downloaded).
 
     python data/tiny.py --out=runs/tiny-qwen2_5_vl --family=qwen2_5_vl   # writes a from_pretrained folder
@@ -74,7 +75,8 @@ def train_tokenizer(vocab_size: int = 400, family: str = "qwen2_5_vl"):
              "vision_end_token": "<|vision_end|>"}
     if family.startswith("qwen2_5_omni"):  # the names Qwen2_5OmniProcessor reads from its tokenizer
         named.update(video_token="<|VIDEO|>", audio_token="<|AUDIO|>", audio_bos_token="<|audio_bos|>",
-                     audio_eos_token="<|audio_eos|>", vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>")
+                     audio_eos_token="<|audio_eos|>", vision_bos_token="<|vision_bos|>",
+                     vision_eos_token="<|vision_eos|>")
     template = {"qwen2_5_omni_thinker": OMNI_CHAT_TEMPLATE, "llava": LLAVA_CHAT_TEMPLATE}.get(family, CHAT_TEMPLATE)
     tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                              unk_token=None, bos_token=None, chat_template=template, extra_special_tokens=named)
@@ -131,7 +133,8 @@ def model_config(family: str, tok, size: TinySize = TinySize()):
         from transformers import Qwen2_5OmniThinkerConfig
         qwen = model_config("qwen2_5_vl", tok, size)
         ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
-            ("audio_token_index", "<|AUDIO|>"), ("image_token_index", "<|image_pad|>"), ("video_token_index", "<|VIDEO|>"),
+            ("audio_token_index", "<|AUDIO|>"), ("image_token_index", "<|image_pad|>"),
+            ("video_token_index", "<|VIDEO|>"),
             ("audio_start_token_id", "<|audio_bos|>"), ("audio_end_token_id", "<|audio_eos|>"),
             ("vision_start_token_id", "<|vision_bos|>")]}  # vision_start is read by get_rope_index though undeclared
         vision = {**qwen.vision_config.to_dict(), "tokens_per_second": 25}
@@ -142,7 +145,8 @@ def model_config(family: str, tok, size: TinySize = TinySize()):
                                         seconds_per_chunk=2, **ids)
     if family == "llava":  # a CLIP-style image tower + projector + a Qwen2 decoder: video = its frames' tokens
         from transformers import LlavaConfig
-        vision = dict(model_type="clip_vision_model", hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+        vision = dict(model_type="clip_vision_model", hidden_size=size.vision_hidden,
+                      intermediate_size=2 * size.vision_hidden,
                       num_hidden_layers=size.vision_depth, num_attention_heads=size.vision_heads, image_size=28,
                       patch_size=14, projection_dim=size.vision_hidden)
         return LlavaConfig(vision_config=vision, text_config=text | {"model_type": "qwen2"},
@@ -176,7 +180,8 @@ def make_processor(family: str, tok):
     if family == "llava":  # frames are resized to the tower's 28 x 28 (2 x 2 patches of 14 -> 4 tokens a frame)
         from transformers import CLIPImageProcessor, LlavaProcessor
         image = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        return LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        return LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy="default",
                               image_token="<|image_pad|>", chat_template=LLAVA_CHAT_TEMPLATE)
     raise ValueError(f"unknown tiny family {family!r}")
 

@@ -151,7 +151,8 @@ def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
     assert isinstance(out, rollout.Rollout) and "video tokens" in capsys.readouterr().out
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01not a video" * 100)
     rows = [{"video": v, "problem": "q?", "options": ["A. red", "B. green"], "answer": "A",
-             "problem_type": "multiple_choice", "category": cat} for v, cat in zip(videos, ["Temporal", "Spatial", "Temporal"])]
+             "problem_type": "multiple_choice", "category": cat}
+            for v, cat in zip(videos, ["Temporal", "Spatial", "Temporal"])]
     rows += [{"video": "missing.mp4", "problem": "q?", "answer": "B", "problem_type": "multiple_choice"},
              {"video": "corrupt.mp4", "problem": "q?", "answer": "B", "problem_type": "multiple_choice"}]
     eval_file = tmp_path / "eval.jsonl"

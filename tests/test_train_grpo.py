@@ -192,7 +192,8 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
     straight = T.main(tiny_cfg(tiny_run, tmp_path / "a", max_steps=4))
     T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=2))
     resumed = T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=4, resume=True))
-    assert metrics_without_time(tmp_path / "a" / "metrics.jsonl") == metrics_without_time(tmp_path / "b" / "metrics.jsonl")
+    assert metrics_without_time(tmp_path / "a" / "metrics.jsonl") == \
+        metrics_without_time(tmp_path / "b" / "metrics.jsonl")
     pa, pb = final_params(str(tmp_path / "a")), final_params(str(tmp_path / "b"))
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
     assert straight["after"] == resumed["after"]

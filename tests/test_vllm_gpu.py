@@ -68,14 +68,17 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
         for part, key in groups.items():  # one weight group at a time: a stale group shows up by name
             with torch.no_grad():
                 for name, p in model.named_parameters():
-                    if key in name and (part != "mlp" or ".mlp." in name) and (part == "vision_tower" or "visual" not in name):
-                        scale = 0.2 * p.float().std() if p.numel() > 1 and p.float().std() > 1e-3 else 0.05  # norms: all ones
+                    if key in name and (part != "mlp" or ".mlp." in name) and \
+                            (part == "vision_tower" or "visual" not in name):
+                        # norms: all ones
+                        scale = 0.2 * p.float().std() if p.numel() > 1 and p.float().std() > 1e-3 else 0.05
                         p.add_(torch.randn_like(p) * scale)  # relative to the weights, like a training step
             stale = training_logprobs(model, prompts, outs, suppress)
             summary[f"{part}_stale_weights_would_differ_by"] = float((engine_lp - stale).abs().mean())
             engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
             again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
-            summary[f"{part}_samples_changed_after_push"] = [o.response_ids for o in again] != [o.response_ids for o in outs]
+            summary[f"{part}_samples_changed_after_push"] = [o.response_ids for o in again] != \
+                [o.response_ids for o in outs]
             new_lp = torch.tensor([x for o in again for x in o.logprobs])
             diff_after = (new_lp - training_logprobs(model, prompts, again, suppress)).abs()
             summary[f"{part}_logprob_maxdiff_after_push"] = float(diff_after.max())

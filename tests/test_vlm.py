@@ -59,8 +59,10 @@ def test_omni_layout_matches_the_processor(models, media):
     prompt = vlm.build_prompt(model, processor, "What sound?", video, think=False)
     assert prompt.num_audio_tokens > 0 and prompt.num_video_tokens > 0
     sampled_fps = len(video.indices) / video.total_frames * video.fps
-    size = {k: v for k, v in dict(processor.video_processor.size).items() if v is not None}  # else the class default wins
-    ref = processor(size=size, text=[prompt.text], videos=[video.frames], audio=[video.audio], load_audio_from_video=True,
+    # else the class default wins
+    size = {k: v for k, v in dict(processor.video_processor.size).items() if v is not None}
+    ref = processor(size=size, text=[prompt.text], videos=[video.frames], audio=[video.audio],
+                    load_audio_from_video=True,
                     audio_from_video_indices=[0], fps=sampled_fps, do_sample_frames=False, return_tensors="pt",
                     audio_kwargs={"truncation": False, "padding": "longest"})
     assert ref["input_ids"][0].tolist() == prompt.input_ids.tolist()
@@ -152,8 +154,10 @@ def test_embedding_vlm_rollout_grpo_cache_and_sp2(tmp_path):
     live = first_metrics(tmp_path / "live")
     assert live["loss"] != 0.0
     cache = str(tmp_path / "cache")
-    res = cache_embeddings.main(cache_embeddings.CacheConfig(model=model_dir, data=str(tmp_path / "data" / "train.jsonl"),
-                                                             out=cache, num_frames=8, max_pixels=56 * 56, progress=False))
+    res = cache_embeddings.main(cache_embeddings.CacheConfig(model=model_dir,
+                                                             data=str(tmp_path / "data" / "train.jsonl"),
+                                                             out=cache, num_frames=8, max_pixels=56 * 56,
+                                                             progress=False))
     assert res["written"] == 4 and res["bad"] == 0
     T.main(family_cfg(tmp_path / "data", model_dir, tmp_path / "cached", embeddings_cache=cache, **common))
     cached = first_metrics(tmp_path / "cached")
@@ -170,7 +174,8 @@ def test_exported_language_model_on_prompt_embeds(models, media, tmp_path):
     import rollout
     from transformers import AutoModelForCausalLM
     model, processor = models["llava"]
-    prompt = vlm.build_prompt(model, processor, "What?", vlm.load_video(media["silent"], VideoCfg, "llava"), think=False)
+    prompt = vlm.build_prompt(model, processor, "What?", vlm.load_video(media["silent"], VideoCfg, "llava"),
+                              think=False)
     lm = AutoModelForCausalLM.from_pretrained(rollout.export_language_model(model, processor, str(tmp_path / "lm")))
     with torch.no_grad():
         theirs = lm(inputs_embeds=rollout.prompt_embeddings(model, [prompt])[0][None]).logits[0]
