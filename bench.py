@@ -148,7 +148,7 @@ def text_prompts(batch: int, length: int, seed=0):
     import vlm
     ids = torch.randint(20, 300, (length,), generator=torch.Generator().manual_seed(seed))
     return [vlm.Prompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(),
-                           pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0) for _ in range(batch)]
+                       pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0) for _ in range(batch)]
 
 
 def random_video(frames: int, side: int, seed=0):
@@ -293,7 +293,7 @@ def bench_train(cfg: BenchConfig):
         # 64 video tokens per frame pair (HF's non-flash vision attention loops per window)
         side = 56 if cfg.tiny else 224
         prompts = [vlm.build_prompt(model, processor, "What colour was the flash? Options: A. red B. green",
-                                        random_video(frames, side, k)) for k in range(2)]
+                                    random_video(frames, side, k)) for k in range(2)]
         sample = {"answer": "A", "problem_type": "multiple_choice", "options": ["A. red", "B. green"]}
         torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
         times = {}

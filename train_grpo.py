@@ -407,7 +407,7 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
             with torch.set_grad_enabled(vision_grad):
                 feats = vlm.select_videos(vlm.encode_videos(model, prompts), where)
             return vlm.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
-                                             with_entropy)
+                                         with_entropy)
         logp, ent = policy(run)
         return logp, ent, (lambda v: v.to(logp.device)), (lambda v: v)
 
@@ -431,10 +431,10 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
         sh = sp_lib.shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
                                    vlm.media_token_id(model), getattr(model.config, "audio_token_id", None))
         hidden, _ = vlm.decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
-                                           sp_lib.slice_video_features(feats, sh.video_rows, sh.audio_rows))
+                                       sp_lib.slice_video_features(feats, sh.video_rows, sh.audio_rows))
         mask = sh.loss_mask.to(dev)
         return vlm.token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, cfg.temperature,
-                                      cfg.logprob_chunk, with_entropy) + (sh.loss_mask,)
+                                  cfg.logprob_chunk, with_entropy) + (sh.loss_mask,)
     logp, ent, local_mask = policy(run_sp)
 
     def align(values):  # flat per-token values (sequence order) -> this rank's entries, in logp's order

@@ -18,8 +18,8 @@ explicitly everywhere, so that rollout and training log-probs agree.
 """
 import contextlib
 import inspect
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -97,7 +97,9 @@ def suppress_ids(model, processor) -> list:
     """Token ids that are never sampled nor scored: the vision placeholders and the pad token (a sampled
     <|video_pad|> would break re-scoring the response), unless one of them is also a stop token."""
     stop = eos_ids(model, processor)
-    return [i for i in token_ids(processor, SUPPRESS_TOKENS) + [processor.tokenizer.pad_token_id] if i not in stop]
+    placeholders = [media_token_id(model), getattr(model.config, "audio_token_id", None)]  # e.g. LLaVA's <image>
+    ids = token_ids(processor, SUPPRESS_TOKENS) + placeholders + [processor.tokenizer.pad_token_id]
+    return sorted({i for i in ids if i is not None and i not in stop})
 
 
 # ----------------------------------------------------------------------------------------------------------

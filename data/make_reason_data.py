@@ -350,8 +350,8 @@ def caption_prompt(model, processor, video) -> vlm.Prompt:
     ids, sec = out["input_ids"][0], out.get("second_per_grid_ts")
     positions = vlm.rope_positions(model.config, ids, out["video_grid_thw"], None if sec is None else sec.tolist())
     return vlm.Prompt(input_ids=ids, positions=positions, pixel_values_videos=out["pixel_values_videos"],
-                          video_grid_thw=out["video_grid_thw"], text=text, frames=video,
-                          num_video_tokens=int((ids == model.config.video_token_id).sum()))
+                      video_grid_thw=out["video_grid_thw"], text=text, frames=video,
+                      num_video_tokens=int((ids == model.config.video_token_id).sum()))
 
 
 def text_prompt(processor, conversation: list) -> vlm.Prompt:
@@ -360,7 +360,7 @@ def text_prompt(processor, conversation: list) -> vlm.Prompt:
     text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     ids = torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
     return vlm.Prompt(input_ids=ids, positions=torch.arange(len(ids)).expand(3, -1), pixel_values_videos=None,
-                          video_grid_thw=None, num_video_tokens=0, text=text)
+                      video_grid_thw=None, num_video_tokens=0, text=text)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def logits(model, processor, video_path):
     p = vlm.build_prompt(model, processor, "What colour was the flash?", video)
     with torch.no_grad():
         hidden, _ = vlm.decoder_hidden(model, p.input_ids[None], p.positions[:, None],
-                                           vlm.encode_videos(model, [p]))
+                                       vlm.encode_videos(model, [p]))
         return model.lm_head(hidden)
 
 

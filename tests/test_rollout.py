@@ -166,3 +166,20 @@ def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
     assert len(preds) == 3 and all("response" in p for p in preds)
     printed = capsys.readouterr().out
     assert "2 skipped" in printed and "engine: HF" in printed
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
+def test_static_kv_decode_equals_dynamic_cache(tiny, videos, fam):
+    """The GPU fast path's cache (StaticKV: preallocated buffer, GQA heads stacked against their KV head, padded and
+    future slots masked) samples the same tokens with the same log-probs as transformers' DynamicCache, for
+    left-padded prompts of different lengths."""
+    _, model, processor = tiny[fam]
+    prompts = prompts_for(model, processor, videos[:1], "What colour?") + \
+        prompts_for(model, processor, videos[1:2], "What colour was the flash? Answer in detail please.")
+    assert len(prompts[0].input_ids) != len(prompts[1].input_ids)
+    kw = dict(n=2, temperature=1.0, max_new_tokens=10, seed=3)
+    dynamic = rollout.hf_generate(model, processor, prompts, static_cache=False, **kw)
+    static = rollout.hf_generate(model, processor, prompts, static_cache=True, **kw)
+    assert [o.response_ids for o in static] == [o.response_ids for o in dynamic]
+    diff = max(abs(a - b) for s, d in zip(static, dynamic) for a, b in zip(s.logprobs, d.logprobs))
+    assert diff < 1e-4
