@@ -121,19 +121,22 @@ class Prompt:
     num_audio_tokens: int = 0       # Omni: <|AUDIO|> tokens in input_ids
 
 
-def prompt_text(processor, question: str, think: bool) -> str:
-    user = (THINK_PROMPT if think else PLAIN_PROMPT).format(question=question)
+def prompt_text(processor, question: str, think: bool, instruction: str = None) -> str:
+    """The chat-templated prompt: a video, then the question in Long-RL's think template or the plain one (or a
+    given `instruction` verbatim, e.g. data/make_reason_data.py's captioning request)."""
+    user = instruction or (THINK_PROMPT if think else PLAIN_PROMPT).format(question=question)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": user}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def build_prompt(model, processor, question: str, video, think: bool = True, sample=None) -> Prompt:
+def build_prompt(model, processor, question: str, video, think: bool = True, sample=None,
+                 instruction: str = None) -> Prompt:
     """`video` is a data.video.SampledVideo (frames already sampled and resized)."""
     if family(model) == "llava":
-        return build_prompt_frames(model, processor, question, video, think, sample)
+        return build_prompt_frames(model, processor, question, video, think, sample, instruction)
     if family(model) == "qwen2_5_omni_thinker":
-        return build_prompt_omni(model, processor, question, video, think, sample)
-    text = prompt_text(processor, question, think)
+        return build_prompt_omni(model, processor, question, video, think, sample, instruction)
+    text = prompt_text(processor, question, think, instruction)
     out = processor(text=[text], videos=[video.frames], video_metadata=[video.metadata()], do_sample_frames=False,
                     return_tensors="pt")
     ids = out["input_ids"][0]
@@ -160,10 +163,11 @@ def frame_tokens(config) -> int:
     return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
 
 
-def build_prompt_frames(model, processor, question: str, video, think: bool = True, sample=None) -> Prompt:
+def build_prompt_frames(model, processor, question: str, video, think: bool = True, sample=None,
+                        instruction: str = None) -> Prompt:
     """Embedding VLMs (LLaVA-style, as LongVILA): each frame goes through the image tower on its own and its
     tokens replace, frame after frame, the prompt's one image placeholder. Positions are 1-D."""
-    text = prompt_text(processor, question, think)
+    text = prompt_text(processor, question, think, instruction)
     ids = torch.tensor(processor.tokenizer(text)["input_ids"])
     pixels = processor.image_processor(images=list(video.frames), return_tensors="pt")["pixel_values"]  # [F, 3, S, S]
     n = len(pixels) * frame_tokens(model.config)
@@ -186,14 +190,15 @@ def omni_chunks(values: list, size: int) -> list:
     return runs + [(start, len(values))]
 
 
-def build_prompt_omni(model, processor, question: str, video, think: bool = True, sample=None) -> Prompt:
+def build_prompt_omni(model, processor, question: str, video, think: bool = True, sample=None,
+                      instruction: str = None) -> Prompt:
     """Qwen2.5-Omni thinker: the frames plus the video's own audio track (video.audio, 16 kHz), as
     <|vision_bos|><|audio_bos|> [video 0-2 s][audio 0-2 s][video 2-4 s][audio 2-4 s]... <|audio_eos|><|vision_eos|>
     (the processor's use_audio_in_video layout, written out here so it does not depend on the transformers
     version). Time position of video group i: i * seconds_per_group * 25; of audio token j: j (25 per second).
     3-D positions come from the model's own get_rope_index. A video without audio gets video tokens only."""
     c = model.config
-    text = prompt_text(processor, question, think)
+    text = prompt_text(processor, question, think, instruction)
     ids = torch.tensor(processor.tokenizer(text)["input_ids"])
     vp = processor.video_processor
     out = vp(videos=[video.frames], do_sample_frames=False, return_tensors="pt")

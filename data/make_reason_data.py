@@ -343,15 +343,7 @@ def jpeg_url(frame: np.ndarray) -> str:
 
 def caption_prompt(model, processor, video) -> vlm.Prompt:
     """vlm.build_prompt with the caption instruction instead of its QA templates: same inputs and positions."""
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": CAPTION_PROMPT}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    out = processor(text=[text], videos=[video.frames], video_metadata=[video.metadata()], do_sample_frames=False,
-                    return_tensors="pt")
-    ids, sec = out["input_ids"][0], out.get("second_per_grid_ts")
-    positions = vlm.rope_positions(model.config, ids, out["video_grid_thw"], None if sec is None else sec.tolist())
-    return vlm.Prompt(input_ids=ids, positions=positions, pixel_values_videos=out["pixel_values_videos"],
-                      video_grid_thw=out["video_grid_thw"], text=text, frames=video,
-                      num_video_tokens=int((ids == model.config.video_token_id).sum()))
+    return vlm.build_prompt(model, processor, "", video, instruction=CAPTION_PROMPT)
 
 
 def text_prompt(processor, conversation: list) -> vlm.Prompt:
