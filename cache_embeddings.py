@@ -10,7 +10,7 @@ Cache key: sha256 of (absolute video path, file size, mtime in ns, sampling conf
 max_pixels, min_pixels}, model id = the checkpoint's absolute folder or hub id). Layout:
 OUT/<sha256(video path)[:16]>/<key>.safetensors, one file per video, all entries of a video in one folder, with
     embeds [tokens, hidden]   deepstack [layers, tokens, hidden] (Qwen3-VL)   video_grid_thw [1, 3]
-    second_per_grid_ts [1] (Qwen2.5-VL)
+    second_per_grid_ts [1] (Qwen2.5-VL)   audio [tokens, hidden] + audio_mel_frames [1] (Qwen2.5-Omni with sound)
 and as JSON in the safetensors metadata ("longrl"): model id/type, hidden size, sampling config, the video's
 path/size/mtime and its frame metadata (total_num_frames, fps, frames_indices, duration), which is all that
 vlm.build_prompt_cached needs to rebuild the prompt without decoding the video. `load_cached` returns None
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm import build_prompt_frames, encode_videos, family, load_model, load_video
+from vlm import build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video
 
 FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
 WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
@@ -43,8 +43,10 @@ class CachedVideo:
     deepstack: torch.Tensor             # [layers, tokens, hidden] (Qwen3-VL) or None
     video_grid_thw: torch.Tensor        # [1, 3] in patches, as the processor returns it
     second_per_grid_ts: torch.Tensor    # [1] (Qwen2.5-VL) or None
-    meta: dict                          # the JSON metadata described in the module docstring
-    path: str                           # the entry's file
+    audio: torch.Tensor = None          # [audio tokens, hidden] (Qwen2.5-Omni, a video with sound) or None
+    audio_mel_frames: torch.Tensor = None  # [1] log-mel frames of that track (rebuilds the audio/video layout)
+    meta: dict = None                   # the JSON metadata described in the module docstring
+    path: str = ""                      # the entry's file
 
 
 def model_id(model) -> str:
@@ -82,7 +84,8 @@ def read_entry(path: str) -> CachedVideo:
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta, t = json.loads(f.metadata()["longrl"]), {k: f.get_tensor(k) for k in f.keys()}
-    return CachedVideo(t["embeds"], t.get("deepstack"), t["video_grid_thw"], t.get("second_per_grid_ts"), meta, path)
+    return CachedVideo(t["embeds"], t.get("deepstack"), t["video_grid_thw"], t.get("second_per_grid_ts"),
+                       t.get("audio"), t.get("audio_mel_frames"), meta, path)
 
 
 def check(path: str, meta: dict, want: dict):
@@ -97,9 +100,6 @@ def check(path: str, meta: dict, want: dict):
 def load_cached(cache_dir: str, video_path: str, cfg, model):
     """The CachedVideo for (video, sampling config `cfg`, model); None when the video has no entry (or is missing:
     the live path then reports it); a ValueError when its only entries were made for something else."""
-    if family(model).startswith("qwen2_5_omni"):
-        raise ValueError("the embeddings cache holds vision features only, not Qwen2.5-Omni's audio: run the Omni "
-                         "thinker without --embeddings_cache")
     if not os.path.exists(video_path):
         return None
     want = expected_meta(video_path, cfg, model)
@@ -120,6 +120,14 @@ def encode_video(model, processor, video) -> dict:
         prompt = build_prompt_frames(model, processor, "", video, think=False)
         return {"embeds": encode_videos(model, [prompt]).pooler_output[0].contiguous().cpu(),
                 "video_grid_thw": prompt.video_grid_thw}
+    if family(model) == "qwen2_5_omni_thinker":  # the vision rows, and the audio encoder's rows of its track
+        prompt = build_prompt_omni(model, processor, "", video, think=False)
+        feats = encode_videos(model, [prompt])
+        tensors = {"embeds": feats.pooler_output[0], "video_grid_thw": prompt.video_grid_thw}
+        if prompt.input_features is not None:
+            tensors.update(audio=feats.audio_features[0],
+                           audio_mel_frames=torch.tensor([prompt.input_features.shape[-1]]))
+        return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     out = processor(text=[processor.video_token], videos=[video.frames], video_metadata=[video.metadata()],
                     do_sample_frames=False, return_tensors="pt")
     dev = model.device
@@ -166,9 +174,6 @@ def main(cfg: CacheConfig) -> dict:
     d = init_distributed(cfg.device)
     model, processor = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, d.device)
     model.eval()
-    if family(model).startswith("qwen2_5_omni"):
-        raise SystemExit("cache_embeddings.py stores vision features only; Qwen2.5-Omni also needs its audio: train it "
-                         "without a cache")
     videos = sorted({s.video for s in load_jsonl(cfg.data)})  # a video asked about several times: encoded once
     mine, written, existing, bad, t0 = videos[d.rank::d.world_size], 0, 0, [], time.time()
     for path in tqdm(mine, desc="cache", disable=not (cfg.progress and d.is_main)):

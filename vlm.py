@@ -119,6 +119,7 @@ class Prompt:
     video_features: tuple = None    # cached tower outputs (embeds [N, H], deepstack [layers, N, H] or None)
     input_features: torch.Tensor = None  # Omni: log-mel of the video's audio track [mel bins, frames]
     num_audio_tokens: int = 0       # Omni: <|AUDIO|> tokens in input_ids
+    audio_embeds: torch.Tensor = None  # Omni, from the embeddings cache: the audio encoder's rows [tokens, hidden]
 
 
 def prompt_text(processor, question: str, think: bool, instruction: str = None) -> str:
@@ -192,30 +193,45 @@ def omni_chunks(values: list, size: int) -> list:
 
 def build_prompt_omni(model, processor, question: str, video, think: bool = True, sample=None,
                       instruction: str = None) -> Prompt:
-    """Qwen2.5-Omni thinker: the frames plus the video's own audio track (video.audio, 16 kHz), as
-    <|vision_bos|><|audio_bos|> [video 0-2 s][audio 0-2 s][video 2-4 s][audio 2-4 s]... <|audio_eos|><|vision_eos|>
-    (the processor's use_audio_in_video layout, written out here so it does not depend on the transformers
-    version). Time position of video group i: i * seconds_per_group * 25; of audio token j: j (25 per second).
-    3-D positions come from the model's own get_rope_index. A video without audio gets video tokens only."""
-    c = model.config
+    """Qwen2.5-Omni thinker: the frames plus the video's own audio track (video.audio, 16 kHz); see omni_layout.
+    A video without audio gets video tokens only."""
     text = prompt_text(processor, question, think, instruction)
-    ids = torch.tensor(processor.tokenizer(text)["input_ids"])
-    vp = processor.video_processor
-    out = vp(videos=[video.frames], do_sample_frames=False, return_tensors="pt")
-    grid = out["video_grid_thw"]
-    t, h, w = grid[0].tolist()
-    per_group = h * w // vp.merge_size ** 2
-    sampled_fps = len(video.indices) / max(video.total_frames, 1) * video.fps  # Qwen2.5-VL's rule, not a fixed 2 fps
-    sec = vp.temporal_patch_size / sampled_fps
-    feats, n_audio, mel_frames = None, 0, None
-    if video.audio is None or len(video.audio) < 400:  # < 25 ms: not even one audio token
-        block = [c.video_token_id] * (t * per_group)
-    else:
+    out = processor.video_processor(videos=[video.frames], do_sample_frames=False, return_tensors="pt")
+    feats, mel_frames = None, 0
+    if video.audio is not None and len(video.audio) >= 400:  # < 25 ms: not even one audio token
         # as the Omni processor: padded to 30 s (the last frames' STFT windows see zeros), longer tracks kept whole
         fe = processor.feature_extractor(video.audio, sampling_rate=16000, return_attention_mask=True, truncation=False,
                                          padding="max_length", return_tensors="pt")
-        feats, mel_frames = fe["input_features"][0], int(fe["attention_mask"].sum())
-        n_audio = ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1                # two stride-2 stages: 100 mel/s -> 25/s
+        mel_frames = int(fe["attention_mask"].sum())
+        feats = fe["input_features"][0, :, :mel_frames]
+    sec = omni_seconds_per_group(model, video.metadata())
+    ids, positions, n_video, n_audio = omni_layout(model, torch.tensor(processor.tokenizer(text)["input_ids"]),
+                                                   out["video_grid_thw"], sec, mel_frames)
+    return Prompt(input_ids=ids, positions=positions, pixel_values_videos=out["pixel_values_videos"],
+                  video_grid_thw=out["video_grid_thw"], num_video_tokens=n_video, text=text, frames=video,
+                  sample=sample, input_features=feats, num_audio_tokens=n_audio)
+
+
+def omni_seconds_per_group(model, frames_meta: dict) -> float:
+    """Seconds covered by one temporal patch group: temporal_patch_size / sampled fps (Qwen2.5-VL's rule, from
+    the frames actually sampled; the Omni processor assumes 2 fps unless told)."""
+    sampled_fps = len(frames_meta["frames_indices"]) / max(frames_meta["total_num_frames"], 1) * frames_meta["fps"]
+    return model.config.vision_config.temporal_patch_size / sampled_fps
+
+
+def omni_layout(model, ids, grid, sec: float, mel_frames: int = 0):
+    """The prompt's one <|VIDEO|> expanded as
+        <|vision_bos|><|audio_bos|> [video 0-2 s][audio 0-2 s][video 2-4 s][audio 2-4 s]... <|audio_eos|><|vision_eos|>
+    (the processor's use_audio_in_video layout, written out so it does not depend on the transformers version;
+    time position of video group i: i * sec * 25, of audio token j: j, 25 a second), or as video tokens only when
+    mel_frames = 0. Returns (ids, 3-D positions from the model's own get_rope_index, video tokens, audio tokens)."""
+    c = model.config
+    t, h, w = grid[0].tolist()
+    per_group = h * w // c.vision_config.spatial_merge_size ** 2
+    n_audio = ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1 if mel_frames else 0  # two stride-2 stages: 100 mel/s -> 25/s
+    if not n_audio:
+        block = [c.video_token_id] * (t * per_group)
+    else:
         chunk = int(c.position_id_per_seconds * c.seconds_per_chunk)
         vchunks = omni_chunks([int(i * sec * c.position_id_per_seconds) for i in range(t) for _ in range(per_group)],
                               chunk)
@@ -226,13 +242,10 @@ def build_prompt_omni(model, processor, question: str, video, think: bool = True
             block += [c.audio_token_id] * (achunks[j][1] - achunks[j][0]) if j < len(achunks) else []
         block += [c.audio_end_token_id]
     ids = expand_placeholder(ids, c.video_token_id, block)
-    pos, _ = model.model.get_rope_index(ids[None], None, grid, None, use_audio_in_video=feats is not None,
-                                        audio_seqlens=None if feats is None else torch.tensor([mel_frames]),
+    pos, _ = model.model.get_rope_index(ids[None], None, grid, None, use_audio_in_video=n_audio > 0,
+                                        audio_seqlens=torch.tensor([mel_frames]) if n_audio else None,
                                         second_per_grids=torch.tensor([sec]))
-    return Prompt(input_ids=ids, positions=pos[:, 0], pixel_values_videos=out["pixel_values_videos"],
-                  video_grid_thw=grid,
-                  num_video_tokens=t * per_group, text=text, frames=video, sample=sample,
-                  input_features=None if feats is None else feats[:, :mel_frames], num_audio_tokens=n_audio)
+    return ids, pos[:, 0], t * per_group, n_audio
 
 
 def build_prompt_cached(model, processor, question: str, entry, think: bool = True, sample=None) -> Prompt:
@@ -242,6 +255,14 @@ def build_prompt_cached(model, processor, question: str, entry, think: bool = Tr
     <|video_pad|>; Qwen3-VL: a timestamp and a vision block per temporal group), exactly as for frames."""
     from transformers.video_utils import VideoMetadata
     text = prompt_text(processor, question, think)
+    if family(model) == "qwen2_5_omni_thinker":  # the stored audio rows and mel length rebuild the same layout
+        mel = int(entry.audio_mel_frames) if entry.audio is not None else 0
+        ids, positions, n_video, n_audio = omni_layout(model, torch.tensor(processor.tokenizer(text)["input_ids"]),
+                                                       entry.video_grid_thw,
+                                                       omni_seconds_per_group(model, entry.meta["frames"]), mel)
+        return Prompt(input_ids=ids, positions=positions, pixel_values_videos=None, video_grid_thw=entry.video_grid_thw,
+                      num_video_tokens=n_video, text=text, sample=sample, video_features=(entry.embeds, None),
+                      num_audio_tokens=n_audio, audio_embeds=entry.audio)
     if family(model) == "llava":
         ids = expand_placeholder(torch.tensor(processor.tokenizer(text)["input_ids"]), media_token_id(model),
                                  [media_token_id(model)] * len(entry.embeds))
@@ -353,8 +374,9 @@ def encode_videos(model, prompts: list, max_patches: int = 65536):
     out = Out(pooler_output=tuple(e for e, _ in rows))
     if rows and rows[0][1] is not None:
         out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
-    if any(p.input_features is not None for p in prompts):  # Omni: the audio encoder, one track at a time
-        out.audio_features = tuple(audio_features(model, p.input_features) for p in prompts)
+    if any(p.input_features is not None or p.audio_embeds is not None for p in prompts):  # Omni: one track at a time
+        out.audio_features = tuple(audio_features(model, p.input_features) if p.audio_embeds is None
+                                   else p.audio_embeds.to(model.device) for p in prompts)
     return out
 
 
