@@ -252,6 +252,9 @@ class VLLMEngine:
             **p.frames.metadata(), "do_sample_frames": False})]}} if p.frames is not None
             else {"prompt_token_ids": p.input_ids.tolist()} for p in prompts]  # text-only: our token ids
         if self.prompt_embeds:
+            if embeds is None or len(embeds) != len(prompts):
+                raise ValueError("this engine runs an embedding VLM's language model: pass "
+                                 "embeds=rollout.prompt_embeddings(model, prompts)")
             requests = [{"prompt_embeds": e} for e in embeds]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = []
