@@ -63,11 +63,9 @@ def log(result: dict, cfg: BenchConfig):
 
 
 def device_info():
-    if not torch.cuda.is_available():
-        return {"device": "cpu", "torch": torch.__version__}
     import transformers
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def peak_gib():
@@ -632,7 +630,6 @@ def bench_trl(cfg: BenchConfig):
     import tempfile
     from dataclasses import replace
     import torch.distributed as dist
-    import transformers
     from datasets import Dataset
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
@@ -753,14 +750,12 @@ def bench_trl(cfg: BenchConfig):
                       f"accuracy_last{last}": float(np.mean([m["accuracy"] for m in log_[-last:]])), "wall_s": wall})
     print_table(table, list(table[0]))
     ratio = table[0]["median_step_s"] / table[1]["median_step_s"]
+    phases = {k[5:]: float(np.median([m[k] for m in ours[1:] or ours])) for k in ours[0] if k.startswith("time_")}
     print(f"ours / TRL median step time: {ratio:.2f}; ours phases (median): " +
-          ", ".join(f"{k[5:]} {np.median([m[k] for m in ours[1:] or ours]):.3f} s" for k in ours[0]
-                    if k.startswith("time_")), flush=True)
-    log({"bench": "trl", **device_info(), "transformers": transformers.__version__, "trl": trl.__version__,
-         "date": time.strftime("%Y-%m-%d"), "frames": frames, "prompts": prompts, "n": n, "max_new_tokens": 8,
-         "lr": tcfg.lr, "format_warmup_steps": sft_steps, "ours_over_trl_step_time": ratio, "rows": table,
-         "ours_phases_median_s": {k[5:]: float(np.median([m[k] for m in ours[1:] or ours])) for k in ours[0]
-                                  if k.startswith("time_")},
+          ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()), flush=True)
+    log({"bench": "trl", **device_info(), "trl": trl.__version__, "frames": frames, "prompts": prompts, "n": n,
+         "max_new_tokens": 8, "lr": tcfg.lr, "format_warmup_steps": sft_steps, "ours_over_trl_step_time": ratio,
+         "rows": table, "ours_phases_median_s": phases,
          "ours_reward": [round(m["reward"], 4) for m in ours], "trl_reward": [round(m["reward"], 4) for m in trl_log]},
         cfg)
 

@@ -120,9 +120,9 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
     truncation), which is exactly what the training forward recomputes.
     static_cache (default: on GPU) decodes with StaticKV instead of transformers' DynamicCache; compile_step
-    additionally compiles the decode step (torch.compile: fewer, fused kernels); cuda_graph (default: with
-    static_cache on a GPU) records
-    one decode step as a CUDA graph and replays it: one launch per token instead of one per kernel."""
+    additionally compiles the decode step (torch.compile: fewer, fused kernels; slower on an H200, README);
+    cuda_graph (default: with static_cache on a GPU) records one decode step as a CUDA graph and replays it:
+    one launch per token instead of one per kernel."""
     dev = model.lm_head.weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
     cuda_graph = (static_cache and dev.type == "cuda") if cuda_graph is None else cuda_graph

@@ -418,15 +418,15 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
     def run_sp(model):
         dev = model.lm_head.weight.device
         with torch.set_grad_enabled(vision_grad):
-            # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); towers other
-            # than Qwen's video tower (LLaVA's image tower, Omni's audio) run whole on every SP rank
-            if any(p.video_features is not None or p.input_features is not None for p in prompts) or \
-                    vlm.family(model) == "llava":
+            # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); LLaVA's image
+            # tower runs whole on every SP rank; Omni's audio encoder too, beside the split video tower
+            if any(p.video_features is not None for p in prompts) or vlm.family(model) == "llava":
                 feats = vlm.encode_videos(model, prompts)
             else:
                 pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
                 grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
-                feats = sp_lib.parallel_video_features(model, pix, grid, spi.sp_group)
+                feats = vlm.add_audio_features(model, prompts,
+                                               sp_lib.parallel_video_features(model, pix, grid, spi.sp_group))
             feats = vlm.select_videos(feats, where)
         sh = sp_lib.shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
                                    vlm.media_token_id(model), getattr(model.config, "audio_token_id", None))

@@ -374,10 +374,16 @@ def encode_videos(model, prompts: list, max_patches: int = 65536):
     out = Out(pooler_output=tuple(e for e, _ in rows))
     if rows and rows[0][1] is not None:
         out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
-    if any(p.input_features is not None or p.audio_embeds is not None for p in prompts):  # Omni: one track at a time
-        out.audio_features = tuple(audio_features(model, p.input_features) if p.audio_embeds is None
-                                   else p.audio_embeds.to(model.device) for p in prompts)
-    return out
+    return add_audio_features(model, prompts, out)
+
+
+def add_audio_features(model, prompts: list, feats):
+    """Omni: put every prompt's audio rows on `feats` (the audio encoder run one track at a time, or the cached
+    rows); prompts without audio get none. A no-op for models without audio."""
+    if any(p.input_features is not None or p.audio_embeds is not None for p in prompts):
+        feats.audio_features = tuple(audio_features(model, p.input_features) if p.audio_embeds is None
+                                     else p.audio_embeds.to(model.device) for p in prompts)
+    return feats
 
 
 def tower_features(model, pixels, grid):
@@ -435,17 +441,16 @@ def embed_inputs(model, input_ids, feats=None):
     emb = model.model.get_input_embeddings()(input_ids)
     if feats is None:
         return emb, {}
+
+    def write_rows(emb, mask, rows, kind):  # rows [tokens, hidden] into the positions where mask [B, S] is True
+        rows = torch.cat(rows).to(emb.dtype)
+        if rows.shape[0] != int(mask.sum()):
+            raise ValueError(f"{int(mask.sum())} {kind} tokens in the input but {rows.shape[0]} {kind} feature rows")
+        return emb.masked_scatter(mask[..., None].expand_as(emb), rows)
     mask = input_ids == media_token_id(model)                        # [B, S]
-    rows = torch.cat(feats.pooler_output).to(emb.dtype)              # [video tokens, hidden]
-    if rows.shape[0] != int(mask.sum()):
-        raise ValueError(f"{int(mask.sum())} video tokens in the input but {rows.shape[0]} video feature rows")
-    emb = emb.masked_scatter(mask[..., None].expand_as(emb), rows)
+    emb = write_rows(emb, mask, feats.pooler_output, "video")
     if getattr(feats, "audio_features", None) is not None:          # Omni: the audio rows, the same way
-        amask = input_ids == model.config.audio_token_id
-        arows = torch.cat(feats.audio_features).to(emb.dtype)
-        if arows.shape[0] != int(amask.sum()):
-            raise ValueError(f"{int(amask.sum())} audio tokens in the input but {arows.shape[0]} audio feature rows")
-        emb = emb.masked_scatter(amask[..., None].expand_as(emb), arows)
+        emb = write_rows(emb, input_ids == model.config.audio_token_id, feats.audio_features, "audio")
     deepstack = getattr(feats, "deepstack_features", None)
     if deepstack is None:
         return emb, {}
