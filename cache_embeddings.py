@@ -235,8 +235,7 @@ def bench_cache(train_cfg, steps: int = 5) -> dict:
 
 
 if __name__ == "__main__":
-    import torch.distributed as dist
     from configurator import parse_config
+    from train_grpo import exit_distributed
     main(parse_config(CacheConfig))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    exit_distributed()

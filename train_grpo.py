@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 
@@ -53,6 +54,20 @@ def init_distributed(device: str = "auto") -> Dist:
     if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even on one GPU (vLLM reuses it)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device(dev) if use_cuda else None)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def exit_distributed():
+    """End a torchrun worker: destroy the process group, flush, and leave with os._exit(0). Measured on this
+    CPU (torch 2.14.1, transformers 5.24): a gloo worker that has loaded a model through from_pretrained aborts
+    in C++ teardown after Python has finished ("terminate called without an active exception") in 5 of 50
+    runs, 0 of 50 with os._exit (the cause was not found). Everything is written and closed before this."""
+    if "RANK" not in os.environ:
+        return
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def print0(*args, **kwargs):
@@ -915,3 +930,4 @@ def plot_curve(curve: list, path: str):
 if __name__ == "__main__":
     from configurator import parse_config
     main(parse_config(Config))
+    exit_distributed()
