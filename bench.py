@@ -2,8 +2,8 @@
 The benchmarks behind every number in the README. Each prints a table and one JSON line (`BENCH {...}`).
 
     python bench.py video                 # data/video.py, 1-hour video: our sampler vs decode-all, torchcodec, decord
-    python bench.py rollout               # HF engine tokens/s: generate() vs our loop
-                                          # (dynamic / static KV + CUDA graph)
+    python bench.py rollout               # HF engine tokens/s: generate() vs our loop (model's layers on
+                                          # dynamic / static KV; our fused decode step; CUDA graph)
     python bench.py train                 # one GRPO step by phase, 64 and 256 frames; then `longest`
     python bench.py longest               # fwd+bwd time, MFU, peak per length and checkpoint mode; naive baseline
     python bench.py sp                    # Ulysses attention + all-to-all vs plain SDPA; chunked vs plain gather
@@ -17,6 +17,7 @@ Models are random-initialised at the shape of Qwen2.5-VL-3B (or 7B with --shape=
 6 x (LM parameters) x tokens + 6 x layers x hidden x S^2 / 2 x 2 (causal attention, forward + backward), recompute
 not counted, against the bf16 matmul rate measured on the same GPU in the same run.
 """
+import contextlib
 import functools
 import json
 import os
@@ -47,7 +48,6 @@ class BenchConfig:
     batch: int = 8                  # rollout: sequences decoded together
     new_tokens: int = 256           # rollout: generated tokens per sequence
     vllm: bool = False              # rollout: also time the vLLM engine (needs vllm + CUDA)
-    compile: bool = False           # rollout: also time torch.compile + CUDA graph (slower on an H200, 2026-11-25)
     hf: bool = True                 # rollout: time the HF engines (False: only vLLM, with --vllm=True)
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
@@ -181,24 +181,25 @@ def bench_rollout(cfg: BenchConfig):
         except torch.OutOfMemoryError as e:
             rows.append({"case": name, "prompt_tokens": P, "engine": "vision tower", "error": f"OOM: {e}"[:200]})
             continue
-        engines = {"ours (DynamicCache)": dict(static_cache=False)}
+        engines = {"ours: model's layers, DynamicCache": dict(static_cache=False)}
         if dev == "cuda":
-            engines["ours (static KV + CUDA graph)"] = dict(static_cache=True, cuda_graph=True)
-        if cfg.compile and dev == "cuda":
-            engines["ours (static KV, compiled + CUDA graph)"] = dict(static_cache=True, compile_step=True,
-                                                                      cuda_graph=True)
+            engines.update({
+                "ours: model's layers, static KV + CUDA graph": dict(fused=False),
+                "ours: fused step + CUDA graph": dict(fused=True, compile_kernels=False),
+                "ours: fused step, separate q/k/v and gate/up weights, compiled + CUDA graph": dict(fused=True),
+                "ours: fused step, compiled + CUDA graph (default)": dict(fused=True, compile_kernels=True)})
+        else:  # a CPU smoke test of the fused step (no CUDA graph, nothing compiled)
+            engines["ours: fused step"] = dict(static_cache=True, fused=True)
         for engine, kw in engines.items():
-            run = functools.partial(rollout.hf_generate, model, processor, prompts, 1, 1.0, 1.0, cfg.new_tokens, 0,
-                                    feats, **kw)
+            run = functools.partial(rollout.hf_generate, model, processor, prompts, 1, 1.0, 1.0, feats=feats, **kw)
             try:
-                run()  # warm-up (and compilation)
-                sync()
-                t = time.perf_counter()
-                outs = run()
-                sync()
-                dt = time.perf_counter() - t
+                with separate_weights("separate" in engine):
+                    run(max_new_tokens=cfg.new_tokens)  # warm-up (and compilation)
+                    prefill_s = timed(functools.partial(run, max_new_tokens=1))[0]  # prompt + first token
+                    dt, outs = timed(functools.partial(run, max_new_tokens=cfg.new_tokens))
                 new = sum(len(o.response_ids) for o in outs)
-                rows.append({"case": name, "prompt_tokens": P, "engine": engine, "tokens_per_s": new / dt, "s": dt})
+                rows.append({"case": name, "prompt_tokens": P, "engine": engine, "tokens_per_s": new / dt, "s": dt,
+                             "decode_tokens_per_s": (new - len(outs)) / (dt - prefill_s)})
                 print(rows[-1], flush=True)
             except Exception as e:  # report, keep measuring the others
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine,
@@ -208,7 +209,7 @@ def bench_rollout(cfg: BenchConfig):
         torch.cuda.empty_cache() if dev == "cuda" else None
     if cfg.vllm:
         rows += bench_vllm_rollout(cfg, processor, model, cases)
-    print_table(rows, ["case", "prompt_tokens", "engine", "tokens_per_s", "s", "error"])
+    print_table(rows, ["case", "prompt_tokens", "engine", "tokens_per_s", "decode_tokens_per_s", "s", "error"])
     log({"bench": "rollout", **device_info(), "shape": cfg.shape, "batch": cfg.batch, "new_tokens": cfg.new_tokens,
          "rows": rows}, cfg)
 
@@ -216,6 +217,27 @@ def bench_rollout(cfg: BenchConfig):
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
+
+
+@contextlib.contextmanager
+def separate_weights(on: bool):
+    """rollout.fused_step without concatenating q/k/v and gate/up (no extra weight copy, 3 more matmuls a layer)."""
+    import rollout
+    real = rollout.fused_step
+    if on:
+        rollout.fused_step = lambda model, kv, compile_kernels: real(model, kv, compile_kernels, concat_weights=False)
+    try:
+        yield
+    finally:
+        rollout.fused_step = real
 
 
 def bench_plain_generate(model, prompts, feats, cfg, name, P):

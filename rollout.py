@@ -9,6 +9,7 @@ Engines: `hf_generate` (any machine: our own KV-cached decode loop, explicit pos
 suppressed) and `VLLMEngine` (GPU nodes: one colocated vLLM per torchrun rank, sleep/wake, in-place weight
 push). Both return the same `Rollout` records. The script always prints which engine ran.
 """
+import functools
 import json
 import os
 import tempfile
@@ -51,37 +52,194 @@ class StaticKV:
     padded slots masked), so the step can be compiled and replayed as a CUDA graph; transformers' own cache
     classes are not involved, so this works the same in every transformers 5.x."""
     NAME = "longrl_static_kv"
+    CHUNK = 128  # decode attention splits the cache into chunks of this many slots (see decode)
 
     def __init__(self, model, valid: torch.Tensor):
         text = model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        B, max_len = valid.shape          # valid: [B, max_len] bool, False at left padding
+        B, n = valid.shape                # valid: [B, n] bool, False at left padding
+        max_len = -(-n // self.CHUNK) * self.CHUNK  # rounded up to whole chunks; the extra slots are never valid
         self.shape = (text.num_hidden_layers, B, text.num_key_value_heads, max_len, head_dim)
         self.k = self.v = None            # allocated at the first write, in the compute dtype
-        self.valid, self.slots = valid, torch.arange(max_len, device=valid.device)
+        self.valid = torch.nn.functional.pad(valid, (0, max_len - n))
+        self.slots = torch.arange(max_len, device=valid.device)
         self.length = torch.zeros((), dtype=torch.long, device=valid.device)  # slots written so far
+        self.softmax, self.chunk_sum = chunked_softmax, chunk_sum  # fused_step swaps in compiled versions
 
-    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def write(self, layer: int, key, value):
+        """Append key/value [B, H_kv, S, D] at the next S slots of `layer`; returns the slots written."""
         if self.k is None:
             self.k, self.v = key.new_zeros(self.shape), value.new_zeros(self.shape)
-            for buffer in (self.k, self.v, self.length):  # fixed addresses: the compiled step can be a CUDA graph
+            for buffer in (self.k, self.v, self.length):  # fixed addresses: the step can be a CUDA graph
                 torch._dynamo.mark_static_address(buffer)
-        slot = self.length + torch.arange(key.shape[2], device=key.device)   # where the new keys go
-        k, v = self.k[module.layer_idx], self.v[module.layer_idx]            # [B, H_kv, max_len, D] views
-        k.index_copy_(2, slot, key)
-        v.index_copy_(2, slot, value)
+        slot = self.length + torch.arange(key.shape[2], device=key.device)
+        self.k[layer].index_copy_(2, slot, key)
+        self.v[layer].index_copy_(2, slot, value)
+        return slot
+
+    def decode_mask(self):
+        """[B, max_len] True where a new token may attend: written slots (this step's included) that are not padding."""
+        return (self.slots <= self.length)[None, :] & self.valid
+
+    def decode(self, layer: int, query, scale: float, mask=None):
+        """One new token's attention over every written, non-padding slot of `layer` (write it first).
+        query [B, H, 1, D] -> [B, 1, H, D]. Two choices make this fast on a GPU:
+        - GQA: the G = H / H_kv query heads that share a KV head are stacked as G rows against it, so K and V are
+          read once (a masked SDPA would copy them G times);
+        - split-K: probs @ V sums over all max_len slots, which as one matrix product per (sequence, KV head) runs
+          on only B x H_kv blocks of the GPU; cut into chunks of CHUNK slots it runs on B x H_kv x chunks blocks
+          and a long cache is read at memory speed. The softmax spans all chunks; the chunks' outputs are summed:
+            p = softmax(q K^T * scale) over the valid slots      out[b,h,g] = sum_c (p[b,h,c,g,:] @ V[b,h,c])"""
+        k, v = self.k[layer], self.v[layer]                                  # [B, H_kv, max_len, D]
+        B, H, _, D = query.shape
+        Hk, n = k.shape[1], k.shape[2] // self.CHUNK
+        scores = query.reshape(B, Hk, H // Hk, D) @ k.transpose(-1, -2)    # [B, H_kv, G, max_len]
+        mask = self.decode_mask() if mask is None else mask
+        p = self.softmax(scores.view(B, Hk, -1, n, self.CHUNK), mask.view(B, 1, 1, n, self.CHUNK), scale)
+        out = self.chunk_sum(p @ v.view(B, Hk, n, self.CHUNK, D))           # [B, H_kv, chunks, G, D] -> [B, H_kv, G, D]
+        return out.reshape(B, 1, H, D)
+
+    def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """transformers' attention interface, for decoding through the model's own layers."""
+        self.write(module.layer_idx, key, value)
         if key.shape[2] > 1:  # the prompt: plain SDPA over its own keys, with transformers' causal+padding mask
             from transformers.integrations.sdpa_attention import sdpa_attention_forward
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0)
-        # one new token: attend to every written, non-padding slot. The G query heads that share a KV head are
-        # stacked as G rows against it, so K and V are read once (a masked SDPA would copy them G times, for GQA)
-        B, H, _, D = query.shape
-        q = query.view(B, k.shape[1], H // k.shape[1], D)                    # [B, H_kv, G, D]
-        scores = (q @ k.transpose(-1, -2)).float() * (scaling or D ** -0.5)   # [B, H_kv, G, max_len]
-        mask = (self.slots <= slot[-1])[None, :] & self.valid                 # [B, max_len]
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        out = torch.softmax(scores, dim=-1).to(v.dtype) @ v                   # [B, H_kv, G, D]
-        return out.reshape(B, 1, H, D), None
+        return self.decode(module.layer_idx, query, scaling or query.shape[-1] ** -0.5), None
+
+
+def chunked_softmax(scores, mask, scale: float):
+    """scores [B, H_kv, G, chunks, CHUNK] -> softmax over all slots (the last two dims) in fp32, masked slots 0,
+    laid out [B, H_kv, chunks, G, CHUNK] for the per-chunk products with V."""
+    s = (scores.float() * scale).masked_fill(~mask, float("-inf"))
+    s = s - s.amax(dim=(3, 4), keepdim=True)
+    e = s.exp()
+    return (e / e.sum(dim=(3, 4), keepdim=True)).to(scores.dtype).transpose(2, 3).contiguous()
+
+
+def chunk_sum(x):
+    """[B, H_kv, chunks, G, D] -> [B, H_kv, G, D]: the chunks' partial outputs summed in fp32."""
+    return x.float().sum(2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fused decode step: one new token through the decoder from the layers' weights, ~12 kernels a layer
+# instead of the ~40 that the model's own modules launch. Decoding a batch of 8 is bound by kernel count, not
+# by FLOPs: the weights are read once a step either way, so fewer and fused kernels are what makes it fast.
+
+FUSED_LAYERS = ("Qwen2_5_VLDecoderLayer", "Qwen3VLTextDecoderLayer", "Qwen2_5OmniDecoderLayer", "Qwen2DecoderLayer",
+                "LlamaDecoderLayer")  # pre-norm RMSNorm, rope'd q/k (+ optional q/k RMSNorm), SwiGLU MLP
+
+
+def rms_norm(x, weight, eps: float):
+    """transformers' RMSNorm: weight * (x / sqrt(mean(x^2) + eps)), the statistics in fp32."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm(x, residual, weight, eps: float):
+    """The residual add and the next RMSNorm in one kernel (compiled): returns (x + residual, its norm)."""
+    h = x + residual
+    return h, rms_norm(h, weight, eps)
+
+
+def rope_qk(q, k, cos, sin, q_norm=None, k_norm=None, eps: float = 0.0):
+    """Rotary embedding of q [B, 1, H, D] and k [B, 1, H_kv, D]: x * cos + rotate_half(x) * sin, where
+    rotate_half(x) = (-x2, x1); Qwen3 first RMSNorms each head (q_norm / k_norm)."""
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotate(q), rotate(k)
+
+
+def silu_mul(gate, up):
+    """SwiGLU's middle: silu(gate) * up."""
+    return torch.nn.functional.silu(gate) * up
+
+
+@functools.cache
+def compiled_kernels():
+    """The helpers above compiled once per process (a torch.compile wrapper made anew at every call would count
+    as a recompile each time, and dynamo falls back to eager after a few). Batch and cache lengths change from
+    call to call: the first change recompiles with that size symbolic (dynamo's automatic dynamic shapes)."""
+    compiled = functools.partial(torch.compile, fullgraph=True)  # a size that changes becomes dynamic, once
+    return tuple(map(compiled, (rms_norm, add_rms_norm, rope_qk, silu_mul, chunked_softmax, chunk_sum)))
+
+
+def fused_decoding(model) -> bool:
+    """Whether fused_step computes this model's decoder (else hf_generate decodes through its own layers)."""
+    from torch.distributed.tensor import DTensor
+    text = model.model.language_model
+    cfg = model.config.get_text_config()
+    return (all(type(layer).__name__ in FUSED_LAYERS for layer in text.layers) and cfg.hidden_act == "silu"
+            and not getattr(cfg, "use_sliding_window", False)
+            and not any(isinstance(p, DTensor) for p in text.parameters()))  # FSDP-sharded: the model's own layers
+
+
+def fused_step(model, kv: StaticKV, compile_kernels: bool = False, concat_weights: bool = True):
+    """step(tok [B], positions [3, B, 1]) -> final-normed hidden [B, 1, hidden], writing K/V into `kv`: the
+    same function as the model's decoder on one token, written out. compile_kernels fuses each elementwise
+    helper above into one kernel (torch.compile, once per process: compiled_kernels); concat_weights multiplies
+    x by [Wq; Wk; Wv] and by [W_gate; W_up] in one matmul each (a temporary copy of those weights, freed when
+    decoding ends: ~60% of the decoder's size)."""
+    text = model.model.language_model
+    F = torch.nn.functional
+    if compile_kernels:
+        norm, add_norm, rope, swiglu, kv.softmax, kv.chunk_sum = compiled_kernels()
+    else:
+        norm, add_norm, rope, swiglu = rms_norm, add_rms_norm, rope_qk, silu_mul
+    attn0 = text.layers[0].self_attn
+    D, scale = attn0.head_dim, attn0.scaling
+    layers = []
+    for layer in text.layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv = [a.q_proj, a.k_proj, a.v_proj]
+        layers.append(dict(
+            qkv=(torch.cat([p.weight for p in qkv]),) if concat_weights else tuple(p.weight for p in qkv),
+            qkv_bias=((torch.cat([p.bias for p in qkv]),) if concat_weights else tuple(p.bias for p in qkv))
+            if a.q_proj.bias is not None else (None,) * (1 if concat_weights else 3),
+            sizes=[p.weight.shape[0] for p in qkv], o=a.o_proj.weight,
+            q_norm=getattr(getattr(a, "q_norm", None), "weight", None),
+            k_norm=getattr(getattr(a, "k_norm", None), "weight", None),
+            gate_up=(torch.cat([m.gate_proj.weight, m.up_proj.weight]),) if concat_weights
+            else (m.gate_proj.weight, m.up_proj.weight),
+            down=m.down_proj.weight, norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
+            eps=layer.input_layernorm.variance_epsilon))
+    final_norm, final_eps = text.norm.weight, text.norm.variance_epsilon
+    mrope = family(model) in MROPE
+
+    def project(x, weights, biases, sizes=None):  # one matmul then split, or one matmul per weight
+        if len(weights) == 1:
+            y = F.linear(x, weights[0], biases[0])
+            return y.split(sizes, dim=-1) if sizes else y.chunk(2, dim=-1)
+        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+
+    def step(tok, positions):
+        B = tok.shape[0]
+        h = text.embed_tokens(tok[:, None])                                  # [B, 1, hidden]
+        cos, sin = text.rotary_emb(h, positions if mrope else positions[0])
+        if cos.dim() == 4:                     # [3, B, 1, D]: a text token's three position rows are equal
+            cos, sin = cos[0], sin[0]
+        cos, sin = cos[:, :, None], sin[:, :, None]                          # [B, 1, 1, D] against [B, 1, heads, D]
+        x = norm(h, layers[0]["norm1"], layers[0]["eps"])
+        mask = kv.decode_mask()                                              # the same for every layer
+        for i, w in enumerate(layers):
+            q, k, v = project(x, w["qkv"], w["qkv_bias"], w["sizes"])
+            q, k = rope(q.view(B, 1, -1, D), k.view(B, 1, -1, D), cos, sin, w["q_norm"], w["k_norm"], w["eps"])
+            kv.write(i, k.transpose(1, 2), v.view(B, 1, -1, D).transpose(1, 2))
+            o = F.linear(kv.decode(i, q.transpose(1, 2), scale, mask).reshape(B, 1, -1), w["o"])
+            h, x = add_norm(o, h, w["norm2"], w["eps"])                      # h += attention; x = norm(h)
+            gate, up = project(x, w["gate_up"], (None,) * len(w["gate_up"]))
+            mlp = F.linear(swiglu(gate, up), w["down"])
+            last = i == len(layers) - 1                                      # h += mlp; x = next layer's norm(h)
+            h, x = add_norm(mlp, h, final_norm if last else layers[i + 1]["norm1"],
+                            final_eps if last else layers[i + 1]["eps"])
+        kv.length += 1
+        return x
+    return step
 
 
 def graphed_step(step, kv: StaticKV, tok, step_pos):
@@ -109,23 +267,33 @@ def graphed_step(step, kv: StaticKV, tok, step_pos):
         step_pos.copy_(new_pos)
         graph.replay()                   # also advances kv.length, as recorded
         return hidden
+    replay.step = step  # the graph reads what the step holds (fused_step's weights): keep it alive with the graph
     return replay
 
 
 @torch.no_grad()
 def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                max_new_tokens: int = 256, seed: int = 0, feats=None, static_cache=None, compile_step=False,
-                cuda_graph=None) -> list:
+                max_new_tokens: int = 256, seed: int = 0, feats=None, static_cache=None, fused=None,
+                compile_kernels=None, cuda_graph=None, check_every=None) -> list:
     """n samples for each prompt. temperature 0 = greedy. Returns len(prompts) * n Rollouts, grouped by prompt.
     The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
     truncation), which is exactly what the training forward recomputes.
-    static_cache (default: on GPU) decodes with StaticKV instead of transformers' DynamicCache; compile_step
-    additionally compiles the decode step (torch.compile: fewer, fused kernels; slower on an H200, README);
-    cuda_graph (default: with static_cache on a GPU) records one decode step as a CUDA graph and replays it:
-    one launch per token instead of one per kernel."""
+    The decode step, fastest first (the defaults on a GPU; README "Performance" has the measurements):
+      fused            our own step from the layers' weights (fused_step) on a StaticKV cache
+      compile_kernels  its elementwise helpers compiled into one kernel each
+      cuda_graph       one decode step recorded as a CUDA graph and replayed: one launch per token
+      static_cache     the model's own layers on a StaticKV cache (fused=False; families outside FUSED_LAYERS)
+      otherwise        the model's own layers on transformers' DynamicCache (the default on CPU)
+    Whether every sequence has stopped is asked every `check_every` tokens (default: 8 on a GPU, where each ask
+    waits for the GPU to finish; 1 on CPU)."""
     dev = model.lm_head.weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
+    fused = (static_cache and fused_decoding(model)) if fused is None else fused
+    compile_kernels = (fused and dev.type == "cuda") if compile_kernels is None else compile_kernels
     cuda_graph = (static_cache and dev.type == "cuda") if cuda_graph is None else cuda_graph
+    check_every = check_every or (8 if dev.type == "cuda" else 1)
+    if fused and not static_cache:
+        raise ValueError("fused decoding needs static_cache=True")
     pad_id = processor.tokenizer.pad_token_id
     stop, suppress = eos_ids(model, processor), suppress_ids(model, processor)
     if feats is None and any(p.video_grid_thw is not None for p in prompts):
@@ -151,13 +319,13 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
         previous = use_attention(model, StaticKV.NAME)
         hidden, _ = decoder_hidden(model, ids, pos, select_videos(feats, order), attn[:, :L])
         kv.length += L
-
-        def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
-            out, _ = decoder_hidden(model, tok[:, None], step_pos)
-            kv.length += 1
-            return out
-        if compile_step:  # fuse the step's ~40 small kernels a layer; the graph below then replays fewer launches
-            step = torch.compile(step, mode="default" if cuda_graph else "reduce-overhead")
+        if fused:
+            step = fused_step(model, kv, compile_kernels)
+        else:
+            def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
+                out, _ = decoder_hidden(model, tok[:, None], step_pos)
+                kv.length += 1
+                return out
         if cuda_graph:
             step = graphed_step(step, kv, ids[:, -1], pos[:, :, -1:])
     else:
@@ -172,7 +340,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     out_lp = torch.zeros(B, max_new_tokens, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, device=dev)
-    stop_t = torch.tensor(stop, device=dev)
+    stop_t, suppress = torch.tensor(stop, device=dev), torch.tensor(suppress, dtype=torch.long, device=dev)
     try:
         for t in range(max_new_tokens):
             logits = masked_logits(model, hidden[:, -1], suppress, temperature if temperature > 0 else 1.0)
@@ -191,7 +359,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
             newly = ~done & torch.isin(tok, stop_t)
             lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
             done |= newly
-            if all_ranks_done(done) or t == max_new_tokens - 1:
+            if t == max_new_tokens - 1 or (t + 1) % check_every == 0 and all_ranks_done(done):
                 break
             hidden = step(tok, next_pos.view(1, B, 1).expand(3, B, 1))
             next_pos = next_pos + 1

@@ -476,8 +476,8 @@ def decoder_hidden(model, input_ids, positions, feats=None, attention_mask=None,
 def masked_logits(model, hidden, suppress_ids, temperature: float = 1.0):
     """fp32 logits / T with the vision and pad tokens removed from the vocabulary (as at sampling time)."""
     logits = model.lm_head(hidden).float()
-    if suppress_ids:
-        logits[..., suppress_ids] = float("-inf")
+    if len(suppress_ids):  # a list, or a tensor already on the device (a list is copied there: a wait in a loop)
+        logits.index_fill_(-1, torch.as_tensor(suppress_ids, device=logits.device), float("-inf"))
     return logits / temperature
 
 

@@ -183,3 +183,39 @@ def test_static_kv_decode_equals_dynamic_cache(tiny, videos, fam):
     assert [o.response_ids for o in static] == [o.response_ids for o in dynamic]
     diff = max(abs(a - b) for s, d in zip(static, dynamic) for a, b in zip(s.logprobs, d.logprobs))
     assert diff < 1e-4
+
+
+def text_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(5, 300, (n,), generator=g) for n in lengths]
+    return [vlm.Prompt(input_ids=i, positions=torch.arange(len(i)).expand(3, -1).clone(), pixel_values_videos=None,
+                       video_grid_thw=None, num_video_tokens=0) for i in ids]
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava"])
+def test_fused_decode_step_equals_the_models_own_layers(tiny, videos, fam, tmp_path, monkeypatch):
+    """fused_step (our decode step written from the layers' weights, split-K attention over the cache) samples the
+    same tokens with the same log-probs as the model's own layers on transformers' DynamicCache: with the q/k/v
+    and gate/up weights concatenated or not, with its helpers compiled (torch.compile, as on a GPU), for left-
+    padded prompts after a video (3-D positions that run ahead of the token index) and for every family."""
+    monkeypatch.setattr(rollout.StaticKV, "CHUNK", 8)  # several chunks even for these short prompts
+    if fam in tiny:
+        _, model, processor = tiny[fam]
+        prompts = prompts_for(model, processor, videos[:1], "What colour?") + \
+            prompts_for(model, processor, videos[1:2], "What colour was the flash? Answer in detail please.")
+    else:
+        model, processor = vlm.load_model(make_tiny_model(str(tmp_path), fam, seed=0))
+        prompts = text_prompts([7, 19])
+    assert rollout.fused_decoding(model)
+    kw = dict(n=2, temperature=1.0, max_new_tokens=12, seed=3)
+    reference = rollout.hf_generate(model, processor, prompts, static_cache=False, **kw)
+    variants = {"concatenated": {}, "separate": dict(concat_weights=False)}
+    if fam == "qwen2_5_vl":
+        variants["compiled"] = dict(compile_kernels=True)
+    real_step = rollout.fused_step
+    for name, options in variants.items():
+        monkeypatch.setattr(rollout, "fused_step", lambda m, kv, _, **o: real_step(m, kv, **{**o, **options}))
+        fused = rollout.hf_generate(model, processor, prompts, static_cache=True, fused=True, **kw)
+        assert [o.response_ids for o in fused] == [o.response_ids for o in reference], name
+        diff = max(abs(a - b) for f, r in zip(fused, reference) for a, b in zip(f.logprobs, r.logprobs))
+        assert diff < 1e-4, (name, diff)
