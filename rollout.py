@@ -19,7 +19,8 @@ import torch
 
 from data.datasets import format_question, load_jsonl
 from vlm import (MROPE, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
-                 family, load_model, load_video, masked_logits, select_videos, suppress_ids, use_attention)
+                 family, load_model, load_video, masked_logits, output_head, select_videos, suppress_ids,
+                 use_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     additionally compiles the decode step (torch.compile: fewer, fused kernels; slower on an H200, README);
     cuda_graph (default: with static_cache on a GPU) records one decode step as a CUDA graph and replays it:
     one launch per token instead of one per kernel."""
-    dev = model.lm_head.weight.device
+    dev = output_head(model).weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
     cuda_graph = (static_cache and dev.type == "cuda") if cuda_graph is None else cuda_graph
     pad_id = processor.tokenizer.pad_token_id
@@ -296,12 +297,14 @@ class VLLMEngine:
 
 
 def language_model_weights(named_tensors):
-    """An embedding VLM's (name, tensor) stream -> its decoder + lm_head under causal-LM names."""
+    """An embedding VLM's (name, tensor) stream -> its decoder + lm_head under causal-LM names (LLaVA:
+    model.language_model.* and lm_head.*; VILA: llm.*, already a causal LM)."""
+    renames = (("model.language_model.", "model."), ("lm_head.", "lm_head."), ("llm.", ""))
     for name, t in named_tensors:
-        if name.startswith("model.language_model."):
-            yield "model." + name[len("model.language_model."):], t
-        elif name.startswith("lm_head."):
-            yield name, t
+        for prefix, to in renames:
+            if name.startswith(prefix):
+                yield to + name[len(prefix):], t
+                break
 
 
 def export_language_model(model, processor, out_dir: str) -> str:
