@@ -126,9 +126,10 @@ def make_model(shape: str, out_dir: str, dtype=torch.bfloat16, device="cuda", sa
 
 
 def lm_params(model):
-    lm = model.model.language_model
+    import vlm
+    lm = vlm.text_model(model)
     return sum(p.numel() for p in lm.parameters()) + (0 if model.config.get_text_config().tie_word_embeddings
-                                                       else model.lm_head.weight.numel())
+                                                       else vlm.output_head(model).weight.numel())
 
 
 @dataclass
@@ -243,7 +244,7 @@ def separate_weights(on: bool):
 def bench_plain_generate(model, prompts, feats, cfg, name, P):
     """transformers' own model.generate on the same inputs (its own positions; timing only)."""
     try:
-        dev = model.lm_head.weight.device
+        dev = model.device
         ids = torch.stack([p.input_ids for p in prompts]).to(dev)
         kw = {}
         if prompts[0].pixel_values_videos is not None:
@@ -358,12 +359,12 @@ def fwd_bwd(model, S: int, response: int, naive: bool, chunk=1024):
     """Forward + backward of response-only log-probs on one sequence of S text tokens (the policy-gradient
     forward without the vision tower); naive = full-vocabulary logits over the whole sequence."""
     import vlm
-    dev = model.lm_head.weight.device
+    dev = vlm.output_head(model).weight.device
     ids = torch.randint(20, 300, (1, S), device=dev)
     pos = torch.arange(S, device=dev).view(1, 1, S).expand(3, 1, S)
     hidden, _ = vlm.decoder_hidden(model, ids, pos)
     if naive:
-        logits = model.lm_head(hidden).float()
+        logits = vlm.output_head(model)(hidden).float()
         logp = torch.log_softmax(logits[0, S - response - 1:-1], -1).gather(-1, ids[0, S - response:, None])
     else:
         logp, _ = vlm.token_logprobs(model, hidden[0, S - response - 1:-1], ids[0, S - response:], [], chunk=chunk)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm import build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video
+from vlm import FRAMES, build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video
 
 FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
 WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
@@ -116,7 +116,7 @@ def load_cached(cache_dir: str, video_path: str, cfg, model):
 @torch.no_grad()
 def encode_video(model, processor, video) -> dict:
     """The tower's outputs for one sampled video, with the processor called exactly as vlm.build_prompt does."""
-    if family(model) == "llava":  # embedding VLMs: every frame's tokens, frame after frame
+    if family(model) in FRAMES:  # embedding VLMs: every frame's tokens, frame after frame
         prompt = build_prompt_frames(model, processor, "", video, think=False)
         return {"embeds": encode_videos(model, [prompt]).pooler_output[0].contiguous().cpu(),
                 "video_grid_thw": prompt.video_grid_thw}

@@ -20,7 +20,8 @@ import torch
 
 from data.datasets import format_question, load_jsonl
 from vlm import (MROPE, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
-                 family, load_model, load_video, masked_logits, select_videos, suppress_ids, use_attention)
+                 family, load_model, load_video, masked_logits, output_head, select_videos, suppress_ids,
+                 text_model, use_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ def compiled_kernels():
 def fused_decoding(model) -> bool:
     """Whether fused_step computes this model's decoder (else hf_generate decodes through its own layers)."""
     from torch.distributed.tensor import DTensor
-    text = model.model.language_model
+    text = text_model(model)
     cfg = model.config.get_text_config()
     return (all(type(layer).__name__ in FUSED_LAYERS for layer in text.layers) and cfg.hidden_act == "silu"
             and not getattr(cfg, "use_sliding_window", False)
@@ -185,7 +186,7 @@ def fused_step(model, kv: StaticKV, compile_kernels: bool = False, concat_weight
     helper above into one kernel (torch.compile, once per process: compiled_kernels); concat_weights multiplies
     x by [Wq; Wk; Wv] and by [W_gate; W_up] in one matmul each (a temporary copy of those weights, freed when
     decoding ends: ~60% of the decoder's size)."""
-    text = model.model.language_model
+    text = text_model(model)
     F = torch.nn.functional
     if compile_kernels:
         norm, add_norm, rope, swiglu, kv.softmax, kv.chunk_sum = compiled_kernels()
@@ -286,7 +287,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
       otherwise        the model's own layers on transformers' DynamicCache (the default on CPU)
     Whether every sequence has stopped is asked every `check_every` tokens (default: 8 on a GPU, where each ask
     waits for the GPU to finish; 1 on CPU)."""
-    dev = model.lm_head.weight.device
+    dev = output_head(model).weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
     fused = (static_cache and fused_decoding(model)) if fused is None else fused
     compile_kernels = (fused and dev.type == "cuda") if compile_kernels is None else compile_kernels
@@ -464,12 +465,14 @@ class VLLMEngine:
 
 
 def language_model_weights(named_tensors):
-    """An embedding VLM's (name, tensor) stream -> its decoder + lm_head under causal-LM names."""
+    """An embedding VLM's (name, tensor) stream -> its decoder + lm_head under causal-LM names (LLaVA:
+    model.language_model.* and lm_head.*; VILA: llm.*, already a causal LM)."""
+    renames = (("model.language_model.", "model."), ("lm_head.", "lm_head."), ("llm.", ""))
     for name, t in named_tensors:
-        if name.startswith("model.language_model."):
-            yield "model." + name[len("model.language_model."):], t
-        elif name.startswith("lm_head."):
-            yield name, t
+        for prefix, to in renames:
+            if name.startswith(prefix):
+                yield to + name[len(prefix):], t
+                break
 
 
 def export_language_model(model, processor, out_dir: str) -> str:

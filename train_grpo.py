@@ -112,7 +112,7 @@ class Root(torch.nn.Module):
 
 def vlm_units(model, vision: bool = True) -> list:
     """FSDP2 units: each decoder layer and each vision (and audio) encoder block (the rest stays with the root)."""
-    return [*model.model.language_model.layers, *(vlm.encoder_blocks(model) if vision else [])]
+    return [*vlm.text_model(model).layers, *(vlm.encoder_blocks(model) if vision else [])]
 
 
 def encoder_params(model) -> set:
@@ -431,11 +431,11 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
     tokens_mask[:, 1:] = packed.response_mask[:, :-1]
 
     def run_sp(model):
-        dev = model.lm_head.weight.device
+        dev = vlm.output_head(model).weight.device
         with torch.set_grad_enabled(vision_grad):
-            # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); LLaVA's image
-            # tower runs whole on every SP rank; Omni's audio encoder too, beside the split video tower
-            if any(p.video_features is not None for p in prompts) or vlm.family(model) == "llava":
+            # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); LLaVA's and
+            # VILA's image towers run whole on every SP rank; Omni's audio encoder too, beside the split video tower
+            if any(p.video_features is not None for p in prompts) or vlm.family(model) in vlm.FRAMES:
                 feats = vlm.encode_videos(model, prompts)
             else:
                 pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
@@ -694,7 +694,8 @@ def main(cfg: Config):
                                     cfg.max_model_len, seed=cfg.seed + dp_rank, max_frames=cfg.max_frames,
                                     sleep_level=cfg.vllm_sleep_level, prompt_embeds=embeds_only)
     print0(f"rollout engine: {'vLLM (colocated, sleep level %d)' % cfg.vllm_sleep_level if engine else 'HF'}; "
-           f"attention: {model.config._attn_implementation}; FSDP2: {d.world_size > 1 or bf16}; bf16: {bf16}")
+           f"attention: {model.config.get_text_config()._attn_implementation}; FSDP2: {d.world_size > 1 or bf16}; "
+           f"bf16: {bf16}")
 
     # data, resume
     train = load_jsonl(cfg.data)

@@ -9,6 +9,7 @@ Models (transformers' own classes; a hub id or a local path):
   Qwen2.5-Omni (thinker)     video + the video's own audio track, interleaved in 2-s chunks (build_prompt_omni)
   LLaVA-style embedding VLMs every frame through the image tower, its tokens spliced into the prompt embeddings
                              (build_prompt_frames), 1-D positions; the decoder is fed inputs_embeds
+  LongVILA-R1 / NVILA        the same, loaded through their own remote code (trust_remote_code; section "VILA" below)
 All of them share one mechanism: placeholder tokens in input_ids whose embeddings are replaced, in order, by
 rows of media features (embed_inputs), so caching, sequence parallelism and both engines treat them alike.
 Inputs: frames decoded by data/video.py are handed to the processor *with their metadata* (without it
@@ -32,10 +33,13 @@ THINK_PROMPT = (
     " Question: {question}")  # Long-RL's system_prompt_thinking, verbatim
 PLAIN_PROMPT = "{question}\nPut the final answer inside <answer> </answer> tags."
 # model_type -> frame size multiple (patch size x spatial merge; LLaVA's processor resizes frames itself)
-SUPPORTED = {"qwen2_5_vl": 28, "qwen3_vl": 32, "qwen2_5_omni_thinker": 28, "qwen2_5_omni": 28, "llava": 14}
+SUPPORTED = {"qwen2_5_vl": 28, "qwen3_vl": 32, "qwen2_5_omni_thinker": 28, "qwen2_5_omni": 28, "llava": 14,
+             "vila": 14}
 MROPE = ("qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker")  # 3-D rope positions; the others take 1-D ones
+FRAMES = ("llava", "vila")  # embedding VLMs: each frame through an image tower, rows spliced in frame after frame
 SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                   "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>"]
+                   "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>",
+                   "<image>", "<vila/video>", "<vila/sentinel>"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,11 +47,10 @@ SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|visi
 
 def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu"):
     """(model, processor) for a supported VLM checkpoint folder or hub id."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type not in SUPPORTED:
-        raise ValueError(f"{path}: model type {config.model_type!r} is not supported; supported: "
-                         f"{', '.join(SUPPORTED)}")
+    from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+    model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")  # config.json read, no code run
+    if model_type not in SUPPORTED:
+        raise ValueError(f"{path}: model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
     if dtype == "auto":
         dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     if attn_implementation == "flash_attention_2":
@@ -56,11 +59,13 @@ def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"
         except ImportError:
             print("flash-attn is not installed: using PyTorch SDPA attention")
             attn_implementation = "sdpa"
+    if model_type == "vila":
+        return load_vila(path, dtype, attn_implementation, device)
     kw = dict(dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
-    if config.model_type == "qwen2_5_omni":  # the whole Omni: keep the thinker (text out); the talker is not loaded
+    if model_type == "qwen2_5_omni":  # the whole Omni: keep the thinker (text out); the talker is not loaded
         from transformers import Qwen2_5OmniForConditionalGeneration
         model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, enable_audio_output=False, **kw).thinker
-    elif config.model_type == "qwen2_5_omni_thinker":  # a thinker saved on its own (merge.py writes this)
+    elif model_type == "qwen2_5_omni_thinker":  # a thinker saved on its own (merge.py writes this)
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, **kw)
     else:
@@ -74,8 +79,26 @@ def family(model) -> str:
     return model.config.model_type
 
 
+# The decoder's parts: nothing else reaches into a family's module layout (VILA keeps its decoder in model.llm).
+def text_model(model):
+    """The decoder stack (.embed_tokens, .layers, .norm, .rotary_emb), without lm_head."""
+    return model.llm.model if family(model) == "vila" else model.model.language_model
+
+
+def output_head(model):
+    """lm_head: hidden states -> vocabulary logits."""
+    return model.llm.lm_head if family(model) == "vila" else model.lm_head
+
+
+def input_embeddings(model):
+    """The token embedding table."""
+    return text_model(model).embed_tokens
+
+
 def media_token_id(model) -> int:
     """The placeholder whose embeddings are replaced by vision feature rows, one row per token."""
+    if family(model) == "vila":
+        return model.tokenizer.media_token_ids["video"]
     return model.config.image_token_id if family(model) == "llava" else model.config.video_token_id
 
 
@@ -87,9 +110,10 @@ def token_ids(processor, tokens) -> list:
 def eos_ids(model, processor) -> list:
     """Stop tokens: the tokenizer's eos plus the generation config's (Qwen: <|im_end|> and <|endoftext|>)."""
     ids = {processor.tokenizer.eos_token_id}
-    gen = getattr(model, "generation_config", None)
-    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
-    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    for m in (model, getattr(model, "llm", None)):  # VILA: its decoder's generation config (llm/) too
+        gen = getattr(m, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+        ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
     return sorted(i for i in ids if i is not None)
 
 
@@ -100,6 +124,62 @@ def suppress_ids(model, processor) -> list:
     placeholders = [media_token_id(model), getattr(model.config, "audio_token_id", None)]  # e.g. LLaVA's <image>
     ids = token_ids(processor, SUPPRESS_TOKENS) + placeholders + [processor.tokenizer.pad_token_id]
     return sorted({i for i in ids if i is not None and i not in stop})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VILA (LongVILA-R1, NVILA): their own remote code (modeling_vila.py in the checkpoint), adapted onto the shared
+# mechanism. Used from it: model.llm (a causal LM: decoder + lm_head), model.tokenizer (.media_tokens,
+# .media_token_ids), model.vision_tower (.vision_tower = SigLIP, .image_processor), model.mm_projector,
+# model.encode_images, model.encoders["video"] (its start/end tokens) and model.pad_token_list.
+# Its _embed replaces the video token by, per frame, [start tokens] + encode_images rows + [end tokens] ("\n"):
+# we lay that out in input_ids (separators as tokens, rows as placeholders), so the embeddings are the same and
+# a media row is a pure tower + projector output (an embeddings cache then stays valid while the LLM trains).
+
+def load_vila(path: str, dtype: str, attn_implementation: str, device: str):
+    """As Long-RL loads LongVILA-R1: AutoModel with trust_remote_code runs the checkpoint's modeling_vila.py
+    (config.json's auto_map), which builds VILAForCausalLM from the folder's llm/ (causal LM + tokenizer),
+    vision_tower/ (SigLIP + image processor) and mm_projector/."""
+    from transformers import AutoModel
+    # its __init__ moves the tower to CUDA for device_map "auto" (the default) or "cuda": name the device
+    model = AutoModel.from_pretrained(path, trust_remote_code=True, device_map=str(device))
+    model = model.to(device=device, dtype=getattr(torch, dtype))  # its post_config casts to bf16 / fp16 itself
+    model.llm.set_attn_implementation(attn_implementation)
+    # the decoder's config lives in llm/: attach it where transformers' composite configs keep it, so that
+    # model.config.get_text_config() (KV caches, the vLLM export, head checks) gives the decoder's
+    model.config.text_config = model.llm.config
+    if type(model.encoders["video"]).__name__ != "BasicVideoEncoder":  # what their remote code hard-codes
+        raise NotImplementedError(f"{path}: VILA video encoder {type(model.encoders['video']).__name__} is not "
+                                  "adapted (vlm.py lays out BasicVideoEncoder's frames)")
+    processor = VilaProcessor(model.tokenizer, model.vision_tower.image_processor)
+    model.frame_rows = vila_frame_rows(model, processor)
+    return model, processor
+
+
+class VilaProcessor:
+    """What vlm.py uses of a processor, taken from a loaded VILA model: its tokenizer (with the media tokens its
+    _embed looks for) and its tower's image processor. A turn is templated as VILA's own processor does
+    (extract_media + tokenize_conversation): media tokens and text joined into one stripped string."""
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        def flat(content):
+            if isinstance(content, str):
+                return content
+            return "".join(p["text"] if p["type"] == "text" else self.tokenizer.media_tokens[p["type"]]
+                           for p in content).strip()
+        turns = [{"role": m["role"], "content": flat(m["content"])} for m in messages]
+        return self.tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=tokenize)
+
+
+@torch.no_grad()
+def vila_frame_rows(model, processor) -> int:
+    """Rows that model.encode_images (tower + projector) gives one frame, measured once on a blank frame at
+    loading (before any FSDP sharding), so that prompts can be laid out before their videos are encoded."""
+    import numpy as np
+    pixels = processor.image_processor(images=[np.zeros((32, 32, 3), np.uint8)], return_tensors="pt")["pixel_values"]
+    return model.encode_images(pixels.to(model.device, model.dtype)).shape[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,7 +213,7 @@ def prompt_text(processor, question: str, think: bool, instruction: str = None) 
 def build_prompt(model, processor, question: str, video, think: bool = True, sample=None,
                  instruction: str = None) -> Prompt:
     """`video` is a data.video.SampledVideo (frames already sampled and resized)."""
-    if family(model) == "llava":
+    if family(model) in FRAMES:
         return build_prompt_frames(model, processor, question, video, think, sample, instruction)
     if family(model) == "qwen2_5_omni_thinker":
         return build_prompt_omni(model, processor, question, video, think, sample, instruction)
@@ -158,25 +238,53 @@ def expand_placeholder(ids: torch.Tensor, token: int, replacement: list) -> torc
     return torch.cat([ids[:where[0]], torch.tensor(replacement, dtype=ids.dtype), ids[where[0] + 1:]])
 
 
-def frame_tokens(config) -> int:
-    """LLaVA-style: tokens per frame = the tower's patches (its CLS token dropped by the "default" strategy)."""
-    v = config.vision_config
-    return (v.image_size // v.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+def frame_tokens(model) -> int:
+    """Feature rows per frame. LLaVA-style: the tower's patches (its CLS token dropped by the "default" strategy);
+    VILA: its projector's rows, measured once at loading (vila_frame_rows)."""
+    if family(model) == "vila":
+        return model.frame_rows
+    v = model.config.vision_config
+    return (v.image_size // v.patch_size) ** 2 + (model.config.vision_feature_select_strategy == "full")
+
+
+def frame_block(model) -> list:
+    """One frame's ids in the prompt: its feature rows as placeholders; VILA: between its video encoder's start and
+    end tokens, tokenized as the encoder tokenizes them."""
+    rows = [media_token_id(model)] * frame_tokens(model)
+    if family(model) != "vila":
+        return rows
+    enc = model.encoders["video"]
+    start, end = [model.tokenizer(t).input_ids if t else [] for t in (enc.start_tokens, enc.end_tokens)]
+    return start + rows + end
+
+
+def prompt_ids(model, processor, text: str) -> torch.Tensor:
+    """The templated prompt's token ids (one media placeholder). VILA's _embed drops every token of its
+    pad_token_list (pad and eos ids; its third entry is a token string, which never matches an id) from the prompt
+    before the LLM sees it, so that is the sequence its LLM was trained on: we drop the same ids."""
+    ids = torch.tensor(processor.tokenizer(text)["input_ids"])
+    if family(model) == "vila":
+        drop = torch.tensor([i for i in model.pad_token_list if isinstance(i, int)])
+        ids = ids[~torch.isin(ids, drop)]
+    return ids
 
 
 def build_prompt_frames(model, processor, question: str, video, think: bool = True, sample=None,
                         instruction: str = None) -> Prompt:
-    """Embedding VLMs (LLaVA-style, as LongVILA): each frame goes through the image tower on its own and its
-    tokens replace, frame after frame, the prompt's one image placeholder. Positions are 1-D."""
+    """Embedding VLMs (LLaVA-style, LongVILA): each frame goes through the image tower on its own and its
+    rows replace, frame after frame, the prompt's one media placeholder. Positions are 1-D. video_grid_thw is
+    [frames, side, side] (LLaVA) or [frames, 1, rows] (VILA): grid[:, 0] splits a batch's frames into videos."""
     text = prompt_text(processor, question, think, instruction)
-    ids = torch.tensor(processor.tokenizer(text)["input_ids"])
     pixels = processor.image_processor(images=list(video.frames), return_tensors="pt")["pixel_values"]  # [F, 3, S, S]
-    n = len(pixels) * frame_tokens(model.config)
-    ids = expand_placeholder(ids, media_token_id(model), [media_token_id(model)] * n)
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    n = len(pixels) * frame_tokens(model)
+    ids = expand_placeholder(prompt_ids(model, processor, text), media_token_id(model),
+                             frame_block(model) * len(pixels))
+    if family(model) == "vila":
+        grid = [len(pixels), 1, frame_tokens(model)]
+    else:
+        grid = [len(pixels)] + [model.config.vision_config.image_size // model.config.vision_config.patch_size] * 2
     return Prompt(input_ids=ids, positions=rope_positions(model.config, ids, None), pixel_values_videos=pixels,
-                  video_grid_thw=torch.tensor([[len(pixels), side, side]]), num_video_tokens=n, text=text,
-                  frames=video, sample=sample)
+                  video_grid_thw=torch.tensor([grid]), num_video_tokens=n, text=text, frames=video, sample=sample)
 
 
 def omni_chunks(values: list, size: int) -> list:
@@ -263,9 +371,9 @@ def build_prompt_cached(model, processor, question: str, entry, think: bool = Tr
         return Prompt(input_ids=ids, positions=positions, pixel_values_videos=None, video_grid_thw=entry.video_grid_thw,
                       num_video_tokens=n_video, text=text, sample=sample, video_features=(entry.embeds, None),
                       num_audio_tokens=n_audio, audio_embeds=entry.audio)
-    if family(model) == "llava":
-        ids = expand_placeholder(torch.tensor(processor.tokenizer(text)["input_ids"]), media_token_id(model),
-                                 [media_token_id(model)] * len(entry.embeds))
+    if family(model) in FRAMES:
+        ids = expand_placeholder(prompt_ids(model, processor, text), media_token_id(model),
+                                 frame_block(model) * int(entry.video_grid_thw[0, 0]))
         return Prompt(input_ids=ids, positions=rope_positions(model.config, ids, None), pixel_values_videos=None,
                       video_grid_thw=entry.video_grid_thw, num_video_tokens=len(entry.embeds), text=text,
                       sample=sample, video_features=(entry.embeds, None))
@@ -388,10 +496,13 @@ def add_audio_features(model, prompts: list, feats):
 
 def tower_features(model, pixels, grid):
     """One vision-tower call over consecutive videos -> per-video [rows, hidden] (Qwen3-VL: + DeepStack)."""
-    if family(model) != "llava":
+    if family(model) not in FRAMES:
         return model.model.get_video_features(pixels, grid, return_dict=True)
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    per_frame = model.model.get_image_features(pixel_values=pixels).pooler_output  # F x [tokens, hidden]
+    if family(model) == "vila":  # what its video encoder runs on the frames: tower + projector, [F, rows, hidden]
+        per_frame = model.encode_images(pixels.to(model.dtype))
+    else:
+        per_frame = model.model.get_image_features(pixel_values=pixels).pooler_output  # F x [tokens, hidden]
     frames = torch.stack(list(per_frame)).split(grid[:, 0].tolist())                # per video [F_v, tokens, hidden]
     return BaseModelOutputWithPooling(pooler_output=tuple(f.flatten(0, 1) for f in frames))
 
@@ -407,6 +518,8 @@ def audio_features(model, input_features):
 
 def media_encoders(model) -> list:
     """The modules that turn media into feature rows: frozen by freeze_vision, skipped with an embeddings cache."""
+    if family(model) == "vila":
+        return [model.vision_tower, model.mm_projector]
     m = model.model
     if family(model) == "llava":
         return [m.vision_tower, m.multi_modal_projector]
@@ -415,6 +528,9 @@ def media_encoders(model) -> list:
 
 def encoder_blocks(model) -> list:
     """The media encoders' repeated blocks (FSDP2 wraps each as a unit)."""
+    if family(model) == "vila":  # VILA's SigLIP wrapper holds transformers' SiglipVisionModel as .vision_tower
+        tower = model.vision_tower.vision_tower
+        return list(getattr(tower, "vision_model", tower).encoder.layers)
     m = model.model
     if family(model) == "llava":
         tower = getattr(m.vision_tower, "vision_model", m.vision_tower)  # CLIPVisionModel nests it in older versions
@@ -438,7 +554,7 @@ def embed_inputs(model, input_ids, feats=None):
     """Token embeddings with the video features written into the <|video_pad|> positions, in order; for
     Qwen3-VL also the DeepStack inputs (the features of early vision layers, added to early decoder layers).
     The same explicit recipe in every transformers 5.x (no reliance on newer forward arguments)."""
-    emb = model.model.get_input_embeddings()(input_ids)
+    emb = input_embeddings(model)(input_ids)
     if feats is None:
         return emb, {}
 
@@ -462,7 +578,7 @@ def decoder_hidden(model, input_ids, positions, feats=None, attention_mask=None,
     """Decoder hidden states [B, S, H] (no lm_head: logits are made only where they are needed). A given
     `cache` (DynamicCache / StaticCache) is filled in place."""
     emb, extra = embed_inputs(model, input_ids, feats)
-    lm = model.model.language_model
+    lm = text_model(model)
     if family(model) not in MROPE:
         positions = positions[0]                                     # 1-D rope: the rows are equal
     cache_kw = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"  # 5.24 / 5.17
@@ -475,7 +591,7 @@ def decoder_hidden(model, input_ids, positions, feats=None, attention_mask=None,
 
 def masked_logits(model, hidden, suppress_ids, temperature: float = 1.0):
     """fp32 logits / T with the vision and pad tokens removed from the vocabulary (as at sampling time)."""
-    logits = model.lm_head(hidden).float()
+    logits = output_head(model)(hidden).float()
     if len(suppress_ids):  # a list, or a tensor already on the device (a list is copied there: a wait in a loop)
         logits.index_fill_(-1, torch.as_tensor(suppress_ids, device=logits.device), float("-inf"))
     return logits / temperature
@@ -529,7 +645,7 @@ def pack(sequences: list, pad_id: int) -> Packed:
 
 def response_logprobs(model, packed: Packed, feats, suppress_ids, temperature=1.0, chunk=1024, with_entropy=False):
     """Flat log-probs (and entropies) of all response tokens of a packed batch, in row-major order."""
-    dev = model.lm_head.weight.device
+    dev = output_head(model).weight.device
     hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats)
     mask = packed.response_mask.to(dev)
     return token_logprobs(model, hidden[mask], packed.labels.to(dev)[mask], suppress_ids, temperature, chunk,
@@ -538,7 +654,9 @@ def response_logprobs(model, packed: Packed, feats, suppress_ids, temperature=1.
 def use_attention(model, name: str):
     """Set the language model's attention function (the vision tower keeps its own); returns the previous."""
     previous = model.config.get_text_config()._attn_implementation
-    if previous != name:
+    if previous != name and family(model) == "vila":  # its decoder is a causal LM of its own
+        model.llm.set_attn_implementation(name)
+    elif previous != name:
         model.set_attn_implementation({"text_config": name,
                                        "vision_config": model.config.vision_config._attn_implementation})
     return previous
@@ -564,7 +682,7 @@ def set_checkpointing(model, mode: str = "full", mlp_chunk: int = 0, attention_l
     if mode not in ("none", "full", "attention", "offload"):
         raise ValueError(f"checkpoint mode {mode!r}: choose none, full, attention or offload")
     model.offload_activations = mode == "offload"
-    layers = model.model.language_model.layers
+    layers = text_model(model).layers
     if mode == "none":
         model.gradient_checkpointing_disable()
     else:

@@ -1,13 +1,15 @@
 """
-Tiny VLMs built from configs (Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker, a LLaVA-style embedding VLM), with a
-byte-level BPE tokenizer trained at run time and the real
+Tiny VLMs built from configs (Qwen2.5-VL, Qwen3-VL, the Qwen2.5-Omni thinker, a LLaVA-style embedding VLM, a
+VILA-style one behind remote code), with a byte-level BPE tokenizer trained at run time and the real
 transformers processor: the models every test and the CPU demo run on (no hub, nothing downloaded).
 
     python data/tiny.py --out=runs/tiny-qwen2_5_vl --family=qwen2_5_vl   # writes a from_pretrained folder
-    (families: qwen2_5_vl | qwen3_vl | qwen2_5_omni_thinker | llava)
+    (families: qwen2_5_vl | qwen3_vl | qwen2_5_omni_thinker | llava | vila)
 
 The folder loads with `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained`, so
-tests go through exactly the code path a real checkpoint takes. Traps handled here (notes/transformers-qwen.md):
+tests go through exactly the code path a real checkpoint takes; the vila folder is laid out as LongVILA-R1's
+(config.json + llm/ + vision_tower/ + mm_projector/ + modeling_vila.py, our stand-in data/vila_standin.py) and
+loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`. Traps handled here (notes/transformers-qwen.md):
 sum(mrope_section) == head_dim / 2; vision out_hidden_size == text hidden size; bos/eos/pad ids overridden for
 the tiny vocab; the processor's pixel budget large enough that frames already sized by data/video.py are kept.
 """
@@ -81,6 +83,8 @@ def train_tokenizer(vocab_size: int = 400, family: str = "qwen2_5_vl"):
     tok = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                              unk_token=None, bos_token=None, chat_template=template, extra_special_tokens=named)
     tok.add_tokens(TAG_TOKENS)
+    if family == "vila":  # VILA's media tokens, saved in llm/ with the tokenizer as its checkpoints have them
+        tok.add_tokens(["<image>", "<vila/video>"], special_tokens=True)
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     return tok
 
@@ -97,6 +101,14 @@ class TinySize:
     vision_heads: int = 4       # vision attention heads
 
 
+def text_kwargs(tok, size: TinySize) -> dict:
+    """The decoder's config (Qwen2-style) for the ids of `tok`."""
+    return dict(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.ffn,
+                num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                max_position_embeddings=32768, tie_word_embeddings=False)
+
+
 def model_config(family: str, tok, size: TinySize = TinySize()):
     """A transformers config for a tiny model of the given family, with the token ids of `tok`."""
     from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
@@ -105,10 +117,7 @@ def model_config(family: str, tok, size: TinySize = TinySize()):
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]}
-    text = dict(vocab_size=len(tok), hidden_size=size.hidden, intermediate_size=size.ffn,
-                num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
-                max_position_embeddings=32768, tie_word_embeddings=False)
+    text = text_kwargs(tok, size)
     if family == "qwen2_5_vl":
         t, hw = head_dim // 2 // 4, None   # mrope_section must sum to head_dim / 2: split as (t, h, w)
         hw = (head_dim // 2 - t) // 2
@@ -192,6 +201,8 @@ def make_tiny_model(out_dir: str, family: str = "qwen2_5_vl", size: TinySize = T
 
     torch.manual_seed(seed)
     tok = train_tokenizer(family=family)
+    if family == "vila":
+        return make_tiny_vila(out_dir, tok, size)
     config = model_config(family, tok, size)
     if family == "qwen2_5_omni_thinker":  # no Auto class maps the thinker alone
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
@@ -205,10 +216,46 @@ def make_tiny_model(out_dir: str, family: str = "qwen2_5_vl", size: TinySize = T
     return out_dir
 
 
+def make_tiny_vila(out_dir: str, tok, size: TinySize) -> str:
+    """A LongVILA-R1-shaped folder: llm/ (Qwen2 causal LM + tokenizer), vision_tower/ (SigLIP, 56x56 frames of
+    4x4 patches, + its image processor), mm_projector/ (2x2 patches -> one row), config.json whose auto_map points
+    at modeling_vila.py (our stand-in, copied from data/vila_standin.py). 4 rows + "\n" = 5 rows a frame."""
+    import importlib.util
+    import json
+    import shutil
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vila_standin.py")
+    spec = importlib.util.spec_from_file_location("vila_standin", here)
+    standin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standin)
+    llm = Qwen2ForCausalLM(Qwen2Config(**text_kwargs(tok, size)))
+    llm.generation_config.eos_token_id, llm.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    llm.save_pretrained(os.path.join(out_dir, "llm"))
+    tok.save_pretrained(os.path.join(out_dir, "llm"))
+    vision = SiglipVisionConfig(hidden_size=size.vision_hidden, intermediate_size=2 * size.vision_hidden,
+                                num_hidden_layers=size.vision_depth, num_attention_heads=size.vision_heads,
+                                image_size=56, patch_size=14)
+    SiglipVisionModel(vision).save_pretrained(os.path.join(out_dir, "vision_tower"))
+    SiglipImageProcessor(size={"height": 56, "width": 56}).save_pretrained(os.path.join(out_dir, "vision_tower"))
+    projector = standin.MultimodalProjectorConfig(mm_hidden_size=size.vision_hidden, hidden_size=size.hidden)
+    standin.MultimodalProjector(projector).save_pretrained(os.path.join(out_dir, "mm_projector"))
+    config = {"model_type": "vila", "architectures": ["VILAForCausalLM"],
+              "auto_map": {"AutoConfig": "modeling_vila.VILAConfig", "AutoModel": "modeling_vila.VILAForCausalLM",
+                           "AutoModelForCausalLM": "modeling_vila.VILAForCausalLM"},
+              "llm_cfg": llm.config.to_dict(), "vision_tower_cfg": vision.to_dict(),
+              "mm_projector_cfg": projector.to_dict(), "hidden_size": size.hidden, "mm_hidden_size": size.vision_hidden,
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch", "num_video_frames": 8,
+              "model_dtype": "torch.float32"}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    shutil.copy(here, os.path.join(out_dir, "modeling_vila.py"))
+    return out_dir
+
+
 @dataclass
 class TinyConfig:
     out: str = "runs/tiny-qwen2_5_vl"   # output folder (from_pretrained-loadable)
-    family: str = "qwen2_5_vl"          # qwen2_5_vl | qwen3_vl | qwen2_5_omni_thinker | llava
+    family: str = "qwen2_5_vl"          # qwen2_5_vl | qwen3_vl | qwen2_5_omni_thinker | llava | vila
     hidden: int = 64                    # text hidden size
     layers: int = 2                     # decoder layers
     seed: int = 0                       # weight init seed

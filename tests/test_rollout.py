@@ -192,7 +192,7 @@ def text_prompts(lengths, seed=0):
                        video_grid_thw=None, num_video_tokens=0) for i in ids]
 
 
-@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava"])
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
 def test_fused_decode_step_equals_the_models_own_layers(tiny, videos, fam, tmp_path, monkeypatch):
     """fused_step (our decode step written from the layers' weights, split-K attention over the cache) samples the
     same tokens with the same log-probs as the model's own layers on transformers' DynamicCache: with the q/k/v

@@ -1,7 +1,8 @@
 """
-vlm.py's model families beyond Qwen-VL: the Qwen2.5-Omni thinker (video + its audio track) and a LLaVA-style
-embedding VLM. Our forward (features written into the placeholder embeddings, decoder fed inputs_embeds) must
-give the logits of the model's own forward on the same input.
+vlm.py's model families beyond Qwen-VL: the Qwen2.5-Omni thinker (video + its audio track) and the embedding VLMs:
+LLaVA-style, and VILA-style (LongVILA-R1's remote-code interface: our stand-in data/vila_standin.py, loaded with
+trust_remote_code). Our forward (features written into the placeholder embeddings, decoder fed inputs_embeds)
+must give the logits of the model's own forward on the same input.
     python -m pytest tests/test_vlm.py -q
 """
 import json
@@ -39,7 +40,7 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     out = {}
-    for fam in ("qwen2_5_omni_thinker", "llava"):
+    for fam in ("qwen2_5_omni_thinker", "llava", "vila"):
         model, processor = vlm.load_model(make_tiny_model(str(tmp_path_factory.mktemp(fam)), fam, seed=0))
         out[fam] = (model.eval(), processor)
     return out
@@ -48,7 +49,21 @@ def models(tmp_path_factory):
 def our_logits(model, prompt):
     feats = vlm.encode_videos(model, [prompt])
     hidden, _ = vlm.decoder_hidden(model, prompt.input_ids[None], prompt.positions[:, None], feats)
-    return model.lm_head(hidden)[0]
+    return vlm.output_head(model)(hidden)[0]
+
+
+def their_logits(model, processor, prompt, response=None):
+    """The model's own forward on the same prompt (+ response tokens). VILA: its _embed on the templated ids (one
+    media token, pad/eos ids still in) and the frames, then its LLM, with the response embedded after the prompt
+    embeddings as Long-RL's actor does (dp_actor._forward_micro_batch_vila)."""
+    if vlm.family(model) == "llava":
+        ids = prompt.input_ids if response is None else torch.cat([prompt.input_ids, response])
+        return model(input_ids=ids[None], pixel_values=prompt.pixel_values_videos).logits[0]
+    raw = processor.tokenizer(prompt.text, return_tensors="pt").input_ids
+    emb, _, mask = model._embed(raw, {"video": [prompt.pixel_values_videos]}, {"video": {}}, None, None)
+    if response is not None:
+        emb = torch.cat([emb, vlm.input_embeddings(model)(response)[None]], dim=1)
+    return model.llm(inputs_embeds=emb).logits[0]
 
 
 def test_omni_layout_matches_the_processor(models, media):
@@ -90,17 +105,26 @@ def test_omni_audio_reaches_the_model(models, media):
     assert logps["silent"].shape == logps["a440"].shape and torch.isfinite(logps["silent"]).all()
 
 
-def test_embedding_vlm_logits_equal_its_own_forward(models, media):
-    """LLaVA-style: inputs_embeds built by us (every frame's tokens in order) == LlavaForConditionalGeneration
-    on input_ids + pixel_values, for the whole prompt."""
-    model, processor = models["llava"]
-    prompt = vlm.build_prompt(model, processor, "What colour?", vlm.load_video(media["silent"], VideoCfg, "llava"),
+@pytest.mark.parametrize("fam", ["llava", "vila"])
+def test_embedding_vlm_logits_equal_its_own_forward(models, media, fam):
+    """inputs_embeds built by us (every frame's rows in order) == the model's own forward, for the whole prompt,
+    and our response log-probs == log_softmax of its logits: LlavaForConditionalGeneration on input_ids +
+    pixel_values; VILA's _embed (its video encoder, its prompt layout) + its LLM."""
+    model, processor = models[fam]
+    prompt = vlm.build_prompt(model, processor, "What colour?", vlm.load_video(media["silent"], VideoCfg, fam),
                               think=False)
-    assert prompt.num_video_tokens == 8 * vlm.frame_tokens(model.config)
+    assert prompt.num_video_tokens == 8 * vlm.frame_tokens(model)
     assert (prompt.positions[0] == torch.arange(len(prompt.input_ids))).all()
+    if fam == "vila":  # a frame: 4 projected rows, then "\n"; its _embed drops eos (<|im_end|>) from the prompt
+        assert vlm.frame_block(model) == [vlm.media_token_id(model)] * 4 + processor.tokenizer("\n").input_ids
+        assert processor.tokenizer.eos_token_id not in prompt.input_ids.tolist()
+    response = torch.tensor(processor.tokenizer("<answer> A </answer>")["input_ids"] + [2])
+    packed = vlm.pack([(prompt.input_ids, prompt.positions, response)], pad_id=0)
     with torch.no_grad():
-        theirs = model(input_ids=prompt.input_ids[None], pixel_values=prompt.pixel_values_videos).logits[0]
-        ours = our_logits(model, prompt)
+        assert torch.allclose(our_logits(model, prompt), their_logits(model, processor, prompt), atol=1e-5)
+        theirs = their_logits(model, processor, prompt, response)[len(prompt.input_ids) - 1:-1].log_softmax(-1)
+        ours, _ = vlm.response_logprobs(model, packed, vlm.encode_videos(model, [prompt]), [])
+    theirs = theirs.gather(-1, response[:, None])[:, 0]
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
@@ -145,15 +169,16 @@ def test_omni_grpo_step_on_video_with_audio(tmp_path):
     assert sp2["reward"] == m["reward"] and sp2["loss"] == pytest.approx(m["loss"], rel=1e-4, abs=1e-6)
 
 
-def test_embedding_vlm_rollout_grpo_cache_and_sp2(tmp_path):
-    """The LLaVA-style model: rollout + one GRPO step; the same step from the embeddings cache (same loss); and
-    SP=2 on two gloo processes (same loss as SP=1)."""
+@pytest.mark.parametrize("fam", ["llava", "vila"])
+def test_embedding_vlm_rollout_grpo_cache_and_sp2(tmp_path, fam):
+    """An embedding VLM (LLaVA-style; VILA-style through trust_remote_code): HF rollout + one GRPO step; the same
+    step from the embeddings cache (same loss); and SP=2 on two gloo processes (same loss as SP=1)."""
     import cache_embeddings
     import train_grpo as T
     from conftest import torchrun, write_preset
     from data.synthetic import SyntheticConfig, make_dataset
     make_dataset(SyntheticConfig(out=str(tmp_path / "data"), num_train=4, num_eval=2, frames=8, size=56))
-    model_dir = make_tiny_model(str(tmp_path / "llava"), "llava", seed=0)
+    model_dir = make_tiny_model(str(tmp_path / fam), fam, seed=0)
     # a short format warm-up so that rewards vary and the loss is not trivially 0 (a long one amplifies float
     # differences between SP=1 and SP=2 into different samples); the tower frozen for the cache run
     common = dict(sft_steps=12, sft_lr=1e-2, sft_batch_size=4, temperature=1.5, freeze_vision=True,
@@ -176,13 +201,14 @@ def test_embedding_vlm_rollout_grpo_cache_and_sp2(tmp_path):
     assert sp2["reward"] == live["reward"] and sp2["loss"] == pytest.approx(live["loss"], rel=1e-4, abs=1e-6)
 
 
-def test_exported_language_model_on_prompt_embeds(models, media, tmp_path):
+@pytest.mark.parametrize("fam", ["llava", "vila"])
+def test_exported_language_model_on_prompt_embeds(models, media, tmp_path, fam):
     """What the vLLM engine gets for an embedding VLM: the decoder exported as a causal LM, fed our prompt
     embeddings, gives our logits (vLLM itself: tests/test_vllm_gpu.py on a GPU)."""
     import rollout
     from transformers import AutoModelForCausalLM
-    model, processor = models["llava"]
-    prompt = vlm.build_prompt(model, processor, "What?", vlm.load_video(media["silent"], VideoCfg, "llava"),
+    model, processor = models[fam]
+    prompt = vlm.build_prompt(model, processor, "What?", vlm.load_video(media["silent"], VideoCfg, fam),
                               think=False)
     lm = AutoModelForCausalLM.from_pretrained(rollout.export_language_model(model, processor, str(tmp_path / "lm")))
     with torch.no_grad():
