@@ -310,6 +310,11 @@ def bench_train(cfg: BenchConfig):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     tcfg = T.Config(max_new_tokens=cfg.new_tokens if not cfg.tiny else 8, micro_batch_size=1, n=4)
     rows = []
+    t = time.perf_counter()  # one-time work that a training run pays once: compiling the fused step's kernels,
+    for length in (64, 96):  # for a first and a second prompt length (the second makes the sizes dynamic)
+        policy(rollout.hf_generate, processor, text_prompts(2, length), 1, 1.0, 1.0, 8, 0)
+    warmup = time.perf_counter() - t
+    print(f"warm-up (kernel compilation, once per process): {warmup:.1f} s", flush=True)
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         # 64 video tokens per frame pair (HF's non-flash vision attention loops per window)
         side = 56 if cfg.tiny else 224
@@ -351,7 +356,7 @@ def bench_train(cfg: BenchConfig):
     import gc
     gc.collect()  # the FSDP2 model sits in reference cycles: without this 16 GiB stay allocated into bench_longest
     torch.cuda.empty_cache() if dev == "cuda" else None
-    log({"bench": "train_step", **device_info(), "shape": cfg.shape, "rows": rows}, cfg)
+    log({"bench": "train_step", **device_info(), "shape": cfg.shape, "warmup_s": warmup, "rows": rows}, cfg)
     bench_longest(cfg)
 
 

@@ -172,12 +172,19 @@ def compiled_kernels():
 
 def fused_decoding(model) -> bool:
     """Whether fused_step computes this model's decoder (else hf_generate decodes through its own layers)."""
-    from torch.distributed.tensor import DTensor
-    text = text_model(model)
     cfg = model.config.get_text_config()
-    return (all(type(layer).__name__ in FUSED_LAYERS for layer in text.layers) and cfg.hidden_act == "silu"
-            and not getattr(cfg, "use_sliding_window", False)
-            and not any(isinstance(p, DTensor) for p in text.parameters()))  # FSDP-sharded: the model's own layers
+    return (all(type(layer).__name__.removeprefix("FSDP") in FUSED_LAYERS for layer in text_model(model).layers)
+            and cfg.hidden_act == "silu" and not getattr(cfg, "use_sliding_window", False))
+
+
+def unshard_layers(model) -> list:
+    """Under FSDP2 a decoder layer holds only its shard outside its own forward, and fused_step reads the weights
+    directly: gather every layer's full weights (all ranks together) until reshard() at the end of decoding.
+    The root's own weights (embeddings, norm, lm_head) are gathered already: hf_generate runs inside its forward."""
+    layers = [layer for layer in text_model(model).layers if hasattr(layer, "unshard")]
+    for layer in layers:
+        layer.unshard()
+    return layers
 
 
 def fused_step(model, kv: StaticKV, compile_kernels: bool = False, concat_weights: bool = True):
@@ -295,6 +302,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     check_every = check_every or (8 if dev.type == "cuda" else 1)
     if fused and not static_cache:
         raise ValueError("fused decoding needs static_cache=True")
+    gathered = []
     pad_id = processor.tokenizer.pad_token_id
     stop, suppress = eos_ids(model, processor), suppress_ids(model, processor)
     if feats is None and any(p.video_grid_thw is not None for p in prompts):
@@ -321,6 +329,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
         hidden, _ = decoder_hidden(model, ids, pos, select_videos(feats, order), attn[:, :L])
         kv.length += L
         if fused:
+            gathered = unshard_layers(model)
             step = fused_step(model, kv, compile_kernels)
         else:
             def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
@@ -367,6 +376,8 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     finally:
         if static_cache:
             use_attention(model, previous)
+        for layer in gathered:  # FSDP2: back to shards (the graph and the fused weights are dropped with `step`)
+            layer.reshard()
     results = []
     for b, i in enumerate(order):
         k = int(lengths[b])

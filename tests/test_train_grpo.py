@@ -164,6 +164,41 @@ def test_update_same_for_1x4_and_2x2_microbatches_every_mode(tiny_run, tmp_path)
     assert not torch.allclose(single["token-mean"]["lm_head.weight"], single["seq-mean-token-sum"]["lm_head.weight"])
 
 
+def _rollouts(rank, world, port, run_dir, result_file):
+    """HF-engine rollouts of the same prompts on the plain model and under FSDP2 with the fused decode step."""
+    import rollout
+    import vlm
+    from data.datasets import load_jsonl
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = T.Config(num_frames=8, max_pixels=28 * 28, min_pixels=28 * 28)
+    model, processor = vlm.load_model(os.path.join(run_dir, "model"))
+    prompts = rollout.prepare_prompts(model, processor, load_jsonl(os.path.join(run_dir, "data", "train.jsonl"))[:2],
+                                      cfg, True, [])
+    kw = dict(n=2, temperature=1.0, max_new_tokens=10, seed=5)
+    plain = rollout.hf_generate(model, processor, prompts, **kw)
+    policy = T.wrap_fsdp(T.Root(model), T.vlm_units(model), T.Dist(rank=rank, world_size=world), False)
+    fused = policy(rollout.hf_generate, processor, prompts, static_cache=True, fused=True, **kw)
+    layer = vlm.text_model(model).layers[0]
+    sharded_after = type(layer.mlp.down_proj.weight).__name__ == "DTensor"
+    if rank == 0:
+        torch.save({"plain": [(o.response_ids, o.logprobs) for o in plain], "sharded_after": sharded_after,
+                    "fused": [(o.response_ids, o.logprobs) for o in fused]}, result_file)
+    torch.distributed.destroy_process_group()
+
+
+def test_fused_decode_under_fsdp_equals_plain_model(tiny_run, tmp_path):
+    """Training samples through the FSDP2-wrapped policy: hf_generate gathers every decoder layer for the fused step
+    (unshard_layers) and gives them back afterwards; the samples equal those of the unwrapped model."""
+    result = str(tmp_path / "rollouts.pt")
+    mp.spawn(_rollouts, args=(2, free_port(), str(tiny_run), result), nprocs=2, join=True)
+    out = torch.load(result)
+    assert out["sharded_after"]
+    assert [ids for ids, _ in out["fused"]] == [ids for ids, _ in out["plain"]]
+    diff = max(abs(a - b) for (_, f), (_, p) in zip(out["fused"], out["plain"]) for a, b in zip(f, p))
+    assert diff < 1e-4
+
+
 # ---- the loop: resume, bad samples, DAPO, two torchrun nodes ---------------------------------------------------
 
 def tiny_cfg(run_dir, out, **kw):
