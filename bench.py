@@ -312,7 +312,7 @@ def bench_train(cfg: BenchConfig):
     rows = []
     t = time.perf_counter()  # one-time work that a training run pays once: compiling the fused step's kernels,
     for length in (64, 96):  # for a first and a second prompt length (the second makes the sizes dynamic)
-        policy(rollout.hf_generate, processor, text_prompts(2, length), 1, 1.0, 1.0, 8, 0)
+        policy(rollout.hf_generate, processor, text_prompts(2, length), tcfg.n, 1.0, 1.0, 8, 0)
     warmup = time.perf_counter() - t
     print(f"warm-up (kernel compilation, once per process): {warmup:.1f} s", flush=True)
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
