@@ -164,17 +164,19 @@ def bench_rollout(cfg: BenchConfig):
     model, processor = make_model(cfg.shape, "/tmp/bench-model", device=dev,
                                   dtype=torch.bfloat16 if dev == "cuda" else torch.float32, save=cfg.vllm)
     frames = cfg.frames or [64, 512]  # 64 frames at 448x448 (8k video tokens), 512 at 224x224 (16k)
-    cases = [("text 1k", 0, 1024), ("text 8k", 0, 8192), (f"{frames[0]} frames", frames[0], 448),
+    group = f"text 8k, 1 prompt x {cfg.batch} samples"  # a GRPO group: one prompt pass, its K/V copied per sample
+    cases = [("text 1k", 0, 1024), ("text 8k", 0, 8192), (group, 0, 8192), (f"{frames[0]} frames", frames[0], 448),
              (f"{frames[-1]} frames", frames[-1], 224)]
     if cfg.tiny:
         cases = [("text", 0, 64), ("8 frames", 8, 56)]
     rows = []
     for name, frames, side in (cases if cfg.hf else []):
+        n = cfg.batch if name == group else 1  # samples per prompt
         if frames:
             prompts = [vlm.build_prompt(model, processor, "Describe the video.", random_video(frames, side, b))
                        for b in range(cfg.batch)]
         else:
-            prompts = text_prompts(cfg.batch, side)  # text cases: `side` is the prompt length
+            prompts = text_prompts(cfg.batch // n, side)  # text cases: `side` is the prompt length
         P = len(prompts[0].input_ids)
         try:
             with torch.no_grad():
@@ -189,10 +191,12 @@ def bench_rollout(cfg: BenchConfig):
                 "ours: fused step + CUDA graph": dict(fused=True, compile_kernels=False),
                 "ours: fused step, separate q/k/v and gate/up weights, compiled + CUDA graph": dict(fused=True),
                 "ours: fused step, compiled + CUDA graph (default)": dict(fused=True, compile_kernels=True)})
+            if n > 1:  # the group case: the default engine only (generate() expands the prompt before its pass)
+                engines = {k: v for k, v in engines.items() if "default" in k}
         else:  # a CPU smoke test of the fused step (no CUDA graph, nothing compiled)
             engines["ours: fused step"] = dict(static_cache=True, fused=True)
         for engine, kw in engines.items():
-            run = functools.partial(rollout.hf_generate, model, processor, prompts, 1, 1.0, 1.0, feats=feats, **kw)
+            run = functools.partial(rollout.hf_generate, model, processor, prompts, n, 1.0, 1.0, feats=feats, **kw)
             try:
                 with separate_weights("separate" in engine):
                     run(max_new_tokens=cfg.new_tokens)  # warm-up (and compilation)
@@ -205,7 +209,8 @@ def bench_rollout(cfg: BenchConfig):
             except Exception as e:  # report, keep measuring the others
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine,
                              "error": f"{type(e).__name__}: {e}"[:300]})
-        rows.append(bench_plain_generate(model, prompts, feats, cfg, name, P))
+        if n == 1:
+            rows.append(bench_plain_generate(model, prompts, feats, cfg, name, P))
         del prompts, feats
         torch.cuda.empty_cache() if dev == "cuda" else None
     if cfg.vllm:

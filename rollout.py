@@ -68,7 +68,11 @@ class StaticKV:
         self.softmax, self.chunk_sum = chunked_softmax, chunk_sum  # fused_step swaps in compiled versions
 
     def write(self, layer: int, key, value):
-        """Append key/value [B, H_kv, S, D] at the next S slots of `layer`; returns the slots written."""
+        """Append key/value [B, H_kv, S, D] at the next S slots of `layer`; returns the slots written. Given one
+        row per prompt ([B / n, ...], the prompt pass), each row is written to its prompt's n sample rows."""
+        if key.shape[0] != self.shape[1]:
+            n = self.shape[1] // key.shape[0]
+            key, value = key.repeat_interleave(n, dim=0), value.repeat_interleave(n, dim=0)
         if self.k is None:
             self.k, self.v = key.new_zeros(self.shape), value.new_zeros(self.shape)
             for buffer in (self.k, self.v, self.length):  # fixed addresses: the step can be a CUDA graph
@@ -307,26 +311,26 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     stop, suppress = eos_ids(model, processor), suppress_ids(model, processor)
     if feats is None and any(p.video_grid_thw is not None for p in prompts):
         feats = encode_videos(model, prompts)
-    order = [i for i in range(len(prompts)) for _ in range(n)]
-    B, L = len(order), max(len(prompts[i].input_ids) for i in order)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    pos = torch.zeros(3, B, L, dtype=torch.long)
-    attn = torch.zeros(B, L + max_new_tokens, dtype=torch.long)
-    for b, i in enumerate(order):  # left padding: every prompt ends at column L-1
-        p = prompts[i]
-        ids[b, L - len(p.input_ids):], pos[:, b, L - len(p.input_ids):] = p.input_ids, p.positions
-        attn[b, L - len(p.input_ids):] = 1
+    order = [i for i in range(len(prompts)) for _ in range(n)]   # row b of the batch samples prompts[order[b]]
+    B, L = len(order), max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, len(prompts), L, dtype=torch.long)
+    attn = torch.zeros(len(prompts), L + max_new_tokens, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
+        ids[i, L - len(p.input_ids):], pos[:, i, L - len(p.input_ids):] = p.input_ids, p.positions
+        attn[i, L - len(p.input_ids):] = 1
     attn[:, L:] = 1
     ids, pos, attn = ids.to(dev), pos.to(dev), attn.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
+    # the prompt pass runs once per prompt; its keys and values are then copied to the prompt's n sample rows
     if static_cache:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        kv = StaticKV(model, attn.bool())
+        kv = StaticKV(model, attn.bool().repeat_interleave(n, dim=0))
         AttentionInterface.register(StaticKV.NAME, kv.attend)
         AttentionMaskInterface.register(StaticKV.NAME, sdpa_mask)
         previous = use_attention(model, StaticKV.NAME)
-        hidden, _ = decoder_hidden(model, ids, pos, select_videos(feats, order), attn[:, :L])
+        hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L])   # StaticKV.write repeats rows n times
         kv.length += L
         if fused:
             gathered = unshard_layers(model)
@@ -337,15 +341,18 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
                 kv.length += 1
                 return out
         if cuda_graph:
-            step = graphed_step(step, kv, ids[:, -1], pos[:, :, -1:])
+            step = graphed_step(step, kv, torch.full((B,), pad_id, device=dev), pos[:, :1, -1:].expand(3, B, 1))
     else:
         from transformers import DynamicCache
         cache = DynamicCache(config=model.config.get_text_config())
-        hidden, _ = decoder_hidden(model, ids, pos, select_videos(feats, order), attn[:, :L], cache)
+        hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L], cache)
+        cache.batch_repeat_interleave(n)
+        attn = attn.repeat_interleave(n, dim=0)
 
         def step(tok, step_pos):
             return decoder_hidden(model, tok[:, None], step_pos, None, attn[:, :L + t + 1], cache)[0]
-    next_pos = pos.amax(dim=(0, 2)) + 1          # [B]
+    hidden = hidden[:, -1:].repeat_interleave(n, dim=0)                     # [B, 1, hidden]
+    next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)               # [B]
     out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     out_lp = torch.zeros(B, max_new_tokens, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -219,3 +219,23 @@ def test_fused_decode_step_equals_the_models_own_layers(tiny, videos, fam, tmp_p
         assert [o.response_ids for o in fused] == [o.response_ids for o in reference], name
         diff = max(abs(a - b) for f, r in zip(fused, reference) for a, b in zip(f.logprobs, r.logprobs))
         assert diff < 1e-4, (name, diff)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_prompt_pass_once_per_prompt(tiny, videos, static):
+    """n samples of a prompt share one prompt pass (its keys and values copied to the n rows): the first decoder
+    layer sees 2 prompt rows, not 4, and the samples equal those of the prompts passed twice each with n=1."""
+    _, model, processor = tiny["qwen2_5_vl"]
+    a, b = prompts_for(model, processor, videos[:2], "What colour?")
+    rows = []
+    hook = vlm.text_model(model).layers[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:2]))
+    kw = dict(temperature=1.0, max_new_tokens=8, seed=11, static_cache=static)
+    try:
+        shared = rollout.hf_generate(model, processor, [a, b], n=2, **kw)
+        repeated = rollout.hf_generate(model, processor, [a, a, b, b], n=1, **kw)
+    finally:
+        hook.remove()
+    assert [batch for batch, length in rows if length > 1] == [2, 4]  # the two calls' prompt passes
+    assert [o.response_ids for o in shared] == [o.response_ids for o in repeated]
+    diff = max(abs(x - y) for s, r in zip(shared, repeated) for x, y in zip(s.logprobs, r.logprobs))
+    assert diff < 1e-4
