@@ -199,7 +199,8 @@ def bench_rollout(cfg: BenchConfig):
             run = functools.partial(rollout.hf_generate, model, processor, prompts, n, 1.0, 1.0, feats=feats, **kw)
             try:
                 with separate_weights("separate" in engine):
-                    run(max_new_tokens=cfg.new_tokens)  # warm-up (and compilation)
+                    for warm in (cfg.new_tokens, 1):  # warm-up (and compilation, for both cache lengths)
+                        run(max_new_tokens=warm)
                     prefill_s = timed(functools.partial(run, max_new_tokens=1))[0]  # prompt + first token
                     dt, outs = timed(functools.partial(run, max_new_tokens=cfg.new_tokens))
                 new = sum(len(o.response_ids) for o in outs)
