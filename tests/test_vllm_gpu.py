@@ -2,7 +2,8 @@
 The colocated vLLM engine of rollout.py against the training forward, on a GPU with vllm installed (skipped
 elsewhere; the README says where it ran). One sleep-mode engine per process, so everything is one test.
     python -m pytest tests/test_vllm_gpu.py -q -s -k "not prompt_embeds"   # prints a JSON line (VLLM {...})
-    python -m pytest tests/test_vllm_gpu.py -q -s -k prompt_embeds         # embedding VLMs; its own process
+    python -m pytest tests/test_vllm_gpu.py -q -s -k "prompt_embeds and llava"   # embedding VLMs, each family
+    python -m pytest tests/test_vllm_gpu.py -q -s -k "prompt_embeds and vila"    # in its own process
 Checks: vLLM's sampling log-probs equal the training forward's on the same tokens (bf16 tolerance) before and
 after a weight push; a push of changed weights changes the samples (stale weights are the classic bug); sleep
 frees the KV cache and the weights; vLLM tokenizes the prompt exactly as our processor path does.
@@ -95,11 +96,12 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
                 json.dump(summary, f)
 
 
-def test_vllm_prompt_embeds_for_embedding_vlm(tmp_path):
+@pytest.mark.parametrize("fam", ["llava", "vila"])
+def test_vllm_prompt_embeds_for_embedding_vlm(tmp_path, fam):
     """Embedding VLMs: vLLM runs the exported language model on our prompt embeddings (frames' tokens in place);
-    its log-probs equal the training forward's, and a pushed language-model change reaches it. Run this test in
-    its own process (-k prompt_embeds): one sleep-mode engine per process."""
-    path = make_tiny_model(str(tmp_path / "m"), "llava", TinySize(hidden=256, layers=4, heads=4, kv_heads=2, ffn=512,
+    its log-probs equal the training forward's, and a pushed language-model change reaches it. Run each family in
+    its own process (-k "prompt_embeds and llava"): one sleep-mode engine per process."""
+    path = make_tiny_model(str(tmp_path / "m"), fam, TinySize(hidden=256, layers=4, heads=4, kv_heads=2, ffn=512,
                                                                   vision_hidden=128, vision_depth=2))
     model, processor = vlm.load_model(path, "bfloat16", "sdpa", "cuda")
     model.eval()
@@ -108,7 +110,7 @@ def test_vllm_prompt_embeds_for_embedding_vlm(tmp_path):
     engine = rollout.VLLMEngine(lm_dir, gpu_memory_utilization=0.3, max_model_len=4096, seed=0, enforce_eager=True,
                                 prompt_embeds=True)
     suppress = vlm.suppress_ids(model, processor)
-    summary = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name(), "family": "llava (prompt_embeds)"}
+    summary = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name(), "family": f"{fam} (prompt_embeds)"}
     try:
         outs = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress,
                                embeds=rollout.prompt_embeddings(model, prompts))
@@ -119,7 +121,7 @@ def test_vllm_prompt_embeds_for_embedding_vlm(tmp_path):
         engine.sleep()
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if "language_model" in name and p.numel() > 1:
+                if ("language_model" in name or name.startswith("llm.")) and p.numel() > 1:  # llava / vila
                     p.add_(torch.randn_like(p) * 0.2 * p.float().std())
         engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
         again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress,
@@ -132,5 +134,5 @@ def test_vllm_prompt_embeds_for_embedding_vlm(tmp_path):
     finally:
         print("VLLM " + json.dumps(summary), flush=True)
         if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "vllm_prompt_embeds_test.json"), "w") as f:
+            with open(os.path.join(os.environ["OUT"], f"vllm_prompt_embeds_{fam}.json"), "w") as f:
                 json.dump(summary, f)
