@@ -128,7 +128,7 @@ def chunk_sum(x):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the fused decode step: one new token through the decoder from the layers' weights, ~12 kernels a layer
+# the fused decode step: one new token through the decoder from the layers' weights, ~14 kernels a layer
 # instead of the ~40 that the model's own modules launch. Decoding a batch of 8 is bound by kernel count, not
 # by FLOPs: the weights are read once a step either way, so fewer and fused kernels are what makes it fast.
 
@@ -205,20 +205,23 @@ def fused_step(model, kv: StaticKV, compile_kernels: bool = False, concat_weight
         norm, add_norm, rope, swiglu = rms_norm, add_rms_norm, rope_qk, silu_mul
     attn0 = text.layers[0].self_attn
     D, scale = attn0.head_dim, attn0.scaling
+    def grouped(tensors):  # [W1; W2; ...] as one matrix (one matmul for all), or kept apart
+        if tensors[0] is None:  # no biases
+            return (None,) * (1 if concat_weights else len(tensors))
+        return (torch.cat(tensors),) if concat_weights else tuple(tensors)
     layers = []
     for layer in text.layers:
         a, m = layer.self_attn, layer.mlp
         qkv = [a.q_proj, a.k_proj, a.v_proj]
+        qk_norm = getattr(a, "q_norm", None)  # Qwen3: RMSNorm over each head of q and k
         layers.append(dict(
-            qkv=(torch.cat([p.weight for p in qkv]),) if concat_weights else tuple(p.weight for p in qkv),
-            qkv_bias=((torch.cat([p.bias for p in qkv]),) if concat_weights else tuple(p.bias for p in qkv))
-            if a.q_proj.bias is not None else (None,) * (1 if concat_weights else 3),
+            qkv=grouped([p.weight for p in qkv]), qkv_bias=grouped([p.bias for p in qkv]),
             sizes=[p.weight.shape[0] for p in qkv], o=a.o_proj.weight,
-            q_norm=getattr(getattr(a, "q_norm", None), "weight", None),
-            k_norm=getattr(getattr(a, "k_norm", None), "weight", None),
-            gate_up=(torch.cat([m.gate_proj.weight, m.up_proj.weight]),) if concat_weights
-            else (m.gate_proj.weight, m.up_proj.weight),
-            down=m.down_proj.weight, norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
+            q_norm=qk_norm.weight if qk_norm is not None else None,
+            k_norm=a.k_norm.weight if qk_norm is not None else None,
+            qk_eps=qk_norm.variance_epsilon if qk_norm is not None else 0.0,
+            gate_up=grouped([m.gate_proj.weight, m.up_proj.weight]), down=m.down_proj.weight,
+            norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
             eps=layer.input_layernorm.variance_epsilon))
     final_norm, final_eps = text.norm.weight, text.norm.variance_epsilon
     mrope = family(model) in MROPE
@@ -240,7 +243,7 @@ def fused_step(model, kv: StaticKV, compile_kernels: bool = False, concat_weight
         mask = kv.decode_mask()                                              # the same for every layer
         for i, w in enumerate(layers):
             q, k, v = project(x, w["qkv"], w["qkv_bias"], w["sizes"])
-            q, k = rope(q.view(B, 1, -1, D), k.view(B, 1, -1, D), cos, sin, w["q_norm"], w["k_norm"], w["eps"])
+            q, k = rope(q.view(B, 1, -1, D), k.view(B, 1, -1, D), cos, sin, w["q_norm"], w["k_norm"], w["qk_eps"])
             kv.write(i, k.transpose(1, 2), v.view(B, 1, -1, D).transpose(1, 2))
             o = F.linear(kv.decode(i, q.transpose(1, 2), scale, mask).reshape(B, 1, -1), w["o"])
             h, x = add_norm(o, h, w["norm2"], w["eps"])                      # h += attention; x = norm(h)
