@@ -227,6 +227,7 @@ def sync():
 
 
 def timed(fn):
+    """(seconds, result) of fn(), with the GPU idle before and finished after."""
     sync()
     t = time.perf_counter()
     out = fn()
@@ -261,11 +262,7 @@ def bench_plain_generate(model, prompts, feats, cfg, name, P):
         gen = lambda: model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                      max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, **kw)
         gen()
-        sync()
-        t = time.perf_counter()
-        out = gen()
-        sync()
-        dt = time.perf_counter() - t
+        dt, out = timed(gen)
         return {"case": name, "prompt_tokens": P, "engine": "transformers generate()",
                 "tokens_per_s": (out.shape[1] - ids.shape[1]) * len(prompts) / dt, "s": dt}
     except Exception as e:
@@ -290,9 +287,7 @@ def bench_vllm_rollout(cfg, processor, model, cases):
             prompts = text_prompts(cfg.batch, side)
         try:
             engine.generate(prompts, 1, 1.0, 1.0, cfg.new_tokens, 0)
-            t = time.perf_counter()
-            outs = engine.generate(prompts, 1, 1.0, 1.0, cfg.new_tokens, 1)
-            dt = time.perf_counter() - t
+            dt, outs = timed(lambda: engine.generate(prompts, 1, 1.0, 1.0, cfg.new_tokens, 1))
             rows.append({"case": name, "prompt_tokens": len(prompts[0].input_ids), "engine": "vLLM",
                          "tokens_per_s": sum(len(o.response_ids) for o in outs) / dt, "s": dt})
         except Exception as e:

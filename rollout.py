@@ -68,8 +68,8 @@ class StaticKV:
         self.softmax, self.chunk_sum = chunked_softmax, chunk_sum  # fused_step swaps in compiled versions
 
     def write(self, layer: int, key, value):
-        """Append key/value [B, H_kv, S, D] at the next S slots of `layer`; returns the slots written. Given one
-        row per prompt ([B / n, ...], the prompt pass), each row is written to its prompt's n sample rows."""
+        """Append key/value [B, H_kv, S, D] at the next S slots of `layer`. Given one row per prompt ([B / n, ...],
+        the prompt pass), each row is written to its prompt's n sample rows."""
         if key.shape[0] != self.shape[1]:
             n = self.shape[1] // key.shape[0]
             key, value = key.repeat_interleave(n, dim=0), value.repeat_interleave(n, dim=0)
@@ -80,7 +80,6 @@ class StaticKV:
         slot = self.length + torch.arange(key.shape[2], device=key.device)
         self.k[layer].index_copy_(2, slot, key)
         self.v[layer].index_copy_(2, slot, value)
-        return slot
 
     def decode_mask(self):
         """[B, max_len] True where a new token may attend: written slots (this step's included) that are not padding."""
