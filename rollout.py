@@ -308,7 +308,6 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     check_every = check_every or (8 if dev.type == "cuda" else 1)
     if fused and not static_cache:
         raise ValueError("fused decoding needs static_cache=True")
-    gathered = []
     pad_id = processor.tokenizer.pad_token_id
     stop, suppress = eos_ids(model, processor), suppress_ids(model, processor)
     if feats is None and any(p.video_grid_thw is not None for p in prompts):
@@ -324,43 +323,45 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     attn[:, L:] = 1
     ids, pos, attn = ids.to(dev), pos.to(dev), attn.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    # the prompt pass runs once per prompt; its keys and values are then copied to the prompt's n sample rows
-    if static_cache:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        kv = StaticKV(model, attn.bool().repeat_interleave(n, dim=0))
-        AttentionInterface.register(StaticKV.NAME, kv.attend)
-        AttentionMaskInterface.register(StaticKV.NAME, sdpa_mask)
-        previous = use_attention(model, StaticKV.NAME)
-        hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L])   # StaticKV.write repeats rows n times
-        kv.length += L
-        if fused:
-            gathered = unshard_layers(model)
-            step = fused_step(model, kv, compile_kernels)
-        else:
-            def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
-                out, _ = decoder_hidden(model, tok[:, None], step_pos)
-                kv.length += 1
-                return out
-        if cuda_graph:
-            step = graphed_step(step, kv, torch.full((B,), pad_id, device=dev), pos[:, :1, -1:].expand(3, B, 1))
-    else:
-        from transformers import DynamicCache
-        cache = DynamicCache(config=model.config.get_text_config())
-        hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L], cache)
-        cache.batch_repeat_interleave(n)
-        attn = attn.repeat_interleave(n, dim=0)
-
-        def step(tok, step_pos):
-            return decoder_hidden(model, tok[:, None], step_pos, None, attn[:, :L + t + 1], cache)[0]
-    hidden = hidden[:, -1:].repeat_interleave(n, dim=0)                     # [B, 1, hidden]
-    next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)               # [B]
-    out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    out_lp = torch.zeros(B, max_new_tokens, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    lengths = torch.full((B,), max_new_tokens, device=dev)
-    stop_t, suppress = torch.tensor(stop, device=dev), torch.tensor(suppress, dtype=torch.long, device=dev)
+    previous, gathered = None, []  # restored / resharded in `finally`, whatever fails
     try:
+        # the prompt pass runs once per prompt; its keys and values are then copied to the prompt's n sample rows
+        if static_cache:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+            kv = StaticKV(model, attn.bool().repeat_interleave(n, dim=0))
+            AttentionInterface.register(StaticKV.NAME, kv.attend)
+            AttentionMaskInterface.register(StaticKV.NAME, sdpa_mask)
+            previous = use_attention(model, StaticKV.NAME)
+            hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L])   # StaticKV.write repeats rows n times
+            kv.length += L
+            if fused:
+                gathered = unshard_layers(model)
+                step = fused_step(model, kv, compile_kernels)
+            else:
+                def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
+                    out, _ = decoder_hidden(model, tok[:, None], step_pos)
+                    kv.length += 1
+                    return out
+            if cuda_graph:
+                example = torch.full((B,), pad_id, device=dev), pos[:, :1, -1:].expand(3, B, 1)  # token, position
+                step = graphed_step(step, kv, *example)
+        else:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=model.config.get_text_config())
+            hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L], cache)
+            cache.batch_repeat_interleave(n)
+            attn = attn.repeat_interleave(n, dim=0)
+
+            def step(tok, step_pos):
+                return decoder_hidden(model, tok[:, None], step_pos, None, attn[:, :L + t + 1], cache)[0]
+        hidden = hidden[:, -1:].repeat_interleave(n, dim=0)                     # [B, 1, hidden]
+        next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)               # [B]
+        out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        out_lp = torch.zeros(B, max_new_tokens, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        lengths = torch.full((B,), max_new_tokens, device=dev)
+        stop_t, suppress = torch.tensor(stop, device=dev), torch.tensor(suppress, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
             logits = masked_logits(model, hidden[:, -1], suppress, temperature if temperature > 0 else 1.0)
             logp = torch.log_softmax(logits, dim=-1)
@@ -383,7 +384,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
             hidden = step(tok, next_pos.view(1, B, 1).expand(3, B, 1))
             next_pos = next_pos + 1
     finally:
-        if static_cache:
+        if previous is not None:
             use_attention(model, previous)
         for layer in gathered:  # FSDP2: back to shards (the graph and the fused weights are dropped with `step`)
             layer.reshard()

@@ -239,3 +239,18 @@ def test_prompt_pass_once_per_prompt(tiny, videos, static):
     assert [o.response_ids for o in shared] == [o.response_ids for o in repeated]
     diff = max(abs(x - y) for s, r in zip(shared, repeated) for x, y in zip(s.logprobs, r.logprobs))
     assert diff < 1e-4
+
+
+def test_failed_decode_setup_leaves_the_model_as_it_was(tiny, videos, monkeypatch):
+    """An error while the fused step is being built (after the prompt pass switched the model to StaticKV's
+    attention) reaches the caller with the model's own attention restored, so training does not run on it."""
+    _, model, processor = tiny["qwen2_5_vl"]
+    before = model.config.get_text_config()._attn_implementation
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the concatenated weights")
+    monkeypatch.setattr(rollout, "fused_step", broken)
+    with pytest.raises(MemoryError):
+        rollout.hf_generate(model, processor, prompts_for(model, processor, videos[:1]), static_cache=True,
+                            fused=True, max_new_tokens=4)
+    assert model.config.get_text_config()._attn_implementation == before != rollout.StaticKV.NAME
