@@ -49,6 +49,9 @@ class BenchConfig:
     new_tokens: int = 256           # rollout: generated tokens per sequence
     vllm: bool = False              # rollout: also time the vLLM engine (needs vllm + CUDA)
     hf: bool = True                 # rollout: time the HF engines (False: only vLLM, with --vllm=True)
+    cases: list = None              # rollout: run only the cases whose name starts with one of these (default all)
+    engines: list = None            # rollout: run only the engines whose name contains one of these (default all)
+    profile: bool = False           # rollout: after timing, GPU time per kernel of the default engine's decode steps
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
     steps: int = 0                  # trl: GRPO steps per trainer (0: 100, or 4 with --tiny)
@@ -169,6 +172,8 @@ def bench_rollout(cfg: BenchConfig):
              (f"{frames[-1]} frames", frames[-1], 224)]
     if cfg.tiny:
         cases = [("text", 0, 64), ("8 frames", 8, 56)]
+    if cfg.cases:
+        cases = [c for c in cases if any(c[0].startswith(prefix) for prefix in cfg.cases)]
     rows = []
     for name, frames, side in (cases if cfg.hf else []):
         n = cfg.batch if name == group else 1  # samples per prompt
@@ -195,6 +200,8 @@ def bench_rollout(cfg: BenchConfig):
                 engines = {k: v for k, v in engines.items() if "default" in k}
         else:  # a CPU smoke test of the fused step (no CUDA graph, nothing compiled)
             engines["ours: fused step"] = dict(static_cache=True, fused=True)
+        if cfg.engines:
+            engines = {k: v for k, v in engines.items() if any(part in k for part in cfg.engines)}
         for engine, kw in engines.items():
             run = functools.partial(rollout.hf_generate, model, processor, prompts, n, 1.0, 1.0, feats=feats, **kw)
             try:
@@ -210,8 +217,11 @@ def bench_rollout(cfg: BenchConfig):
             except Exception as e:  # report, keep measuring the others
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine,
                              "error": f"{type(e).__name__}: {e}"[:300]})
-        if n == 1:
+        if n == 1 and (not cfg.engines or any(part in "transformers generate()" for part in cfg.engines)):
             rows.append(bench_plain_generate(model, prompts, feats, cfg, name, P))
+        if cfg.profile:
+            profile_decode(functools.partial(rollout.hf_generate, model, processor, prompts, n, 1.0, 1.0, feats=feats),
+                           cfg.new_tokens, name)
         del prompts, feats
         torch.cuda.empty_cache() if dev == "cuda" else None
     if cfg.vllm:
@@ -219,6 +229,29 @@ def bench_rollout(cfg: BenchConfig):
     print_table(rows, ["case", "prompt_tokens", "engine", "tokens_per_s", "decode_tokens_per_s", "s", "error"])
     log({"bench": "rollout", **device_info(), "shape": cfg.shape, "batch": cfg.batch, "new_tokens": cfg.new_tokens,
          "rows": rows}, cfg)
+
+
+def profile_decode(run, new_tokens: int, name: str, top: int = 14):
+    """GPU time by kernel for decoding: a profile of run(max_new_tokens=new_tokens) minus one of a 1-token run
+    (the prompt pass), per decode step. The fused step runs without its CUDA graph here (the same kernels; graph
+    replays hide them from the profiler on some CUDA versions), so the sum is GPU time, not wall time. On a CPU
+    the same table holds the operators' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    gpu = torch.cuda.is_available()
+
+    def kernel_us(tokens):
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            run(max_new_tokens=tokens, cuda_graph=False)
+            sync()
+        times = {e.key: e.device_time_total if gpu else e.self_cpu_time_total for e in prof.key_averages()}
+        return {k: v for k, v in times.items() if v > 0}
+    run(max_new_tokens=4, cuda_graph=False)  # warm-up without the graph
+    prompt, full = kernel_us(1), kernel_us(new_tokens)
+    per_step = {k: (v - prompt.get(k, 0.0)) / (new_tokens - 1) for k, v in full.items()}
+    total = sum(per_step.values())
+    print(f"decode step {'GPU' if gpu else 'CPU'} time, {name}: {total:.0f} us per token step (no CUDA graph)")
+    for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {v:8.1f} us  {100 * v / total:5.1f}%  {k[:110]}")
 
 
 def sync():
