@@ -8,6 +8,7 @@ The benchmarks behind every number in the README. Each prints a table and one JS
     python bench.py longest               # fwd+bwd time, MFU, peak per length and checkpoint mode; naive baseline
     python bench.py sp                    # Ulysses attention + all-to-all vs plain SDPA; chunked vs plain gather
     python bench.py rollout --vllm=True   # ... and the vLLM engine beside the HF one (GPU node with vllm)
+    python bench.py rollout --profile=True '--cases=["text 8k"]'   # + GPU time per kernel of a decode step
     python bench.py cache                 # GRPO step time with cached vision embeddings vs live decode + encode
     python bench.py memory                # per-GPU memory plan for Qwen2.5-VL-7B at 256 / 1,024 / 3,600 frames
     python bench.py trl                   # GRPO step time + reward vs TRL's GRPOTrainer (needs: pip install trl)
