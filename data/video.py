@@ -333,9 +333,10 @@ def write_video(path, frames, fps, audio=None, sample_rate=16000, crf=23, gop=25
     crf: quality for libx264 (lower is better); the mpeg4 fallback uses qscale ~ crf/8 instead.
     gop: keyframe interval in frames (exact: no extra keyframes at scene cuts); it bounds the cost of a seek.
     codec: None picks libx264 if this PyAV build has it, else mpeg4; or name one of the two.
-    threads: for the RGB -> YUV conversion and the encoder; 1 (the default) gives the same bytes every time, 0 lets
-    FFmpeg pick (faster for big frames). Measured here with PyAV 18.1 on a loaded 2-core machine: with FFmpeg's
-    own threading, 6 of 20 encodes of the same 64 frames decoded to different pixels; with 1 thread, 0 of 100.
+    threads: for the RGB -> YUV conversion and the encoder; 1 (the default) for repeatable output, 0 lets FFmpeg
+    pick (faster for big frames). Measured here with PyAV 18.1 on a loaded 2-core machine: with FFmpeg's own
+    threading, 6 of 20 encodes of the same 64 frames decoded to different pixels; with 1 thread, 0 of 100 (but the
+    synthetic-data test still saw one small difference in ~30 runs under heavier load: tests/test_data.py).
     Odd sizes: yuv420p (the only chroma layout every decoder plays) needs even width and height, so odd frames
     are padded by repeating the last row/column; probe() then reports the padded, even size."""
     rate = Fraction(fps).limit_denominator(1001)
@@ -368,13 +369,14 @@ def write_video(path, frames, fps, audio=None, sample_rate=16000, crf=23, gop=25
         if audio is not None:
             aus = container.add_stream("aac", rate=sample_rate, layout="mono")
         written = 0  # audio samples written so far
+        to_yuv = VideoReformatter()  # one swscale context for the whole video (see _decode_targets)
         for i, frame in enumerate(_chain(first, it)):
             frame = np.asarray(frame)
             if frame.shape != first.shape or frame.dtype != np.uint8:
                 raise ValueError(f"{path}: frame {i} is {frame.dtype} {frame.shape}, expected uint8 {first.shape}")
             if pad_h or pad_w:
                 frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", threads=threads)
+            vf = to_yuv.reformat(av.VideoFrame.from_ndarray(frame, format="rgb24"), format="yuv420p", threads=threads)
             vf.pts, vf.time_base = i, 1 / rate
             container.mux(vs.encode(vf))
             if audio is not None:  # keep audio in step with the video, so the muxer interleaves without buffering
