@@ -175,6 +175,7 @@ def bench_rollout(cfg: BenchConfig):
         cases = [("text", 0, 64), ("8 frames", 8, 56)]
     if cfg.cases:
         cases = [c for c in cases if any(c[0].startswith(prefix) for prefix in cfg.cases)]
+    selected = lambda engine: not cfg.engines or any(part in engine for part in cfg.engines)
     rows = []
     for name, frames, side in (cases if cfg.hf else []):
         n = cfg.batch if name == group else 1  # samples per prompt
@@ -201,10 +202,10 @@ def bench_rollout(cfg: BenchConfig):
                 engines = {k: v for k, v in engines.items() if "default" in k}
         else:  # a CPU smoke test of the fused step (no CUDA graph, nothing compiled)
             engines["ours: fused step"] = dict(static_cache=True, fused=True)
-        if cfg.engines:
-            engines = {k: v for k, v in engines.items() if any(part in k for part in cfg.engines)}
+        engines = {k: v for k, v in engines.items() if selected(k)}
+        generate = functools.partial(rollout.hf_generate, model, processor, prompts, n, 1.0, 1.0, feats=feats)
         for engine, kw in engines.items():
-            run = functools.partial(rollout.hf_generate, model, processor, prompts, n, 1.0, 1.0, feats=feats, **kw)
+            run = functools.partial(generate, **kw)
             try:
                 with separate_weights("separate" in engine):
                     for warm in (cfg.new_tokens, 1):  # warm-up (and compilation, for both cache lengths)
@@ -218,11 +219,10 @@ def bench_rollout(cfg: BenchConfig):
             except Exception as e:  # report, keep measuring the others
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine,
                              "error": f"{type(e).__name__}: {e}"[:300]})
-        if n == 1 and (not cfg.engines or any(part in "transformers generate()" for part in cfg.engines)):
+        if n == 1 and selected(PLAIN_GENERATE):
             rows.append(bench_plain_generate(model, prompts, feats, cfg, name, P))
         if cfg.profile:
-            profile_decode(functools.partial(rollout.hf_generate, model, processor, prompts, n, 1.0, 1.0, feats=feats),
-                           cfg.new_tokens, name)
+            profile_decode(generate, cfg.new_tokens, name)
         del prompts, feats
         torch.cuda.empty_cache() if dev == "cuda" else None
     if cfg.vllm:
@@ -282,6 +282,9 @@ def separate_weights(on: bool):
         rollout.fused_step = real
 
 
+PLAIN_GENERATE = "transformers generate()"
+
+
 def bench_plain_generate(model, prompts, feats, cfg, name, P):
     """transformers' own model.generate on the same inputs (its own positions; timing only)."""
     try:
@@ -297,10 +300,10 @@ def bench_plain_generate(model, prompts, feats, cfg, name, P):
                                      max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, **kw)
         gen()
         dt, out = timed(gen)
-        return {"case": name, "prompt_tokens": P, "engine": "transformers generate()",
+        return {"case": name, "prompt_tokens": P, "engine": PLAIN_GENERATE,
                 "tokens_per_s": (out.shape[1] - ids.shape[1]) * len(prompts) / dt, "s": dt}
     except Exception as e:
-        return {"case": name, "prompt_tokens": P, "engine": "transformers generate()",
+        return {"case": name, "prompt_tokens": P, "engine": PLAIN_GENERATE,
                 "error": f"{type(e).__name__}: {e}"[:300]}
 
 
