@@ -271,15 +271,16 @@ def timed(fn):
 
 @contextlib.contextmanager
 def separate_weights(on: bool):
-    """rollout.fused_step without concatenating q/k/v and gate/up (no extra weight copy, 3 more matmuls a layer)."""
+    """rollout.fused_forward without concatenating q/k/v and gate/up (no extra weight copy, 3 more matmuls a layer)."""
     import rollout
-    real = rollout.fused_step
+    real = rollout.fused_forward
     if on:
-        rollout.fused_step = lambda model, kv, compile_kernels: real(model, kv, compile_kernels, concat_weights=False)
+        rollout.fused_forward = lambda model, kv, compile_kernels: real(model, kv, compile_kernels,
+                                                                        concat_weights=False)
     try:
         yield
     finally:
-        rollout.fused_step = real
+        rollout.fused_forward = real
 
 
 PLAIN_GENERATE = "transformers generate()"

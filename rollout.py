@@ -53,19 +53,18 @@ class StaticKV:
     padded slots masked), so the step can be compiled and replayed as a CUDA graph; transformers' own cache
     classes are not involved, so this works the same in every transformers 5.x."""
     NAME = "longrl_static_kv"
-    CHUNK = 128  # decode attention splits the cache into chunks of this many slots (see decode)
+    ROUND = 128  # the cache length is rounded up to a multiple of this: fewer distinct shapes to compile
 
     def __init__(self, model, valid: torch.Tensor):
         text = model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         B, n = valid.shape                # valid: [B, n] bool, False at left padding
-        max_len = -(-n // self.CHUNK) * self.CHUNK  # rounded up to whole chunks; the extra slots are never valid
+        max_len = -(-n // self.ROUND) * self.ROUND  # the extra slots are never valid
         self.shape = (text.num_hidden_layers, B, text.num_key_value_heads, max_len, head_dim)
         self.k = self.v = None            # allocated at the first write, in the compute dtype
         self.valid = torch.nn.functional.pad(valid, (0, max_len - n))
         self.slots = torch.arange(max_len, device=valid.device)
         self.length = torch.zeros((), dtype=torch.long, device=valid.device)  # slots written so far
-        self.softmax, self.chunk_sum = chunked_softmax, chunk_sum  # fused_step swaps in compiled versions
 
     def write(self, layer: int, key, value):
         """Append key/value [B, H_kv, S, D] at the next S slots of `layer`. Given one row per prompt ([B / n, ...],
@@ -81,27 +80,23 @@ class StaticKV:
         self.k[layer].index_copy_(2, slot, key)
         self.v[layer].index_copy_(2, slot, value)
 
-    def decode_mask(self):
-        """[B, max_len] True where a new token may attend: written slots (this step's included) that are not padding."""
-        return (self.slots <= self.length)[None, :] & self.valid
+    def decode_mask(self, dtype=torch.float32):
+        """[B, 1, 1, max_len] additive mask for a new token: 0 at written slots (this step's included) that are not
+        padding, -inf elsewhere. Made once a step, in the query's dtype (SDPA would convert a boolean one per layer)."""
+        allowed = (self.slots <= self.length)[None, :] & self.valid
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return mask[:, None, None]
 
     def decode(self, layer: int, query, scale: float, mask=None):
         """One new token's attention over every written, non-padding slot of `layer` (write it first).
-        query [B, H, 1, D] -> [B, 1, H, D]. Two choices make this fast on a GPU:
-        - GQA: the G = H / H_kv query heads that share a KV head are stacked as G rows against it, so K and V are
-          read once (a masked SDPA would copy them G times);
-        - split-K: probs @ V sums over all max_len slots, which as one matrix product per (sequence, KV head) runs
-          on only B x H_kv blocks of the GPU; cut into chunks of CHUNK slots it runs on B x H_kv x chunks blocks
-          and a long cache is read at memory speed. The softmax spans all chunks; the chunks' outputs are summed:
-            p = softmax(q K^T * scale) over the valid slots      out[b,h,g] = sum_c (p[b,h,c,g,:] @ V[b,h,c])"""
-        k, v = self.k[layer], self.v[layer]                                  # [B, H_kv, max_len, D]
-        B, H, _, D = query.shape
-        Hk, n = k.shape[1], k.shape[2] // self.CHUNK
-        scores = query.reshape(B, Hk, H // Hk, D) @ k.transpose(-1, -2)    # [B, H_kv, G, max_len]
-        mask = self.decode_mask() if mask is None else mask
-        p = self.softmax(scores.view(B, Hk, -1, n, self.CHUNK), mask.view(B, 1, 1, n, self.CHUNK), scale)
-        out = self.chunk_sum(p @ v.view(B, Hk, n, self.CHUNK, D))           # [B, H_kv, chunks, G, D] -> [B, H_kv, G, D]
-        return out.reshape(B, 1, H, D)
+        query [B, H, 1, D] -> [B, 1, H, D]: one SDPA call over the whole [B, H_kv, max_len, D] buffer, with the mask
+        above and enable_gqa (the G = H / H_kv query heads that share a KV head read it once, no copy). On an H100
+        it runs cuDNN's attention kernel, faster than the split-K matmuls + masked softmax we wrote before (README
+        "Performance")."""
+        mask = self.decode_mask(query.dtype) if mask is None else mask
+        out = torch.nn.functional.scaled_dot_product_attention(query, self.k[layer], self.v[layer], attn_mask=mask,
+                                                               scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
 
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """transformers' attention interface, for decoding through the model's own layers."""
@@ -112,24 +107,11 @@ class StaticKV:
         return self.decode(module.layer_idx, query, scaling or query.shape[-1] ** -0.5), None
 
 
-def chunked_softmax(scores, mask, scale: float):
-    """scores [B, H_kv, G, chunks, CHUNK] -> softmax over all slots (the last two dims) in fp32, masked slots 0,
-    laid out [B, H_kv, chunks, G, CHUNK] for the per-chunk products with V."""
-    s = (scores.float() * scale).masked_fill(~mask, float("-inf"))
-    s = s - s.amax(dim=(3, 4), keepdim=True)
-    e = s.exp()
-    return (e / e.sum(dim=(3, 4), keepdim=True)).to(scores.dtype).transpose(2, 3).contiguous()
-
-
-def chunk_sum(x):
-    """[B, H_kv, chunks, G, D] -> [B, H_kv, G, D]: the chunks' partial outputs summed in fp32."""
-    return x.float().sum(2).to(x.dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# the fused decode step: one new token through the decoder from the layers' weights, ~14 kernels a layer
-# instead of the ~40 that the model's own modules launch. Decoding a batch of 8 is bound by kernel count, not
-# by FLOPs: the weights are read once a step either way, so fewer and fused kernels are what makes it fast.
+# the fused decoder: the decoder from the layers' weights, ~14 kernels a layer instead of the ~40 that the
+# model's own modules launch. Decoding a batch of 8 is bound by kernel count, not by FLOPs: the weights are read
+# once a step either way, so fewer and fused kernels are what makes it fast. The prompt pass (compute-bound) runs
+# through the same code: there the fused elementwise kernels save the memory traffic of eager RMSNorm / SiLU.
 
 FUSED_LAYERS = ("Qwen2_5_VLDecoderLayer", "Qwen3VLTextDecoderLayer", "Qwen2_5OmniDecoderLayer", "Qwen2DecoderLayer",
                 "LlamaDecoderLayer")  # pre-norm RMSNorm, rope'd q/k (+ optional q/k RMSNorm), SwiGLU MLP
@@ -170,18 +152,18 @@ def compiled_kernels():
     as a recompile each time, and dynamo falls back to eager after a few). Batch and cache lengths change from
     call to call: the first change recompiles with that size symbolic (dynamo's automatic dynamic shapes)."""
     compiled = functools.partial(torch.compile, fullgraph=True)  # a size that changes becomes dynamic, once
-    return tuple(map(compiled, (rms_norm, add_rms_norm, rope_qk, silu_mul, chunked_softmax, chunk_sum)))
+    return tuple(map(compiled, (rms_norm, add_rms_norm, rope_qk, silu_mul)))
 
 
 def fused_decoding(model) -> bool:
-    """Whether fused_step computes this model's decoder (else hf_generate decodes through its own layers)."""
+    """Whether fused_forward computes this model's decoder (else hf_generate decodes through its own layers)."""
     cfg = model.config.get_text_config()
     return (all(type(layer).__name__.removeprefix("FSDP") in FUSED_LAYERS for layer in text_model(model).layers)
             and cfg.hidden_act == "silu" and not getattr(cfg, "use_sliding_window", False))
 
 
 def unshard_layers(model) -> list:
-    """Under FSDP2 a decoder layer holds only its shard outside its own forward, and fused_step reads the weights
+    """Under FSDP2 a decoder layer holds only its shard outside its own forward, and fused_forward reads the weights
     directly: gather every layer's full weights (all ranks together) until reshard() at the end of decoding.
     The root's own weights (embeddings, norm, lm_head) are gathered already: hf_generate runs inside its forward."""
     layers = [layer for layer in text_model(model).layers if hasattr(layer, "unshard")]
@@ -190,16 +172,18 @@ def unshard_layers(model) -> list:
     return layers
 
 
-def fused_step(model, kv: StaticKV, compile_kernels: bool = False, concat_weights: bool = True):
-    """step(tok [B], positions [3, B, 1]) -> final-normed hidden [B, 1, hidden], writing K/V into `kv`: the
-    same function as the model's decoder on one token, written out. compile_kernels fuses each elementwise
-    helper above into one kernel (torch.compile, once per process: compiled_kernels); concat_weights multiplies
-    x by [Wq; Wk; Wv] and by [W_gate; W_up] in one matmul each (a temporary copy of those weights, freed when
-    decoding ends: ~60% of the decoder's size)."""
+def fused_forward(model, kv: StaticKV, compile_kernels: bool = False, concat_weights: bool = True):
+    """forward(h [B, S, hidden] input embeddings, positions [3, B, S], prompt_mask=None) -> final-normed hidden
+    [B, S, hidden], writing K/V into `kv` and advancing it by S: the same function as the model's decoder, written
+    out from the layers' weights. S = 1 is a decode step (attention over the cache); S > 1 is the prompt pass
+    (causal SDPA over its own keys, prompt_mask for left padding). compile_kernels fuses each elementwise helper
+    above into one kernel (torch.compile, once per process: compiled_kernels); concat_weights multiplies x by
+    [Wq; Wk; Wv] and by [W_gate; W_up] in one matmul each (a temporary copy of those weights, freed when decoding
+    ends: ~60% of the decoder's size)."""
     text = text_model(model)
     F = torch.nn.functional
     if compile_kernels:
-        norm, add_norm, rope, swiglu, kv.softmax, kv.chunk_sum = compiled_kernels()
+        norm, add_norm, rope, swiglu = compiled_kernels()
     else:
         norm, add_norm, rope, swiglu = rms_norm, add_rms_norm, rope_qk, silu_mul
     attn0 = text.layers[0].self_attn
@@ -231,29 +215,45 @@ def fused_step(model, kv: StaticKV, compile_kernels: bool = False, concat_weight
             return y.split(sizes, dim=-1) if sizes else y.chunk(2, dim=-1)
         return [F.linear(x, w, b) for w, b in zip(weights, biases)]
 
-    def step(tok, positions):
-        B = tok.shape[0]
-        h = text.embed_tokens(tok[:, None])                                  # [B, 1, hidden]
-        cos, sin = text.rotary_emb(h, positions if mrope else positions[0])
-        if cos.dim() == 4:                     # [3, B, 1, D]: a text token's three position rows are equal
+    def forward(h, positions, prompt_mask=None):
+        B, S = h.shape[:2]
+        cos, sin = text.rotary_emb(h, positions if mrope else positions[0])  # transformers 5.17+: [B, S, D]
+        if cos.dim() == 4:  # per-axis angles [3, B, S, D] (older transformers): equal rows only for a text token
+            if S > 1:
+                raise ValueError("this transformers returns rope angles per axis ([3, B, S, D]); the fused prompt "
+                                 "pass needs them combined, as transformers 5.17+ does")
             cos, sin = cos[0], sin[0]
-        cos, sin = cos[:, :, None], sin[:, :, None]                          # [B, 1, 1, D] against [B, 1, heads, D]
+        cos, sin = cos[:, :, None], sin[:, :, None]                          # [B, S, 1, D] against [B, S, heads, D]
         x = norm(h, layers[0]["norm1"], layers[0]["eps"])
-        mask = kv.decode_mask()                                              # the same for every layer
+        mask = kv.decode_mask(h.dtype) if S == 1 else prompt_mask            # the same for every layer
         for i, w in enumerate(layers):
             q, k, v = project(x, w["qkv"], w["qkv_bias"], w["sizes"])
-            q, k = rope(q.view(B, 1, -1, D), k.view(B, 1, -1, D), cos, sin, w["q_norm"], w["k_norm"], w["qk_eps"])
-            kv.write(i, k.transpose(1, 2), v.view(B, 1, -1, D).transpose(1, 2))
-            o = F.linear(kv.decode(i, q.transpose(1, 2), scale, mask).reshape(B, 1, -1), w["o"])
+            q, k = rope(q.view(B, S, -1, D), k.view(B, S, -1, D), cos, sin, w["q_norm"], w["k_norm"], w["qk_eps"])
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, S, -1, D).transpose(1, 2)  # [B, heads, S, D]
+            kv.write(i, k, v)
+            if S == 1:
+                att = kv.decode(i, q, scale, mask)                           # [B, 1, H, D]
+            else:  # the prompt's own keys: causal (cuDNN / flash kernels), or causal + padding with a mask
+                att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                     enable_gqa=True).transpose(1, 2)
+            o = F.linear(att.reshape(B, S, -1), w["o"])
             h, x = add_norm(o, h, w["norm2"], w["eps"])                      # h += attention; x = norm(h)
             gate, up = project(x, w["gate_up"], (None,) * len(w["gate_up"]))
             mlp = F.linear(swiglu(gate, up), w["down"])
             last = i == len(layers) - 1                                      # h += mlp; x = next layer's norm(h)
             h, x = add_norm(mlp, h, final_norm if last else layers[i + 1]["norm1"],
                             final_eps if last else layers[i + 1]["eps"])
-        kv.length += 1
+        kv.length += S
         return x
-    return step
+    return forward
+
+
+def padded_prompt_mask(valid):
+    """[B, 1, S, S] boolean mask of a left-padded prompt pass: causal, padding keys masked. A padding position
+    sees itself (a row with nothing to attend to gives NaNs, which would reach the cache as its K/V)."""
+    S = valid.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=valid.device).tril()
+    return (causal & valid[:, None, :] | torch.eye(S, dtype=torch.bool, device=valid.device))[:, None]
 
 
 def graphed_step(step, kv: StaticKV, tok, step_pos):
@@ -281,7 +281,7 @@ def graphed_step(step, kv: StaticKV, tok, step_pos):
         step_pos.copy_(new_pos)
         graph.replay()                   # also advances kv.length, as recorded
         return hidden
-    replay.step = step  # the graph reads what the step holds (fused_step's weights): keep it alive with the graph
+    replay.step = step  # the graph reads what the step holds (fused_forward's weights): keep it alive with the graph
     return replay
 
 
@@ -293,7 +293,8 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
     truncation), which is exactly what the training forward recomputes.
     The decode step, fastest first (the defaults on a GPU; README "Performance" has the measurements):
-      fused            our own step from the layers' weights (fused_step) on a StaticKV cache
+      fused            our own decoder from the layers' weights (fused_forward) on a StaticKV cache, for the
+                       prompt pass and the decode step
       compile_kernels  its elementwise helpers compiled into one kernel each
       cuda_graph       one decode step recorded as a CUDA graph and replayed: one launch per token
       static_cache     the model's own layers on a StaticKV cache (fused=False; families outside FUSED_LAYERS)
@@ -321,6 +322,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
         ids[i, L - len(p.input_ids):], pos[:, i, L - len(p.input_ids):] = p.input_ids, p.positions
         attn[i, L - len(p.input_ids):] = 1
     attn[:, L:] = 1
+    padded = bool((attn == 0).any())
     ids, pos, attn = ids.to(dev), pos.to(dev), attn.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     previous, gathered = None, []  # restored / resharded in `finally`, whatever fails
@@ -333,12 +335,17 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
             AttentionInterface.register(StaticKV.NAME, kv.attend)
             AttentionMaskInterface.register(StaticKV.NAME, sdpa_mask)
             previous = use_attention(model, StaticKV.NAME)
-            hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L])   # StaticKV.write repeats rows n times
-            kv.length += L
-            if fused:
+            if fused:  # the prompt pass too through our fused layers (Qwen3-VL's DeepStack video inputs: its own)
                 gathered = unshard_layers(model)
-                step = fused_step(model, kv, compile_kernels)
+                forward, embed = fused_forward(model, kv, compile_kernels), text_model(model).embed_tokens
+                step = lambda tok, step_pos: forward(embed(tok[:, None]), step_pos)  # [B] token, [3, B, 1] position
+            if fused and getattr(feats, "deepstack_features", None) is None:
+                mask = padded_prompt_mask(attn[:, :L].bool()) if padded else None
+                hidden = forward(embed_inputs(model, ids, feats)[0], pos, mask)     # kv.write repeats rows n times
             else:
+                hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L])   # through StaticKV.attend
+                kv.length += L
+            if not fused:
                 def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
                     out, _ = decoder_hidden(model, tok[:, None], step_pos)
                     kv.length += 1

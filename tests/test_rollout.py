@@ -193,12 +193,11 @@ def text_prompts(lengths, seed=0):
 
 
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
-def test_fused_decode_step_equals_the_models_own_layers(tiny, videos, fam, tmp_path, monkeypatch):
-    """fused_step (our decode step written from the layers' weights, split-K attention over the cache) samples the
+def test_fused_forward_equals_the_models_own_layers(tiny, videos, fam, tmp_path, monkeypatch):
+    """fused_forward (our decoder written from the layers' weights: prompt pass and decode step) samples the
     same tokens with the same log-probs as the model's own layers on transformers' DynamicCache: with the q/k/v
     and gate/up weights concatenated or not, with its helpers compiled (torch.compile, as on a GPU), for left-
     padded prompts after a video (3-D positions that run ahead of the token index) and for every family."""
-    monkeypatch.setattr(rollout.StaticKV, "CHUNK", 8)  # several chunks even for these short prompts
     if fam in tiny:
         _, model, processor = tiny[fam]
         prompts = prompts_for(model, processor, videos[:1], "What colour?") + \
@@ -212,30 +211,78 @@ def test_fused_decode_step_equals_the_models_own_layers(tiny, videos, fam, tmp_p
     variants = {"concatenated": {}, "separate": dict(concat_weights=False)}
     if fam == "qwen2_5_vl":
         variants["compiled"] = dict(compile_kernels=True)
-    real_step = rollout.fused_step
+    real_forward = rollout.fused_forward
     for name, options in variants.items():
-        monkeypatch.setattr(rollout, "fused_step", lambda m, kv, _, **o: real_step(m, kv, **{**o, **options}))
+        monkeypatch.setattr(rollout, "fused_forward", lambda m, kv, _, **o: real_forward(m, kv, **{**o, **options}))
         fused = rollout.hf_generate(model, processor, prompts, static_cache=True, fused=True, **kw)
         assert [o.response_ids for o in fused] == [o.response_ids for o in reference], name
         diff = max(abs(a - b) for f, r in zip(fused, reference) for a, b in zip(f.logprobs, r.logprobs))
         assert diff < 1e-4, (name, diff)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_prompt_pass_once_per_prompt(tiny, videos, static):
+def test_fused_prompt_pass_equals_the_models_own_layers(tiny, videos):
+    """The prompt pass through fused_forward (left-padded video prompts: causal + padding mask, 3-D positions)
+    gives the model's own final hidden states at every real position and writes the same keys and values into
+    the cache as the model's own layers (through StaticKV.attend) do."""
+    _, model, processor = tiny["qwen2_5_vl"]
+    prompts = prompts_for(model, processor, videos[:1], "What colour?") + \
+        prompts_for(model, processor, videos[1:2], "What colour was the flash? Answer in detail please.")
+    feats = vlm.encode_videos(model, prompts)
+    L = max(len(p.input_ids) for p in prompts)
+    ids = torch.zeros(2, L, dtype=torch.long)
+    pos = torch.zeros(3, 2, L, dtype=torch.long)
+    valid = torch.zeros(2, L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p.input_ids):], pos[:, i, L - len(p.input_ids):] = p.input_ids, p.positions
+        valid[i, L - len(p.input_ids):] = True
+    assert not valid.all()  # the shorter prompt is padded
+    with torch.no_grad():
+        ours_kv, theirs_kv = rollout.StaticKV(model, valid), rollout.StaticKV(model, valid)
+        forward = rollout.fused_forward(model, ours_kv)
+        ours = forward(vlm.embed_inputs(model, ids, feats)[0], pos, rollout.padded_prompt_mask(valid))
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register(rollout.StaticKV.NAME, theirs_kv.attend)
+        AttentionMaskInterface.register(rollout.StaticKV.NAME, sdpa_mask)
+        previous = vlm.use_attention(model, rollout.StaticKV.NAME)
+        try:
+            theirs, _ = vlm.decoder_hidden(model, ids, pos, feats, valid.long())
+        finally:
+            vlm.use_attention(model, previous)
+    assert int(ours_kv.length) == L
+    assert torch.allclose(ours[valid], theirs[valid], atol=1e-4), (ours[valid] - theirs[valid]).abs().max()
+    slots = torch.nn.functional.pad(valid, (0, ours_kv.k.shape[3] - L))
+    for mine, ref in ((ours_kv.k, theirs_kv.k), (ours_kv.v, theirs_kv.v)):
+        mine, ref = mine.permute(1, 3, 0, 2, 4), ref.permute(1, 3, 0, 2, 4)  # [B, slots, layers, H_kv, D]
+        assert torch.allclose(mine[slots], ref[slots], atol=1e-4)
+        assert torch.isfinite(mine).all()  # padding rows see themselves: no NaN reaches the cache
+
+
+@pytest.mark.parametrize("engine", ["dynamic", "static", "fused"])
+def test_prompt_pass_once_per_prompt(tiny, videos, engine, monkeypatch):
     """n samples of a prompt share one prompt pass (its keys and values copied to the n rows): the first decoder
-    layer sees 2 prompt rows, not 4, and the samples equal those of the prompts passed twice each with n=1."""
+    layer's prompt pass sees 2 prompt rows, not 4, and the samples equal those of the prompts passed twice each
+    with n=1. Through the model's own layers (DynamicCache, StaticKV) and through fused_forward."""
     _, model, processor = tiny["qwen2_5_vl"]
     a, b = prompts_for(model, processor, videos[:2], "What colour?")
     rows = []
-    hook = vlm.text_model(model).layers[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:2]))
-    kw = dict(temperature=1.0, max_new_tokens=8, seed=11, static_cache=static)
+    real_write = rollout.StaticKV.write
+
+    def write(kv, layer, key, value):  # fused_forward writes every layer's keys [rows, H_kv, S, D] here
+        if layer == 0 and key.shape[2] > 1:
+            rows.append(key.shape[0])
+        return real_write(kv, layer, key, value)
+    if engine == "fused":
+        monkeypatch.setattr(rollout.StaticKV, "write", write)
+    hook = vlm.text_model(model).layers[0].register_forward_hook(
+        lambda m, args, out: rows.append(args[0].shape[0]) if args[0].shape[1] > 1 else None)
+    kw = dict(temperature=1.0, max_new_tokens=8, seed=11, static_cache=engine != "dynamic", fused=engine == "fused")
     try:
         shared = rollout.hf_generate(model, processor, [a, b], n=2, **kw)
         repeated = rollout.hf_generate(model, processor, [a, a, b, b], n=1, **kw)
     finally:
         hook.remove()
-    assert [batch for batch, length in rows if length > 1] == [2, 4]  # the two calls' prompt passes
+    assert rows == [2, 4]  # the two calls' prompt passes
     assert [o.response_ids for o in shared] == [o.response_ids for o in repeated]
     diff = max(abs(x - y) for s, r in zip(shared, repeated) for x, y in zip(s.logprobs, r.logprobs))
     assert diff < 1e-4
@@ -249,7 +296,7 @@ def test_failed_decode_setup_leaves_the_model_as_it_was(tiny, videos, monkeypatc
 
     def broken(*args, **kwargs):
         raise MemoryError("no room for the concatenated weights")
-    monkeypatch.setattr(rollout, "fused_step", broken)
+    monkeypatch.setattr(rollout, "fused_forward", broken)
     with pytest.raises(MemoryError):
         rollout.hf_generate(model, processor, prompts_for(model, processor, videos[:1]), static_cache=True,
                             fused=True, max_new_tokens=4)
