@@ -214,20 +214,22 @@ def bench_rollout(cfg: BenchConfig):
                     dt, outs = timed(functools.partial(run, max_new_tokens=cfg.new_tokens))
                 new = sum(len(o.response_ids) for o in outs)
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine, "tokens_per_s": new / dt, "s": dt,
-                             "decode_tokens_per_s": (new - len(outs)) / (dt - prefill_s)})
+                             "decode_tokens_per_s": (new - len(outs)) / (dt - prefill_s), "prompt_s": prefill_s})
                 print(rows[-1], flush=True)
             except Exception as e:  # report, keep measuring the others
                 rows.append({"case": name, "prompt_tokens": P, "engine": engine,
                              "error": f"{type(e).__name__}: {e}"[:300]})
         if n == 1 and selected(PLAIN_GENERATE):
             rows.append(bench_plain_generate(model, prompts, feats, cfg, name, P))
+            print(rows[-1], flush=True)
         if cfg.profile:
             profile_decode(generate, cfg.new_tokens, name)
         del prompts, feats
         torch.cuda.empty_cache() if dev == "cuda" else None
     if cfg.vllm:
         rows += bench_vllm_rollout(cfg, processor, model, cases)
-    print_table(rows, ["case", "prompt_tokens", "engine", "tokens_per_s", "decode_tokens_per_s", "s", "error"])
+    print_table(rows, ["case", "prompt_tokens", "engine", "tokens_per_s", "decode_tokens_per_s", "s", "prompt_s",
+                      "error"])
     log({"bench": "rollout", **device_info(), "shape": cfg.shape, "batch": cfg.batch, "new_tokens": cfg.new_tokens,
          "rows": rows}, cfg)
 
