@@ -11,7 +11,7 @@ One step: rollout n answers per prompt (rollout.py: HF engine, or colocated vLLM
 new weights into vLLM -> log + checkpoint. Deliberate choices (vs. verl): no Ray, no trainer class; log-probs
 only at response positions (lm_head in chunks, never full-vocabulary logits over the prompt); training
 sequences are right-padded so causal attention needs no mask; each token is counted once in the loss
-normalisation, on the rank that holds it (see `token_normaliser`).
+normalisation, on the rank that holds it (see `token_weights`).
 """
 import glob
 import json
@@ -612,12 +612,99 @@ def evaluate_all(policy, processor, samples, cfg: Config, d: Dist, engine, tag: 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# one step's phases that are more than a few lines: sampling, scoring, advantages, the step's metrics
+
+def sample_responses(policy, engine, processor, prompts: list, cfg: Config, seed: int, suppress, spi, d: Dist):
+    """cfg.n responses per prompt (rollout.Rollout records, grouped by prompt_index) from the colocated vLLM engine
+    or the HF engine. Under SP every peer of a group ends with the same n responses of each prompt."""
+    import rollout
+    import sp as sp_lib
+    split = cfg.sp_size > 1 and cfg.sp_split_rollout  # SP peers each sample n/sp responses of the same prompts
+    n_local = cfg.n // cfg.sp_size if split else cfg.n
+    seed += spi.sp_rank if split else 0
+    if engine:
+        embeds = policy(rollout.prompt_embeddings, prompts) if engine.prompt_embeds else None
+        outs = engine.generate(prompts, n_local, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed, suppress,
+                               embeds)
+    else:
+        outs = policy(rollout.hf_generate, processor, prompts, n_local, cfg.temperature, cfg.top_p,
+                      cfg.max_new_tokens, seed)
+    if split:  # every SP peer gets all n responses, grouped by prompt (gathered in chunks)
+        parts = sp_lib.chunked_all_gather_object(outs, 4, spi.sp_group)
+        outs = sorted([o for part in parts for o in part], key=lambda o: o.prompt_index)
+    elif cfg.sp_size > 1:  # peers sampled the same (same seed); take SP rank 0's copy so they agree exactly
+        box = [outs]
+        dist.broadcast_object_list(box, src=d.rank - spi.sp_rank, group=spi.sp_group)
+        outs = box[0]
+    return outs
+
+
+def score_responses(outs: list, prompts: list, cfg: Config, judge, reward_stats, stats: dict) -> torch.Tensor:
+    """Reward of each response (data/rewards.py: w_acc * accuracy + w_fmt * format, + DAPO's overlong shaping);
+    appends each response's reward, accuracy, format and length to `stats` for the step's metrics."""
+    from data.rewards import compute_rewards
+    t0 = time.time()
+    scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],
+                             cfg.w_acc, cfg.w_fmt, cfg.think, cfg.open_ended, judge, reward_stats)
+    lengths = torch.tensor([len(o.response_ids) for o in outs])
+    reward = torch.as_tensor(scores["reward"], dtype=torch.float32)
+    reward += overlong_shaping(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    stats["reward"] += reward.tolist()
+    stats["accuracy"] += list(scores["accuracy"])
+    stats["format"] += list(scores["format"])
+    stats["length"] += lengths.tolist()
+    stats["truncated"] += sum(not o.finished for o in outs)
+    stats["reward_time"] += time.time() - t0
+    return reward
+
+
+def assign_advantages(seqs: list, num_groups: int, cfg: Config, spi):
+    """Set s.advantages ([R] per token) for the kept groups' responses (cfg.n consecutive seqs a group).
+    GRPO-style estimators give each response one value, repeated over its tokens; Reinforce++ gives per-token
+    returns. With KL in the reward (kl_in_reward), r - beta * KL is what they see."""
+    kl_seq = [kl_penalty(s.logp_old, s.logp_ref, cfg.kl_estimator) for s in seqs] \
+        if (cfg.kl_beta > 0 and cfg.kl_in_reward) else None
+    if cfg.adv_estimator.startswith("reinforce_pp"):
+        token_rewards = []
+        for k, s in enumerate(seqs):  # outcome reward on the last token, -beta * KL_t on every token
+            r = torch.zeros(len(s.response_ids))
+            r[-1] = s.reward
+            token_rewards.append(r - cfg.kl_beta * kl_seq[k] if kl_seq else r)
+        group_ids = torch.arange(num_groups).repeat_interleave(cfg.n)
+        adv = reinforce_pp_advantages(token_rewards, group_ids if cfg.adv_estimator.endswith("baseline") else None,
+                                      group=spi.dp_group if cfg.sp_size > 1 else None)
+    else:
+        rewards = torch.tensor([s.reward for s in seqs]).view(num_groups, cfg.n) if seqs else torch.zeros(0, cfg.n)
+        if kl_seq:  # KL in the reward: r - beta * sum_t KL_t
+            rewards = rewards - cfg.kl_beta * torch.tensor([k.sum() for k in kl_seq]).view_as(rewards)
+        a = compute_advantages(rewards, cfg.adv_estimator).flatten()
+        adv = [torch.full((len(s.response_ids),), float(a[k])) for k, s in enumerate(seqs)]
+    for s, a in zip(seqs, adv):
+        s.advantages = a
+
+
+def rollout_metrics(stats: dict, num_groups: int, seqs: list, spi) -> dict:
+    """The step's rollout statistics over all data-parallel ranks (sums all-reduced, then divided)."""
+    r = stats["reward"]
+    local = torch.tensor([sum(r), sum(x * x for x in r), sum(stats["accuracy"]), sum(stats["format"]),
+                          sum(stats["length"]), float(len(r)), float(stats["truncated"]), float(num_groups),
+                          float(sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs))], dtype=torch.float64)
+    tot = dp_all_reduce(local, spi)
+    count = tot[5].clamp(min=1)
+    mean = tot[0] / count
+    return {"reward": mean.item(), "reward_std": (tot[1] / count - mean ** 2).clamp(min=0).sqrt().item(),
+            "accuracy": (tot[2] / count).item(), "format": (tot[3] / count).item(),
+            "response_len": (tot[4] / count).item(), "response_len_max": max(stats["length"] or [0]),
+            "truncated_frac": (tot[6] / count).item(), "groups_kept": int(tot[7]), "tokens": tot[8].item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the loop
 
 def main(cfg: Config):
     import rollout
     from data.datasets import Loader, load_jsonl
-    from data.rewards import JudgeConfig, RewardStats, compute_rewards
+    from data.rewards import JudgeConfig, RewardStats
 
     if cfg.embeddings_cache and not cfg.freeze_vision:  # cf. cache_embeddings.py
         raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
@@ -738,44 +825,21 @@ def main(cfg: Config):
         timing, metrics = {}, {}
         # ---- rollout (+ reward, with DAPO's dynamic sampling refilling dropped groups) --------------------
         policy.eval()
-        groups, all_rewards, all_acc, all_fmt, all_len, truncated, tries, step_skipped = [], [], [], [], [], 0, 0, []
-        t_reward, step_misses = 0.0, []  # step_misses: videos with no embeddings-cache entry (decoded live)
+        groups, tries, step_skipped, step_misses = [], 0, [], []  # misses: videos with no cache entry (decoded live)
+        stats = {"reward": [], "accuracy": [], "format": [], "length": [], "truncated": 0, "reward_time": 0.0}
         while True:
             tries += 1
             prompts = rollout.prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, step_skipped,
                                               cfg.embeddings_cache, step_misses)
-            split = cfg.sp_size > 1 and cfg.sp_split_rollout  # SP peers each sample n/sp responses of the same prompts
-            n_local = cfg.n // cfg.sp_size if split else cfg.n
-            gen_seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + dp_rank * 7919 + (spi.sp_rank if split else 0)
-            if engine:
-                embeds = policy(rollout.prompt_embeddings, prompts) if engine.prompt_embeds else None
-                outs = engine.generate(prompts, n_local, cfg.temperature, cfg.top_p, cfg.max_new_tokens, gen_seed,
-                                       suppress, embeds)
-            else:
-                outs = policy(rollout.hf_generate, processor, prompts, n_local, cfg.temperature, cfg.top_p,
-                              cfg.max_new_tokens, gen_seed)
-            if split:  # every SP peer gets all n responses, grouped by prompt (gathered in chunks)
-                parts = sp_lib.chunked_all_gather_object(outs, 4, spi.sp_group)
-                outs = sorted([o for part in parts for o in part], key=lambda o: o.prompt_index)
-            elif cfg.sp_size > 1:  # peers sampled the same (same seed); take SP rank 0's copy so they agree exactly
-                box = [outs]
-                dist.broadcast_object_list(box, src=d.rank - spi.sp_rank, group=spi.sp_group)
-                outs = box[0]
-            tr = time.time()
-            scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],
-                                     cfg.w_acc, cfg.w_fmt, cfg.think, cfg.open_ended, judge, reward_stats)
-            lengths = torch.tensor([len(o.response_ids) for o in outs])
-            reward = torch.as_tensor(scores["reward"], dtype=torch.float32)
-            reward += overlong_shaping(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-            all_rewards += reward.tolist(); all_acc += list(scores["accuracy"]); all_fmt += list(scores["format"])
-            all_len += lengths.tolist(); truncated += sum(not o.finished for o in outs)
+            seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + dp_rank * 7919
+            outs = sample_responses(policy, engine, processor, prompts, cfg, seed, suppress, spi, d)
+            reward = score_responses(outs, prompts, cfg, judge, reward_stats, stats)
             for i, p in enumerate(prompts):
                 members = [k for k, o in enumerate(outs) if o.prompt_index == i]
                 r = reward[members]
                 if cfg.dynamic_sampling and bool((r == r[0]).all()):  # no learning signal in this group
                     continue
                 groups.append((p, [outs[k] for k in members], r))
-            t_reward += time.time() - tr
             short = torch.tensor([float(len(groups) < prompts_per_rank)])
             if not cfg.dynamic_sampling or tries >= cfg.max_sampling_tries or \
                     all_reduce(short, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
@@ -785,8 +849,8 @@ def main(cfg: Config):
         used_after_rollout = gpu_used_gib()  # policy + optimizer state + the awake vLLM engine
         if engine:
             engine.sleep()  # free the KV cache (and weights, to CPU) for training
-        timing["rollout"] = time.time() - t0 - t_reward
-        timing["reward"] = t_reward
+        timing["rollout"] = time.time() - t0 - stats["reward_time"]
+        timing["reward"] = stats["reward_time"]
         seqs = [Seq(prompt=p, response_ids=o.response_ids, advantages=None, reward=float(r_i),
                     engine_logprobs=o.logprobs) for p, outs_g, r in groups for o, r_i in zip(outs_g, r)]
         # ---- old / reference log-probs ----------------------------------------------------------------
@@ -799,25 +863,7 @@ def main(cfg: Config):
             fill_logprobs(policy, seqs, cfg, suppress, "logp_old", fallback, spi)
         timing["logprobs"] = time.time() - t1
         # ---- advantages -------------------------------------------------------------------------------
-        seq_rewards = torch.tensor([s.reward for s in seqs]).view(len(groups), cfg.n) if seqs else torch.zeros(0, cfg.n)
-        kl_seq = [kl_penalty(s.logp_old, s.logp_ref, cfg.kl_estimator) for s in seqs] \
-            if (cfg.kl_beta > 0 and cfg.kl_in_reward) else None
-        if cfg.adv_estimator.startswith("reinforce_pp"):
-            token_rewards = []
-            for k, s in enumerate(seqs):
-                r = torch.zeros(len(s.response_ids))
-                r[-1] = s.reward
-                token_rewards.append(r - cfg.kl_beta * kl_seq[k] if kl_seq else r)
-            groups_ids = torch.arange(len(groups)).repeat_interleave(cfg.n)
-            adv = reinforce_pp_advantages(token_rewards, groups_ids if cfg.adv_estimator.endswith("baseline") else None,
-                                          group=spi.dp_group if cfg.sp_size > 1 else None)
-        else:
-            if kl_seq:  # KL in the reward: r - beta * sum_t KL_t
-                seq_rewards = seq_rewards - cfg.kl_beta * torch.tensor([k.sum() for k in kl_seq]).view_as(seq_rewards)
-            a = compute_advantages(seq_rewards, cfg.adv_estimator).flatten()
-            adv = [torch.full((len(s.response_ids),), float(a[k])) for k, s in enumerate(seqs)]
-        for s, a in zip(seqs, adv):
-            s.advantages = a
+        assign_advantages(seqs, len(groups), cfg, spi)
         # ---- update: ppo_epochs passes, each split into updates of update_batch_size prompts -----------------
         t2 = time.time()
         policy.train()
@@ -843,22 +889,10 @@ def main(cfg: Config):
         skipped_total += int(dp_all_reduce(torch.tensor([len(step_skipped)]), spi)[0])
         for line in step_skipped:
             print(f"[rank {d.rank}] skipped sample: {line}")
-        local = torch.tensor([sum(all_rewards), sum(x * x for x in all_rewards), sum(all_acc), sum(all_fmt),
-                              sum(all_len), float(len(all_rewards)), float(truncated), float(len(groups)),
-                              float(sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs))],
-                             dtype=torch.float64)
-        tot = dp_all_reduce(local, spi)
-        count = tot[5].clamp(min=1)
-        mean_r = tot[0] / count
-        metrics.update({"step": step + 1, "reward": mean_r.item(),
-                        "reward_std": (tot[1] / count - mean_r ** 2).clamp(min=0).sqrt().item(),
-                        "accuracy": (tot[2] / count).item(), "format": (tot[3] / count).item(),
-                        "response_len": (tot[4] / count).item(), "response_len_max": max(all_len or [0]),
-                        "truncated_frac": (tot[6] / count).item(), "groups_kept": int(tot[7]),
-                        "sampling_tries": tries, "lr": lr, "skipped_samples": skipped_total,
-                        "judge_failures": reward_stats.judge_failures,
-                        **{f"time_{k}": round(v, 4) for k, v in timing.items()},
-                        "tokens_per_s": (tot[8] / max(timing["update"], 1e-9)).item()})
+        metrics.update(step=step + 1, **rollout_metrics(stats, len(groups), seqs, spi), sampling_tries=tries,
+                       lr=lr, skipped_samples=skipped_total, judge_failures=reward_stats.judge_failures,
+                       **{f"time_{k}": round(v, 4) for k, v in timing.items()})
+        metrics["tokens_per_s"] = metrics.pop("tokens") / max(timing["update"], 1e-9)
         if torch.cuda.is_available():  # torch's allocator peak, and the whole GPU in use (vLLM's memory too)
             metrics.update(peak_alloc_GiB=torch.cuda.max_memory_allocated() / 2**30, gpu_used_GiB=gpu_used_gib(),
                            gpu_used_rollout_GiB=used_after_rollout)

@@ -60,6 +60,26 @@ def test_kl_estimators_by_hand():
         T.kl_penalty(logp, ref, "k4")
 
 
+def test_assign_advantages_with_kl_in_the_reward_by_hand():
+    """One group of two responses, equal outcome reward 1: only the KL penalty (k1 = logp_old - logp_ref per
+    token, beta = 0.5) separates them, so the response that moved further from the reference is pushed down."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(n=2, kl_beta=0.5, kl_in_reward=True, kl_estimator="k1", adv_estimator="drgrpo", sp_size=1)
+    seqs = [T.Seq(prompt=None, response_ids=[5, 6], advantages=None, reward=1.0,
+                  logp_old=torch.tensor([-1.0, -1.0]), logp_ref=torch.tensor([-1.0, -1.0])),      # KL sum 0
+            T.Seq(prompt=None, response_ids=[7, 8], advantages=None, reward=1.0,
+                  logp_old=torch.tensor([-1.0, -1.0]), logp_ref=torch.tensor([-2.0, -3.0]))]      # KL sum 3
+    T.assign_advantages(seqs, 1, cfg, spi=None)
+    # rewards - beta * KL = (1, -0.5), mean 0.25: Dr.GRPO advantages (0.75, -0.75) on every token
+    assert torch.allclose(seqs[0].advantages, torch.tensor([0.75, 0.75]))
+    assert torch.allclose(seqs[1].advantages, torch.tensor([-0.75, -0.75]))
+    cfg.adv_estimator = "reinforce_pp"  # token rewards (0, 1) and (0 - 0.5, 1 - 1.0); whitened over the 4 tokens
+    T.assign_advantages(seqs, 1, cfg, spi=None)
+    returns = torch.tensor([1.0, 1.0, -0.5, 0.0])  # gamma 1: each token's return is the sum of what follows
+    expect = (returns - returns.mean()) / returns.std(unbiased=False)
+    assert torch.allclose(torch.cat([s.advantages for s in seqs]), expect, atol=1e-5)
+
+
 def test_policy_loss_clip_and_dual_clip_by_hand():
     old = torch.zeros(3)
     logp = torch.log(torch.tensor([1.5, 5.0, 0.5]))
