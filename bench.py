@@ -424,7 +424,7 @@ def bench_longest(cfg: BenchConfig):
     import vlm
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = make_model(cfg.shape, "", dtype=torch.bfloat16 if dev == "cuda" else torch.float32, device=dev)
-    model.model.visual.to("cpu")  # the LM alone here
+    vlm.media_model(model).visual.to("cpu")  # the LM alone here
     n_params = lm_params(model)
     text = model.config.get_text_config()
     peak = matmul_tflops()

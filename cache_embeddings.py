@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlm import FRAMES, build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video
+from vlm import (FRAMES, build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video,
+                 video_features)
 
 FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
 WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
@@ -131,8 +132,7 @@ def encode_video(model, processor, video) -> dict:
     out = processor(text=[processor.video_token], videos=[video.frames], video_metadata=[video.metadata()],
                     do_sample_frames=False, return_tensors="pt")
     dev = model.device
-    feats = model.model.get_video_features(out["pixel_values_videos"].to(dev), out["video_grid_thw"].to(dev),
-                                           return_dict=True)
+    feats = video_features(model, out["pixel_values_videos"].to(dev), out["video_grid_thw"].to(dev))
     tensors = {"embeds": feats.pooler_output[0], "video_grid_thw": out["video_grid_thw"]}
     if getattr(feats, "deepstack_features", None) is not None:
         tensors["deepstack"] = torch.stack([layer[0] for layer in feats.deepstack_features])

@@ -269,12 +269,13 @@ class _GatherRows(torch.autograd.Function):
 
 
 def parallel_video_features(model, pixel_values_videos, video_grid_thw, group, num_chunks=1):
-    """model.model.get_video_features(pix, grid), computed with each rank encoding a contiguous 1/P of every
+    """vlm.video_features(model, pix, grid), computed with each rank encoding a contiguous 1/P of every
     video's temporal patch groups (h*w patch rows each; its own grid (t_r,h,w); uneven splits, zero allowed)."""
+    from vlm import media_model, video_features
     P, r = _size(group), _rank(group)
     if P == 1:
-        return model.model.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True)
-    m2 = model.model.visual.spatial_merge_size ** 2  # merger rows per temporal group = h*w/m2
+        return video_features(model, pixel_values_videos, video_grid_thw)
+    m2 = media_model(model).visual.spatial_merge_size ** 2  # merger rows per temporal group = h*w/m2
     pix, grid, counts, offset = [], [], [], 0  # counts[v][q]: feature rows of video v encoded by rank q
     for t, h, w in video_grid_thw.tolist():
         cut = [t * q // P for q in range(P + 1)]  # rank q encodes temporal groups cut[q]:cut[q+1]
@@ -287,8 +288,7 @@ def parallel_video_features(model, pixel_values_videos, video_grid_thw, group, n
     if not keep:  # no share: still run the tower on one group (FSDP needs every rank in every module), keep 0 rows
         t, h, w = video_grid_thw[0].tolist()
         pix, grid = [pixel_values_videos[:h * w]], [[1, h, w]]
-    out = model.model.get_video_features(torch.cat(pix), torch.tensor(grid, device=video_grid_thw.device),
-                                         return_dict=True)
+    out = video_features(model, torch.cat(pix), torch.tensor(grid, device=video_grid_thw.device))
     deep = getattr(out, "deepstack_features", None) or []
     local = torch.cat([torch.cat(out.pooler_output)] + [torch.cat(d) for d in deep], dim=-1)  # (rows, C*(1+L))
     full = _GatherRows.apply(local if keep else local[:0], group, num_chunks)  # rank-major rows

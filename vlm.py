@@ -82,7 +82,16 @@ def family(model) -> str:
 # The decoder's parts: nothing else reaches into a family's module layout (VILA keeps its decoder in model.llm).
 def text_model(model):
     """The decoder stack (.embed_tokens, .layers, .norm, .rotary_emb), without lm_head."""
-    return model.llm.model if family(model) == "vila" else model.model.language_model
+    if family(model) == "vila":
+        return model.llm.model
+    return getattr(model.model, "language_model", model.model)  # Omni's thinker before transformers 5.24: itself
+
+
+def media_model(model):
+    """The module that holds the media encoders (.visual, .audio_tower) and get_video_features /
+    get_audio_features / get_rope_index: model.model, except Qwen2.5-Omni's thinker before transformers 5.24,
+    which holds them itself (its .model is the decoder)."""
+    return model.model if hasattr(model.model, "language_model") else model
 
 
 def output_head(model):
@@ -350,9 +359,9 @@ def omni_layout(model, ids, grid, sec: float, mel_frames: int = 0):
             block += [c.audio_token_id] * (achunks[j][1] - achunks[j][0]) if j < len(achunks) else []
         block += [c.audio_end_token_id]
     ids = expand_placeholder(ids, c.video_token_id, block)
-    pos, _ = model.model.get_rope_index(ids[None], None, grid, None, use_audio_in_video=n_audio > 0,
-                                        audio_seqlens=torch.tensor([mel_frames]) if n_audio else None,
-                                        second_per_grids=torch.tensor([sec]))
+    pos, _ = media_model(model).get_rope_index(ids[None], None, grid, None, use_audio_in_video=n_audio > 0,
+                                               audio_seqlens=torch.tensor([mel_frames]) if n_audio else None,
+                                               second_per_grids=torch.tensor([sec]))
     return ids, pos[:, 0], t * per_group, n_audio
 
 
@@ -494,10 +503,21 @@ def add_audio_features(model, prompts: list, feats):
     return feats
 
 
+def video_features(model, pixels, grid):
+    """The Qwen families' get_video_features over consecutive videos: pooler_output is per-video [rows, hidden],
+    Qwen3-VL's deepstack_features per layer per video (transformers before 5.24 leaves each layer's rows whole:
+    split here, or a second video would read the first one's rows)."""
+    out = media_model(model).get_video_features(pixels, grid, return_dict=True)
+    deep = getattr(out, "deepstack_features", None)
+    if deep is not None and torch.is_tensor(deep[0]):
+        out.deepstack_features = [layer.split([len(rows) for rows in out.pooler_output]) for layer in deep]
+    return out
+
+
 def tower_features(model, pixels, grid):
     """One vision-tower call over consecutive videos -> per-video [rows, hidden] (Qwen3-VL: + DeepStack)."""
     if family(model) not in FRAMES:
-        return model.model.get_video_features(pixels, grid, return_dict=True)
+        return video_features(model, pixels, grid)
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     if family(model) == "vila":  # what its video encoder runs on the frames: tower + projector, [F, rows, hidden]
         per_frame = model.encode_images(pixels.to(model.dtype))
@@ -512,7 +532,8 @@ def audio_features(model, input_features):
     if input_features is None:
         return torch.zeros(0, model.config.get_text_config().hidden_size, device=model.device, dtype=model.dtype)
     mel = input_features[None].to(model.device, model.dtype)
-    out = model.model.get_audio_features(mel, torch.ones(1, mel.shape[-1], dtype=torch.long, device=model.device))
+    lengths = torch.ones(1, mel.shape[-1], dtype=torch.long, device=model.device)
+    out = media_model(model).get_audio_features(mel, lengths)
     return out.last_hidden_state
 
 
@@ -520,7 +541,7 @@ def media_encoders(model) -> list:
     """The modules that turn media into feature rows: frozen by freeze_vision, skipped with an embeddings cache."""
     if family(model) == "vila":
         return [model.vision_tower, model.mm_projector]
-    m = model.model
+    m = media_model(model)
     if family(model) == "llava":
         return [m.vision_tower, m.multi_modal_projector]
     return [m.visual] + ([m.audio_tower] if hasattr(m, "audio_tower") else [])
@@ -531,7 +552,7 @@ def encoder_blocks(model) -> list:
     if family(model) == "vila":  # VILA's SigLIP wrapper holds transformers' SiglipVisionModel as .vision_tower
         tower = model.vision_tower.vision_tower
         return list(getattr(tower, "vision_model", tower).encoder.layers)
-    m = model.model
+    m = media_model(model)
     if family(model) == "llava":
         tower = getattr(m.vision_tower, "vision_model", m.vision_tower)  # CLIPVisionModel nests it in older versions
         return list(tower.encoder.layers)

@@ -137,6 +137,31 @@ def test_placeholder_errors_are_clear(models):
 
 # ---- the families through the GRPO loop ------------------------------------------------------------------------
 
+def test_deepstack_rows_come_per_video_in_every_transformers(tmp_path, monkeypatch):
+    """Qwen3-VL's DeepStack rows are per layer per video in transformers 5.24; before it, get_video_features
+    returns each layer's rows whole. vlm.video_features gives per-video rows either way (two videos: the second
+    gets its own rows, not the first one's)."""
+    model, _ = vlm.load_model(make_tiny_model(str(tmp_path), "qwen3_vl", seed=0))
+    c = model.config.vision_config
+    grid = torch.tensor([[2, 4, 4], [1, 4, 8]])
+    pix = torch.randn(int(grid.prod(-1).sum()), c.in_channels * c.temporal_patch_size * c.patch_size ** 2)
+    inner = vlm.media_model(model)
+    real = inner.get_video_features
+
+    def whole_layers(*args, **kwargs):  # what transformers 5.17 (the GPU image's) returns
+        out = real(*args, **kwargs)
+        out.deepstack_features = [d if torch.is_tensor(d) else torch.cat(d) for d in out.deepstack_features]
+        return out
+    with torch.no_grad():
+        per_video = vlm.video_features(model, pix, grid)
+        monkeypatch.setattr(inner, "get_video_features", whole_layers)
+        from_whole = vlm.video_features(model, pix, grid)
+    assert len(per_video.deepstack_features) == len(from_whole.deepstack_features) > 0
+    for a, b in zip(per_video.deepstack_features, from_whole.deepstack_features):
+        assert [len(x) for x in a] == [len(x) for x in b] == [len(e) for e in per_video.pooler_output]
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def family_cfg(run_dir, model_dir, out, **kw):
     import train_grpo as T
     base = dict(out_dir=str(out), data=os.path.join(run_dir, "train.jsonl"), model=model_dir, num_frames=8,
