@@ -145,22 +145,10 @@ def unshard_layers(model) -> list:
     return layers
 
 
-def fused_forward(model, kv: StaticKV, compile_kernels: bool = False, concat_weights: bool = True):
-    """forward(h [B, S, hidden] input embeddings, positions [3, B, S], prompt_mask=None) -> final-normed hidden
-    [B, S, hidden], writing K/V into `kv` and advancing it by S: the same function as the model's decoder, written
-    out from the layers' weights. S = 1 is a decode step (attention over the cache); S > 1 is the prompt pass
-    (causal SDPA over its own keys, prompt_mask for left padding). compile_kernels fuses each elementwise helper
-    above into one kernel (torch.compile, once per process: compiled_kernels); concat_weights multiplies x by
-    [Wq; Wk; Wv] and by [W_gate; W_up] in one matmul each (a temporary copy of those weights, freed when decoding
-    ends: ~60% of the decoder's size)."""
-    text = text_model(model)
-    F = torch.nn.functional
-    if compile_kernels:
-        norm, add_norm, rope, swiglu = compiled_kernels()
-    else:
-        norm, add_norm, rope, swiglu = rms_norm, add_rms_norm, rope_qk, silu_mul
-    attn0 = text.layers[0].self_attn
-    D, scale = attn0.head_dim, attn0.scaling
+def layer_weights(text, concat_weights: bool = True) -> list:
+    """Per decoder layer, the tensors fused_forward multiplies by (the layers' own parameters, not copies, except
+    the concatenations): with concat_weights [Wq; Wk; Wv] and [W_gate; W_up] as one matrix each (a temporary copy,
+    ~60% of the decoder's size, freed when decoding ends), else kept apart."""
     def grouped(tensors):  # [W1; W2; ...] as one matrix (one matmul for all), or kept apart
         if tensors[0] is None:  # no biases
             return (None,) * (1 if concat_weights else len(tensors))
@@ -179,6 +167,25 @@ def fused_forward(model, kv: StaticKV, compile_kernels: bool = False, concat_wei
             gate_up=grouped([m.gate_proj.weight, m.up_proj.weight]), down=m.down_proj.weight,
             norm1=layer.input_layernorm.weight, norm2=layer.post_attention_layernorm.weight,
             eps=layer.input_layernorm.variance_epsilon))
+    return layers
+
+
+def fused_forward(model, kv: StaticKV, compile_kernels: bool = False, concat_weights: bool = True):
+    """forward(h [B, S, hidden] input embeddings, positions [3, B, S], prompt_mask=None) -> final-normed hidden
+    [B, S, hidden], writing K/V into `kv` and advancing it by S: the same function as the model's decoder, written
+    out from the layers' weights (layer_weights). S = 1 is a decode step (attention over the cache); S > 1 is the
+    prompt pass (causal SDPA over its own keys, prompt_mask for left padding). compile_kernels fuses each
+    elementwise helper above into one kernel (torch.compile, once per process: compiled_kernels); concat_weights
+    multiplies x by [Wq; Wk; Wv] and by [W_gate; W_up] in one matmul each."""
+    text = text_model(model)
+    F = torch.nn.functional
+    if compile_kernels:
+        norm, add_norm, rope, swiglu = compiled_kernels()
+    else:
+        norm, add_norm, rope, swiglu = rms_norm, add_rms_norm, rope_qk, silu_mul
+    attn0 = text.layers[0].self_attn
+    D, scale = attn0.head_dim, attn0.scaling
+    layers = layer_weights(text, concat_weights)
     final_norm, final_eps = text.norm.weight, text.norm.variance_epsilon
     mrope = family(model) in MROPE
 

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,92 @@ def all_ranks_done(done: torch.Tensor) -> bool:
     return bool(flag)
 
 
+def left_padded(prompts: list, max_new_tokens: int, pad_id: int):
+    """The prompts as one batch, left-padded so that every prompt ends at column L-1 (the first response token is
+    column L for all). Returns ids [P, L], positions [3, P, L] and attention [P, L + max_new_tokens]: 1 at real
+    tokens and at every response column, 0 at padding."""
+    L = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, len(prompts), L, dtype=torch.long)
+    attn = torch.zeros(len(prompts), L + max_new_tokens, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p.input_ids):], pos[:, i, L - len(p.input_ids):] = p.input_ids, p.positions
+        attn[i, L - len(p.input_ids):] = 1
+    attn[:, L:] = 1
+    return ids, pos, attn
+
+
+@contextmanager
+def static_kv_decoder(model, ids, pos, attn, feats, n: int, fused: bool, compile_kernels: bool, cuda_graph: bool,
+                      pad_id: int):
+    """The prompt pass on a StaticKV cache, then a decode step `step(tok [B], positions [3, B, 1]) -> hidden
+    [B, 1, hidden]` with static shapes. Yields (the prompt pass's hidden states [P, L, hidden], step). The prompt
+    pass runs once per prompt; StaticKV.write copies its keys and values to the prompt's n sample rows. On exit,
+    however it ends, the model's own attention function is back and FSDP2 layers are resharded."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    L, B = ids.shape[1], ids.shape[0] * n
+    kv = StaticKV(model, attn.bool().repeat_interleave(n, dim=0))
+    AttentionInterface.register(StaticKV.NAME, kv.attend)
+    AttentionMaskInterface.register(StaticKV.NAME, sdpa_mask)
+    previous, gathered = use_attention(model, StaticKV.NAME), []
+    try:
+        if fused:  # the prompt pass too through our fused layers (Qwen3-VL's DeepStack video inputs: its own)
+            gathered = unshard_layers(model)
+            forward, embed = fused_forward(model, kv, compile_kernels), text_model(model).embed_tokens
+            step = lambda tok, step_pos: forward(embed(tok[:, None]), step_pos)
+        if fused and getattr(feats, "deepstack_features", None) is None:
+            mask = padded_prompt_mask(attn[:, :L].bool()) if bool((attn == 0).any()) else None
+            hidden = forward(embed_inputs(model, ids, feats)[0], pos, mask)
+        else:
+            hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L])   # through StaticKV.attend
+            kv.length += L
+        if not fused:
+            def step(tok, step_pos):
+                out, _ = decoder_hidden(model, tok[:, None], step_pos)
+                kv.length += 1
+                return out
+        if cuda_graph:
+            example = torch.full((B,), pad_id, device=ids.device), pos[:, :1, -1:].expand(3, B, 1)
+            step = graphed_step(step, kv, *example)
+        yield hidden, step
+    finally:
+        use_attention(model, previous)
+        for layer in gathered:  # FSDP2: back to shards (the graph and the fused weights are dropped with `step`)
+            layer.reshard()
+
+
+@contextmanager
+def dynamic_cache_decoder(model, ids, pos, attn, feats, n: int):
+    """The same as static_kv_decoder on transformers' DynamicCache and the model's own layers (the CPU default):
+    the cache grows a slot a token, and the attention mask is sliced to the length so far."""
+    from transformers import DynamicCache
+    L = ids.shape[1]
+    cache = DynamicCache(config=model.config.get_text_config())
+    hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L], cache)
+    cache.batch_repeat_interleave(n)                                          # the n samples of each prompt
+    attn = attn.repeat_interleave(n, dim=0)
+
+    def step(tok, step_pos):
+        length = cache.get_seq_length() + 1                                   # the cache + this token
+        return decoder_hidden(model, tok[:, None], step_pos, None, attn[:, :length], cache)[0]
+    yield hidden, step
+
+
+def sample_token(logits, temperature: float, top_p: float, gen):
+    """One token per row from logits [B, V] (already divided by the temperature). Returns the tokens [B] and
+    log_softmax(logits) [B, V], the log-probs the training forward recomputes (before top-p truncation)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if temperature <= 0:
+        return logits.argmax(-1), logp
+    probs = logp.exp()
+    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sp, si = probs.sort(dim=-1, descending=True)
+        drop = (sp.cumsum(-1) - sp) > top_p
+        probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=gen)[:, 0], logp
+
+
 @torch.no_grad()
 def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                 max_new_tokens: int = 256, seed: int = 0, feats=None, static_cache=None, fused=None,
@@ -77,55 +164,13 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
     stop, suppress = eos_ids(model, processor), suppress_ids(model, processor)
     if feats is None and any(p.video_grid_thw is not None for p in prompts):
         feats = encode_videos(model, prompts)
+    ids, pos, attn = (x.to(dev) for x in left_padded(prompts, max_new_tokens, pad_id))
     order = [i for i in range(len(prompts)) for _ in range(n)]   # row b of the batch samples prompts[order[b]]
-    B, L = len(order), max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    pos = torch.zeros(3, len(prompts), L, dtype=torch.long)
-    attn = torch.zeros(len(prompts), L + max_new_tokens, dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
-        ids[i, L - len(p.input_ids):], pos[:, i, L - len(p.input_ids):] = p.input_ids, p.positions
-        attn[i, L - len(p.input_ids):] = 1
-    attn[:, L:] = 1
-    padded = bool((attn == 0).any())
-    ids, pos, attn = ids.to(dev), pos.to(dev), attn.to(dev)
+    B = len(order)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    previous, gathered = None, []  # restored / resharded in `finally`, whatever fails
-    try:
-        # the prompt pass runs once per prompt; its keys and values are then copied to the prompt's n sample rows
-        if static_cache:
-            from transformers import AttentionInterface
-            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-            kv = StaticKV(model, attn.bool().repeat_interleave(n, dim=0))
-            AttentionInterface.register(StaticKV.NAME, kv.attend)
-            AttentionMaskInterface.register(StaticKV.NAME, sdpa_mask)
-            previous = use_attention(model, StaticKV.NAME)
-            if fused:  # the prompt pass too through our fused layers (Qwen3-VL's DeepStack video inputs: its own)
-                gathered = unshard_layers(model)
-                forward, embed = fused_forward(model, kv, compile_kernels), text_model(model).embed_tokens
-                step = lambda tok, step_pos: forward(embed(tok[:, None]), step_pos)  # [B] token, [3, B, 1] position
-            if fused and getattr(feats, "deepstack_features", None) is None:
-                mask = padded_prompt_mask(attn[:, :L].bool()) if padded else None
-                hidden = forward(embed_inputs(model, ids, feats)[0], pos, mask)     # kv.write repeats rows n times
-            else:
-                hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L])   # through StaticKV.attend
-                kv.length += L
-            if not fused:
-                def step(tok, step_pos):  # static shapes: [B, 1] token, [3, B, 1] position
-                    out, _ = decoder_hidden(model, tok[:, None], step_pos)
-                    kv.length += 1
-                    return out
-            if cuda_graph:
-                example = torch.full((B,), pad_id, device=dev), pos[:, :1, -1:].expand(3, B, 1)  # token, position
-                step = graphed_step(step, kv, *example)
-        else:
-            from transformers import DynamicCache
-            cache = DynamicCache(config=model.config.get_text_config())
-            hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L], cache)
-            cache.batch_repeat_interleave(n)
-            attn = attn.repeat_interleave(n, dim=0)
-
-            def step(tok, step_pos):
-                return decoder_hidden(model, tok[:, None], step_pos, None, attn[:, :L + t + 1], cache)[0]
+    decoder = (static_kv_decoder(model, ids, pos, attn, feats, n, fused, compile_kernels, cuda_graph, pad_id)
+               if static_cache else dynamic_cache_decoder(model, ids, pos, attn, feats, n))
+    with decoder as (hidden, step):
         hidden = hidden[:, -1:].repeat_interleave(n, dim=0)                     # [B, 1, hidden]
         next_pos = (pos.amax(dim=(0, 2)) + 1).repeat_interleave(n)               # [B]
         out_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
@@ -135,16 +180,7 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
         stop_t, suppress = torch.tensor(stop, device=dev), torch.tensor(suppress, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
             logits = masked_logits(model, hidden[:, -1], suppress, temperature if temperature > 0 else 1.0)
-            logp = torch.log_softmax(logits, dim=-1)
-            if temperature <= 0:
-                tok = logits.argmax(-1)
-            else:
-                probs = logp.exp()
-                if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-                    sp, si = probs.sort(dim=-1, descending=True)
-                    drop = (sp.cumsum(-1) - sp) > top_p
-                    probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
-                tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            tok, logp = sample_token(logits, temperature, top_p, gen)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out_ids[:, t], out_lp[:, t] = tok, logp.gather(-1, tok[:, None])[:, 0]
             newly = ~done & torch.isin(tok, stop_t)
@@ -154,11 +190,6 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
                 break
             hidden = step(tok, next_pos.view(1, B, 1).expand(3, B, 1))
             next_pos = next_pos + 1
-    finally:
-        if previous is not None:
-            use_attention(model, previous)
-        for layer in gathered:  # FSDP2: back to shards (the graph and the fused weights are dropped with `step`)
-            layer.reshard()
     results = []
     for b, i in enumerate(order):
         k = int(lengths[b])
