@@ -432,6 +432,78 @@ def read_prompts(cfg: Config):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def sde_window(cfg: Config, T: int) -> list:
+    """The denoising steps that use the SDE (and so carry log-probs): a random window of sde_window_size steps
+    (Flow-GRPO-Fast, train_sd3_fast.py: start ~ U{lo, hi - size}), or all T steps."""
+    if cfg.sde_window_size > 0:
+        start = random.randint(cfg.sde_window_range[0], cfg.sde_window_range[1] - cfg.sde_window_size)
+        return list(range(start, start + cfg.sde_window_size))
+    return list(range(T))
+
+
+@torch.no_grad()
+def sample_round(pipe, transformer, prompts, cond, uncond, shape, sigmas, timesteps, cfg: Config, sde_js, device):
+    """Sample len(prompts) images in batches of sample_batch_size -> (trajectories (N, T+1, *latent) x_T .. x_0,
+    logp_old (N, T) fp32, decoded images). Noise comes from the CPU RNG, so --resume reproduces it."""
+    xs, logps, images = [], [], []
+    for b in range(0, len(prompts), cfg.sample_batch_size):
+        mb = slice(b, b + cfg.sample_batch_size)
+        noise = torch.randn(cfg.sample_batch_size, *shape).to(device)
+        x, lp = sample(transformer, {k: c[mb] for k, c in cond.items()}, uncond, noise, sigmas, timesteps, cfg, sde_js)
+        xs.append(x)
+        logps.append(lp)
+        images.append(decode(pipe, x[:, -1], cfg.kind))
+    return torch.cat(xs), torch.cat(logps), torch.cat(images)
+
+
+def train_round(transformer, ref, optimizer, params, xs, logps, adv, cond, uncond, sigmas, timesteps, train_js,
+                cfg: Config):
+    """Recompute log p at the stored (x_j, t_j, x_j+1) with the current model. Gradients accumulate over
+    micro-batches x trained steps, then a clipped AdamW step; updates_per_step of them per sampling round.
+    -> (per-micro-step loss stats, the last update's gradient norm)."""
+    N = len(xs)
+    per_update = N // cfg.updates_per_step  # samples per optimizer step
+    n_acc, stats = (per_update // cfg.train_batch_size) * len(train_js), []  # loss = mean over the n_acc terms
+    for b in range(0, N, cfg.train_batch_size):
+        mb, update = slice(b, b + cfg.train_batch_size), (b + cfg.train_batch_size) % per_update == 0
+        for k, j in enumerate(train_js):
+            if hasattr(transformer, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter at the last backward
+                transformer.set_requires_gradient_sync(update and k == len(train_js) - 1)
+            loss, st = flow_grpo_loss(transformer, ref, xs[mb, j], xs[mb, j + 1], logps[mb, j], adv[mb], j,
+                                      {kk: c[mb] for kk, c in cond.items()}, uncond, sigmas, timesteps, cfg)
+            (loss / n_acc).backward()
+            stats.append(st)
+        if update:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return stats, grad_norm
+
+
+def step_metrics(step: int, all_rewards, stats: list, grad_norm, sde_js: list, times: list) -> dict:
+    """One metrics.jsonl row: reward, loss stats averaged over micro-steps (ratio min/max as extremes), timings."""
+    t0, t1, t2, t3 = times
+    return {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
+            **{k: float({"ratio_min": min, "ratio_max": max}.get(k, np.mean)([st[k] for st in stats]))
+               for k in stats[0]},
+            "grad_norm": grad_norm.item(), "sde_window": [sde_js[0], sde_js[-1]],
+            "t_sample": t1 - t0, "t_reward": t2 - t1, "t_train": t3 - t2}
+
+
+def save_before_after(cfg: Config, state: dict):
+    """The eval grids of step 0 and the last step stacked into before_after.png (top: before)."""
+    grids = [os.path.join(cfg.out_dir, f"eval_{s:06d}.png") for s in (0, cfg.max_steps)]
+    if cfg.eval_every <= 0 or state["eval_before"] is None or not all(map(os.path.exists, grids)):
+        return
+    print(f"held-out {cfg.reward} (ODE, {cfg.eval_num_steps} steps): before {state['eval_before']:.4f} -> "
+          f"after {state['eval_last']:.4f}")
+    from torchvision.io import read_image
+    from torchvision.utils import save_image
+    grids = [read_image(g) for g in grids]
+    save_image(torch.cat(grids, 1) / 255, os.path.join(cfg.out_dir, "before_after.png"))
+
+
 def main(cfg: Config):
     d = init_distributed(cfg.device)
     random.seed(cfg.seed + d.rank)
@@ -480,54 +552,23 @@ def main(cfg: Config):
         # ---- sample: P prompts x G samples on this rank; SDE in the window (Fast) or everywhere, ODE elsewhere
         pick = np.random.default_rng([cfg.seed, step]).choice(len(train_prompts), cfg.prompts_per_step, replace=False)
         prompts = [train_prompts[i] for i in pick[d.rank * P:(d.rank + 1) * P] for _ in range(G)]  # data pos = f(step)
-        if cfg.sde_window_size > 0:  # train_sd3_fast.py: start ~ U{lo, hi - size}
-            start = random.randint(cfg.sde_window_range[0], cfg.sde_window_range[1] - cfg.sde_window_size)
-            sde_js = list(range(start, start + cfg.sde_window_size))
-        else:
-            sde_js = list(range(T))
+        sde_js = sde_window(cfg, T)
         train_js = sde_js[:n_train]  # default: steps 0..T-2 (the very sharp last step is skipped)
         cond = embed(prompts)
-        xs, logps, images = [], [], []
-        for b in range(0, N, cfg.sample_batch_size):
-            mb = slice(b, b + cfg.sample_batch_size)
-            noise = torch.randn(cfg.sample_batch_size, *shape).to(d.device)  # CPU RNG, restored on --resume
-            x, lp = sample(transformer, {k: c[mb] for k, c in cond.items()}, uncond, noise, sigmas, timesteps, cfg,
-                           sde_js)
-            xs.append(x)  # (b, T+1, *latent): x_T ... x_0
-            logps.append(lp)  # (b, T) fp32, logp_old
-            images.append(decode(pipe, x[:, -1], cfg.kind))
-        xs, logps, images = torch.cat(xs), torch.cat(logps), torch.cat(images)
+        xs, logps, images = sample_round(pipe, transformer, prompts, cond, uncond, shape, sigmas, timesteps, cfg,
+                                         sde_js, d.device)
         t1 = time.time()
-        # ---- reward + advantage
+        # ---- reward + advantage: rewards gathered from all ranks, normalised per group (or globally)
         rewards = reward_fn(images, prompts)  # (N,)
         all_rewards = gather(rewards).view(-1, G)  # (prompts_per_step, G), rank-major rows
         adv = compute_advantages(all_rewards, cfg.global_std, cfg.adv_clip_max)[d.rank * P:(d.rank + 1) * P].flatten()
         t2 = time.time()
-        # ---- train: recompute log p at the stored (x_j, t_j, x_j+1) with the current model; grads accumulate over
-        # micro-batches x trained steps, then a clipped AdamW step (updates_per_step of them per sampling round)
-        per_update = N // cfg.updates_per_step  # samples per optimizer step
-        n_acc, stats = (per_update // cfg.train_batch_size) * len(train_js), []
-        for b in range(0, N, cfg.train_batch_size):
-            mb, update = slice(b, b + cfg.train_batch_size), (b + cfg.train_batch_size) % per_update == 0
-            for k, j in enumerate(train_js):
-                if hasattr(transformer, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter at the last backward
-                    transformer.set_requires_gradient_sync(update and k == len(train_js) - 1)
-                loss, st = flow_grpo_loss(transformer, ref, xs[mb, j], xs[mb, j + 1], logps[mb, j], adv[mb], j,
-                                          {kk: c[mb] for kk, c in cond.items()}, uncond, sigmas, timesteps, cfg)
-                (loss / n_acc).backward()
-                stats.append(st)
-            if update:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        # ---- train
+        stats, grad_norm = train_round(transformer, ref, optimizer, params, xs, logps, adv, cond, uncond, sigmas,
+                                       timesteps, train_js, cfg)
         t3 = time.time()
         # ---- log + eval + ckpt
-        m = {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-             **{k: float({"ratio_min": min, "ratio_max": max}.get(k, np.mean)([st[k] for st in stats]))
-                for k in stats[0]},
-             "grad_norm": grad_norm.item(), "sde_window": [sde_js[0], sde_js[-1]],
-             "t_sample": t1 - t0, "t_reward": t2 - t1, "t_train": t3 - t2}
+        m = step_metrics(step, all_rewards, stats, grad_norm, sde_js, [t0, t1, t2, t3])
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             m["eval_reward"] = state["eval_last"] = run_eval(step + 1)
         if d.is_main:
@@ -538,14 +579,8 @@ def main(cfg: Config):
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(cfg.out_dir, step + 1, transformer, optimizer,
                             {k: state[k] for k in ("eval_before", "eval_last")}, cfg.keep_last)
-    grids = [os.path.join(cfg.out_dir, f"eval_{s:06d}.png") for s in (0, cfg.max_steps)]
-    if d.is_main and cfg.eval_every > 0 and state["eval_before"] is not None and all(map(os.path.exists, grids)):
-        print(f"held-out {cfg.reward} (ODE, {cfg.eval_num_steps} steps): before {state['eval_before']:.4f} -> "
-              f"after {state['eval_last']:.4f}")
-        from torchvision.io import read_image
-        from torchvision.utils import save_image
-        grids = [read_image(g) for g in grids]
-        save_image(torch.cat(grids, 1) / 255, os.path.join(cfg.out_dir, "before_after.png"))  # top: before
+    if d.is_main:
+        save_before_after(cfg, state)
     return pipe, transformer
 
 
