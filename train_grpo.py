@@ -15,9 +15,11 @@ normalisation, on the rank that holds it (see `token_weights`).
 """
 import glob
 import json
+import math
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +49,8 @@ class Dist:
 def init_distributed(device: str = "auto") -> Dist:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPU, gloo on CPU. Multi-node is plain torchrun."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        single_process_env()
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     dev = f"cuda:{local}" if use_cuda else "cpu"
     if use_cuda:
@@ -54,6 +58,19 @@ def init_distributed(device: str = "auto") -> Dist:
     if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even on one GPU (vLLM reuses it)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device(dev) if use_cuda else None)
     return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def single_process_env():
+    """Without torchrun on a GPU, act as a one-rank torchrun (RANK=0, WORLD_SIZE=1, a free local port): FSDP2 and
+    the colocated vLLM engine (its external_launcher reads RANK) then find the process group they expect, so
+    `python train_grpo.py ... --engine=vllm` works as `torchrun --nproc_per_node=1 train_grpo.py ...` does."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
 
 
 def exit_distributed():
@@ -196,6 +213,7 @@ class Config:
     eval_data: str = ""                 # held-out jsonl, evaluated greedily every eval_every steps
     synthetic: bool = False             # make the synthetic flash-colour task (and a tiny model) if missing
     synthetic_frames: int = 64          # synthetic: frames per video
+    synthetic_flash: int = 4            # synthetic: frames the colour flash lasts
     synthetic_train: int = 1024         # synthetic: training videos
     synthetic_eval: int = 256           # synthetic: held-out videos (balanced answers)
     fps: float = 0.0                    # frame sampling rate (takes precedence over num_frames when > 0)
@@ -236,10 +254,17 @@ class Config:
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     clip_low: float = 0.2               # PPO clip: ratio >= 1 - clip_low
     clip_high: float = 0.2              # PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)
-    dual_clip: float = 3.0              # dual clip c for negative advantages (0 = off)
+    dual_clip: float = 3.0              # dual clip c > 1 for negative advantages (0 = off)
     kl_beta: float = 0.0                # KL to a frozen reference (0: no reference model is loaded)
     kl_estimator: str = "k3"            # k1 | k2 | k3 (low_var_kl)
     kl_in_reward: bool = False          # subtract beta * KL from the reward instead of adding it to the loss
+    loss_type: str = "ppo"              # ppo (token ratio, clipped) | gspo (sequence ratio) | cispo (clipped IS weight)
+    gspo_clip_low: float = 3e-4         # GSPO: sequence ratio >= 1 - this (the paper's 3e-4)
+    gspo_clip_high: float = 4e-4        # GSPO: sequence ratio <= 1 + this (the paper's 4e-4)
+    cispo_clip_low: float = 1.0         # CISPO: IS weight >= 1 - this (1: no lower bound, as MiniMax-M1)
+    cispo_clip_high: float = 0.28       # CISPO: IS weight <= 1 + this
+    rollout_correction: str = "auto"    # auto (token with vLLM, off with HF) | token | sequence | off (rollout_weights)
+    rollout_is_cap: float = 2.0         # C: token weights min(rho, C); sequences kept while 1/C <= geo-mean rho <= C
     dynamic_sampling: bool = False      # DAPO: drop groups whose rewards are all equal, refill from new prompts
     max_sampling_tries: int = 3         # DAPO: rollout rounds per step before training on what was kept
     overlong_buffer: int = 0            # DAPO overlong shaping: length buffer L_buf (0 = off)
@@ -274,41 +299,52 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# advantages, KL, losses: plain functions on tensors, each with its formula
+# advantages, KL, losses, importance weights: plain functions on tensors, each with its formula
+
+GROUP_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+
 
 def compute_advantages(rewards: torch.Tensor, estimator: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
-    """rewards [num_prompts, n] -> per-response advantages [num_prompts, n] (the group is a row)."""
-    mean = rewards.mean(dim=1, keepdim=True)
-    n = rewards.shape[1]
-    if estimator == "grpo":      # A_i = (r_i - mean(r)) / (std(r) + eps), unbiased std as verl
-        if n == 1 or rewards.numel() == 0:  # a group of one (or none kept): no learning signal, and never NaN
-            return torch.zeros_like(rewards)
-        return (rewards - mean) / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
-    if estimator == "drgrpo":    # Dr.GRPO: no division by the std
-        return rewards - mean
-    if estimator == "rloo":      # A_i = r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean(r))
-        return (rewards - mean) * n / max(n - 1, 1)
+    """rewards [num_prompts, n] -> per-response advantages [num_prompts, n] (the group is a row). A group whose
+    rewards are all equal gets exactly 0: in float32 the mean of eight 0.9s is not 0.9, and (r - mean) / (std +
+    eps) would then push every member of an all-correct group down (-0.056 each). Computed in float64."""
     if estimator in ("reinforce_pp", "reinforce_pp_baseline"):
         raise ValueError("Reinforce++ advantages are token-level: use reinforce_pp_advantages")
-    raise ValueError(f"adv_estimator {estimator!r}: choose grpo, drgrpo, rloo, reinforce_pp, reinforce_pp_baseline")
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"adv_estimator {estimator!r}: choose grpo, drgrpo, rloo, reinforce_pp, "
+                         "reinforce_pp_baseline")
+    n = rewards.shape[1]
+    if n < 2:
+        raise ValueError(f"adv_estimator {estimator!r} compares the n responses of a prompt: n={n} has no baseline")
+    r = rewards.double()
+    mean = r.mean(dim=1, keepdim=True)
+    if estimator == "grpo":      # A_i = (r_i - mean(r)) / (std(r) + eps), unbiased std as verl
+        adv = (r - mean) / (r.std(dim=1, keepdim=True) + eps)
+    elif estimator == "drgrpo":  # Dr.GRPO: A_i = r_i - mean(r), no division by the std
+        adv = r - mean
+    else:                        # RLOO: A_i = r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean(r))
+        adv = (r - mean) * n / (n - 1)
+    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(all_equal, 0.0, adv).to(rewards.dtype)
 
 
-def reinforce_pp_advantages(token_rewards: list, baseline_groups: torch.Tensor = None, gamma: float = 1.0,
-                            group=None, eps: float = 1e-8) -> list:
-    """Reinforce++: per token the discounted return G_t = sum_{k>=t} gamma^(k-t) r_k of the token rewards
-    (outcome reward on the last token, -beta*KL on each token when KL is in the reward), whitened over every
-    token of the batch (all data-parallel ranks: `group`). With baseline_groups ([num_seqs] group ids), the
-    group mean of the outcome reward is subtracted first (Reinforce++-baseline)."""
-    token_rewards = [r.clone().double() for r in token_rewards]
+def reinforce_pp_advantages(outcomes: torch.Tensor, token_penalties: list, baseline_groups: torch.Tensor = None,
+                            gamma: float = 1.0, group=None, eps: float = 1e-8) -> list:
+    """Reinforce++ (OpenRLHF): token rewards r_t = -penalty_t (beta * KL_t when KL is in the reward, else 0) with
+    the outcome reward added on the last token; returns G_t = sum_{k>=t} gamma^(k-t) r_k, whitened over every
+    token of the batch (all data-parallel ranks: `group`; population std).
+    Reinforce++-baseline (baseline_groups: [num_seqs] group ids): each outcome minus its group's mean OUTCOME,
+    taken before the KL penalties join, so a KL shared by the members of a group is not cancelled by it."""
+    outcomes = outcomes.double()
     if baseline_groups is not None:
-        outcome = torch.stack([r[-1] for r in token_rewards])
-        for g in baseline_groups.unique():
-            idx = (baseline_groups == g).nonzero().flatten()
-            group_mean = outcome[idx].mean()
-            for i in idx.tolist():
-                token_rewards[i][-1] -= group_mean
+        means = torch.zeros(int(baseline_groups.max()) + 1 if len(baseline_groups) else 0, dtype=torch.float64)
+        means.index_add_(0, baseline_groups, outcomes)
+        means /= torch.bincount(baseline_groups, minlength=len(means)).clamp(min=1)
+        outcomes = outcomes - means[baseline_groups]          # exactly 0 for a group of equal outcomes
     returns = []
-    for r in token_rewards:
+    for outcome, penalty in zip(outcomes, token_penalties):
+        r = -penalty.double()
+        r[-1] += outcome
         g, out = 0.0, torch.empty_like(r)
         for t in range(len(r) - 1, -1, -1):
             g = r[t] + gamma * g
@@ -329,16 +365,19 @@ def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3"
         return delta
     if estimator == "k2":        # k2 = 0.5 (logp - logp_ref)^2
         return 0.5 * delta ** 2
-    if estimator == "k3":        # k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1, clamped for stability
+    if estimator == "k3":        # k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1
+        delta = delta.clamp(-20, 20)  # exp(100) overflows to inf and its gradient to NaN; clamped: gradient 0
         return (torch.exp(-delta) + delta - 1).clamp(-10, 10)
     raise ValueError(f"kl_estimator {estimator!r}: choose k1, k2 or k3")
 
 
 def policy_loss(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2, dual_clip=3.0):
-    """Per-token PPO-clip loss with dual clip; returns (loss [N], clipped [N] bool).
+    """PPO-clip (loss_type=ppo) per token, with dual clip; returns (loss [N], clipped [N] bool).
         ratio = exp(logp - logp_old)
         l = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))
-        for A < 0: l = min(l, -A * c)        (dual clip: bounds the loss of a very large ratio)"""
+        for A < 0: l = min(l, -A * c)        (dual clip, c > 1: bounds the loss of a very large ratio)"""
+    if dual_clip and dual_clip <= 1:
+        raise ValueError(f"dual_clip {dual_clip}: use c > 1 (c <= 1 makes the loss constant for A < 0), 0 = off")
     ratio = torch.exp((logp - logp_old).clamp(-20, 20))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -346,6 +385,53 @@ def policy_loss(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2, dual_cl
     if dual_clip > 0:
         loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
     return loss, clipped > unclipped
+
+
+def sequence_mean(values: torch.Tensor, lengths: list) -> torch.Tensor:
+    """Flat per-token values -> each sequence's mean, repeated over its tokens (same shape)."""
+    return torch.cat([v.mean().expand(len(v)) for v in values.split(lengths)]) if lengths else values
+
+
+def gspo_loss(logp, seq_log_ratio, advantages, clip_low=3e-4, clip_high=4e-4):
+    """GSPO (arXiv 2507.18071), sequence-level ratio; returns (loss [N], clipped [N] bool).
+        log s_i = mean_t (logp_t - logp_old_t)                 (seq_log_ratio: detached, repeated over the tokens)
+        s_i,t = exp(sg[log s_i] + logp_t - sg[logp_t])          (value s_i; gradient s_i * grad logp_t)
+        l = max(-A * s_i,t, -A * clip(s_i,t, 1 - eps_low, 1 + eps_high))
+    With loss_agg=seq-mean-token-mean (the paper's) the gradient is A_i * grad s_i."""
+    ratio = torch.exp((seq_log_ratio.detach() + logp - logp.detach()).clamp(max=10))
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def cispo_loss(logp, logp_old, advantages, clip_low=1.0, clip_high=0.28):
+    """CISPO (MiniMax-M1, arXiv 2506.13585): a clipped, stop-gradient importance weight on every token's log-prob,
+    so no token's gradient is dropped (PPO's clip zeroes it); returns (loss [N], clipped [N] bool).
+        w = sg[clip(exp(logp - logp_old), 1 - eps_low, 1 + eps_high)]       (eps_low = 1: no lower bound)
+        l = -w * A * logp                                         (gradient -w * A * grad logp)"""
+    ratio = torch.exp((logp - logp_old).clamp(-20, 20)).detach()
+    weight = ratio.clamp(1 - clip_low, 1 + clip_high)
+    return -weight * advantages * logp, weight != ratio
+
+
+def rollout_weights(logp_old, logp_rollout, lengths: list, mode: str = "token", cap: float = 2.0):
+    """Rollout / training mismatch correction: the engine sampled from pi_rollout (its kernels, bf16), the update
+    assumes pi_old. Weight of each token's policy loss (verl algorithm.rollout_correction, TRL
+    vllm_importance_sampling_correction); returns (weights [N], ratio [N], corrected [N] bool).
+        rho_t = pi_old(y_t) / pi_rollout(y_t) = exp(logp_old_t - logp_rollout_t)
+        token:    w_t = min(rho_t, C)                                     (truncated IS; corrected: rho_t > C)
+        sequence: w_t = 1 if 1/C <= exp(mean_t log rho_t) <= C else 0     (geometric-mean mask of the sequence)
+        off:      w_t = 1"""
+    ratio = torch.exp((logp_old - logp_rollout).clamp(-20, 20))
+    if mode == "token":
+        return ratio.clamp(max=cap), ratio, ratio > cap
+    if mode == "sequence":
+        geo = torch.exp(sequence_mean(logp_old - logp_rollout, lengths))
+        keep = (geo >= 1 / cap) & (geo <= cap)
+        return keep.to(ratio.dtype), ratio, ~keep
+    if mode == "off":
+        return torch.ones_like(ratio), ratio, torch.zeros_like(ratio, dtype=torch.bool)
+    raise ValueError(f"rollout_correction {mode!r}: choose auto, token, sequence or off")
 
 
 def token_weights(lengths: list, mode: str, num_tokens: float, num_seqs: float, max_len: int) -> torch.Tensor:
@@ -493,43 +579,120 @@ def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None
             setattr(s, attr, v.float())
 
 
+def correction_mode(cfg) -> str:
+    """rollout_correction=auto: truncated IS (token) with vLLM, whose kernels and bf16 differ from the trainer's;
+    off with the HF engine, which samples from the training forward itself (the ratio is ~1)."""
+    if cfg.rollout_correction == "auto":
+        return "token" if cfg.engine == "vllm" else "off"
+    return cfg.rollout_correction
+
+
+def token_losses(logp, logp_old, advantages, seq_log_ratio, cfg):
+    """The per-token policy loss of cfg.loss_type: (loss [N], clipped [N] bool)."""
+    if cfg.loss_type == "ppo":
+        return policy_loss(logp, logp_old, advantages, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    if cfg.loss_type == "gspo":
+        return gspo_loss(logp, seq_log_ratio, advantages, cfg.gspo_clip_low, cfg.gspo_clip_high)
+    if cfg.loss_type == "cispo":
+        return cispo_loss(logp, logp_old, advantages, cfg.cispo_clip_low, cfg.cispo_clip_high)
+    raise ValueError(f"loss_type {cfg.loss_type!r}: choose ppo, gspo or cispo")
+
+
+UPDATE_SUMS = ("loss", "clipped", "kl", "entropy", "tokens", "is_ratio", "is_corrected", "mismatch_kl", "is_tokens")
+
+
 def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback, spi=None) -> dict:
-    """One optimizer step on `seqs`. The normaliser counts are global (all data-parallel ranks), taken before
+    """One optimizer step on `seqs`; returns its sums over all ranks (UPDATE_SUMS, is_ratio_max, grad_norm,
+    skipped) for training_metrics. The normaliser counts are global (all data-parallel ranks), taken before
     the micro-batch loop; each token is counted once, on the (SP) rank that holds it:
-        loss_r = W * sum_local(weight_t * l_t),  sum over ranks / W = the aggregated loss (FSDP averages grads
-        over all W = dp * sp ranks)."""
+        loss_r = W * sum_local(weight_t * w_is_t * l_t),  sum over ranks / W = the aggregated loss (FSDP averages
+        grads over all W = dp * sp ranks); w_is = rollout_weights (1 when the correction is off).
+    A non-finite gradient norm skips the optimizer step: the weights stay as they were."""
     lengths = [len(s.response_ids) for s in seqs]
     counts = dp_all_reduce(torch.tensor([float(sum(lengths)), float(len(seqs))]), spi)
     weights = token_weights(lengths, cfg.loss_agg, counts[0].clamp(min=1).item(), counts[1].clamp(min=1).item(),
                             cfg.max_new_tokens).split(lengths)
     weight_of = {id(s): w for s, w in zip(seqs, weights)}
-    stats = torch.zeros(5)  # sum of w*loss, clipped tokens, kl sum, entropy sum, tokens
+    sums, ratio_max = torch.zeros(len(UPDATE_SUMS), dtype=torch.float64), torch.zeros(1)
     for chunk in micro_batches(seqs, cfg.micro_batch_size):
-        logp, entropy, align, _ = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, True, spi)
+        logp, entropy, align, gather = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, True, spi)
         if chunk is None:       # padding micro-batch: forward + backward with zero weight
             (logp.sum() * 0.0).backward()
             continue
-        adv = align(torch.cat([s.advantages for s in chunk]))
-        old = align(torch.cat([s.logp_old for s in chunk])) if chunk[0].logp_old is not None else logp.detach()
-        w = align(torch.cat([weight_of[id(s)] for s in chunk]))
-        per_token, clipped = policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+        lens = [len(s.response_ids) for s in chunk]
+        # old log-probs: recomputed before the first update, or (one on-policy update) the current ones detached;
+        # `full` values cover every token of the chunk (SP: gathered from the peers), the rest this rank's only
+        old_full = torch.cat([s.logp_old for s in chunk]) if chunk[0].logp_old is not None else gather(logp.detach())
+        old, adv = align(old_full), align(torch.cat([s.advantages for s in chunk]))
+        seq_log_ratio = align(sequence_mean(gather(logp.detach()).cpu() - old_full.cpu(), lens)) \
+            if cfg.loss_type == "gspo" else None
+        per_token, clipped = token_losses(logp, old, adv, seq_log_ratio, cfg)
+        if chunk[0].engine_logprobs is not None:  # the rollout engine's own log-probs: mismatch and correction
+            rollout_lp = torch.cat([torch.tensor(s.engine_logprobs, dtype=torch.float32) for s in chunk])
+            w_is, ratio, corrected = rollout_weights(old_full.cpu().float(), rollout_lp, lens, correction_mode(cfg),
+                                                     cfg.rollout_is_cap)
+            w_is, ratio, corrected = align(w_is), align(ratio), align(corrected)
+            per_token = per_token * w_is
+            mismatch = kl_penalty(align(rollout_lp), old, "k3")  # KL(pi_rollout || pi_old), k3 on rollout samples
+            sums[5:] += torch.tensor([ratio.sum().item(), corrected.sum().item(), mismatch.sum().item(),
+                                      float(ratio.numel())], dtype=torch.float64)
+            if ratio.numel():
+                ratio_max = torch.maximum(ratio_max, ratio.max().cpu().float().reshape(1))
         if cfg.kl_beta > 0:
             kl = kl_penalty(logp, align(torch.cat([s.logp_ref for s in chunk])), cfg.kl_estimator)
             if not cfg.kl_in_reward:
                 per_token = per_token + cfg.kl_beta * kl
-            stats[2] += kl.detach().sum().cpu()
-        loss = d.world_size * (w * per_token).sum()
+            sums[2] += kl.detach().sum().item()
+        loss = d.world_size * (align(torch.cat([weight_of[id(s)] for s in chunk])) * per_token).sum()
         loss.backward()
-        stats += torch.tensor([loss.item() / d.world_size, clipped.sum().item(), 0.0,
-                               entropy.detach().sum().item(), float(logp.numel())])
+        sums[[0, 1, 3, 4]] += torch.tensor([loss.item() / d.world_size, clipped.sum().item(),
+                                            entropy.detach().sum().item(), float(logp.numel())], dtype=torch.float64)
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    optimizer.step()
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # same on all ranks
+    skipped = not math.isfinite(grad_norm)
+    if skipped:  # a NaN / inf anywhere would reach every weight through the step: never take it
+        print0(f"warning: non-finite gradient norm ({grad_norm}): optimizer step skipped, gradients dropped")
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    stats = all_reduce(stats)
-    tokens = stats[4].clamp(min=1)
-    return {"loss": stats[0].item(), "clip_frac": (stats[1] / tokens).item(), "kl": (stats[2] / tokens).item(),
-            "entropy": (stats[3] / tokens).item(), "grad_norm": float(grad_norm)}
+    all_reduce(sums)
+    all_reduce(ratio_max, op=dist.ReduceOp.MAX if dist.is_initialized() else None)
+    return {**dict(zip(UPDATE_SUMS, sums.tolist())), "is_ratio_max": ratio_max.item(), "grad_norm": grad_norm,
+            "skipped": int(skipped)}
+
+
+def training_metrics(results: list) -> dict:
+    """The step's update metrics over ALL its optimizer updates (not the last one's): per-token means over every
+    update's tokens, the loss and the gradient norm averaged over the updates, skipped updates counted."""
+    tot = {k: sum(r[k] for r in results) for k in UPDATE_SUMS}
+    tokens, finite = max(tot["tokens"], 1.0), [r["grad_norm"] for r in results if not r["skipped"]]
+    out = {"loss": sum(r["loss"] for r in results) / max(len(results), 1), "clip_frac": tot["clipped"] / tokens,
+           "kl": tot["kl"] / tokens, "entropy": tot["entropy"] / tokens,
+           "grad_norm": sum(finite) / len(finite) if finite else float("nan"), "updates": len(results),
+           "skipped_updates": sum(r["skipped"] for r in results)}
+    if tot["is_tokens"] > 0:  # rollout / training mismatch, measured whether or not it is corrected
+        out.update(rollout_is_ratio=tot["is_ratio"] / tot["is_tokens"],
+                   rollout_is_ratio_max=max(r["is_ratio_max"] for r in results),
+                   rollout_is_corrected_frac=tot["is_corrected"] / tot["is_tokens"],
+                   rollout_mismatch_kl=tot["mismatch_kl"] / tot["is_tokens"])
+    return out
+
+
+def params_finite(model) -> bool:
+    """Every weight finite, on every rank (checked before a push into vLLM and before a checkpoint)."""
+    bad = torch.zeros(1)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if not bool(torch.isfinite(local.detach()).all()):
+            bad += 1
+    return all_reduce(bad, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0
+
+
+def push_weights(engine, model):
+    """The policy's weights into the sleeping vLLM engine (which wakes for them); never non-finite ones."""
+    if not params_finite(model):
+        raise RuntimeError("non-finite weights in the policy: not pushed into vLLM")
+    engine.update_weights(full_tensors(model))
 
 
 def full_tensors(model, dtype=torch.bfloat16):
@@ -551,7 +714,7 @@ def prepare_synthetic(cfg: Config, d: Dist):
     if d.is_main and not os.path.exists(os.path.join(data_dir, "config.json")):
         print0(f"making the synthetic task in {data_dir}")
         make_dataset(SyntheticConfig(out=data_dir, num_train=cfg.synthetic_train, num_eval=cfg.synthetic_eval,
-                                     frames=cfg.synthetic_frames, seed=cfg.seed))
+                                     frames=cfg.synthetic_frames, flash_frames=cfg.synthetic_flash, seed=cfg.seed))
     if d.is_main and not cfg.model and not os.path.exists(os.path.join(model_dir, "config.json")):
         print0(f"making a tiny random Qwen2.5-VL in {model_dir}")
         make_tiny_model(model_dir, "qwen2_5_vl", seed=cfg.seed)
@@ -664,14 +827,12 @@ def assign_advantages(seqs: list, num_groups: int, cfg: Config, spi):
     returns. With KL in the reward (kl_in_reward), r - beta * KL is what they see."""
     kl_seq = [kl_penalty(s.logp_old, s.logp_ref, cfg.kl_estimator) for s in seqs] \
         if (cfg.kl_beta > 0 and cfg.kl_in_reward) else None
-    if cfg.adv_estimator.startswith("reinforce_pp"):
-        token_rewards = []
-        for k, s in enumerate(seqs):  # outcome reward on the last token, -beta * KL_t on every token
-            r = torch.zeros(len(s.response_ids))
-            r[-1] = s.reward
-            token_rewards.append(r - cfg.kl_beta * kl_seq[k] if kl_seq else r)
+    if cfg.adv_estimator.startswith("reinforce_pp"):  # outcome on the last token, -beta * KL_t on every token
+        penalties = [cfg.kl_beta * kl_seq[k] if kl_seq else torch.zeros(len(s.response_ids))
+                     for k, s in enumerate(seqs)]
         group_ids = torch.arange(num_groups).repeat_interleave(cfg.n)
-        adv = reinforce_pp_advantages(token_rewards, group_ids if cfg.adv_estimator.endswith("baseline") else None,
+        adv = reinforce_pp_advantages(torch.tensor([s.reward for s in seqs]), penalties,
+                                      group_ids if cfg.adv_estimator.endswith("baseline") else None,
                                       group=spi.dp_group if cfg.sp_size > 1 else None)
     else:
         rewards = torch.tensor([s.reward for s in seqs]).view(num_groups, cfg.n) if seqs else torch.zeros(0, cfg.n)
@@ -698,6 +859,66 @@ def rollout_metrics(stats: dict, num_groups: int, seqs: list, spi) -> dict:
             "truncated_frac": (tot[6] / count).item(), "groups_kept": int(tot[7]), "tokens": tot[8].item()}
 
 
+def check_config(cfg: Config, dp_size: int = 1):
+    """Start-up checks: a setting that would run but train wrongly (or drop data) stops here, naming the field."""
+    estimators = (*GROUP_ESTIMATORS, "reinforce_pp", "reinforce_pp_baseline")
+    if cfg.adv_estimator not in estimators:
+        raise ValueError(f"adv_estimator {cfg.adv_estimator!r}: choose {', '.join(estimators)}")
+    if cfg.n < 2 and cfg.adv_estimator != "reinforce_pp":  # Long-RL refuses too
+        raise ValueError(f"adv_estimator={cfg.adv_estimator} compares the n responses of each prompt: n={cfg.n} "
+                         "gives every response advantage 0; use n >= 2, or adv_estimator=reinforce_pp")
+    if cfg.dual_clip and cfg.dual_clip <= 1:
+        raise ValueError(f"dual_clip={cfg.dual_clip}: use c > 1 (c <= 1 makes the loss constant for negative "
+                         "advantages: zero gradient), or 0 = off")
+    for name, value, choices in (("loss_type", cfg.loss_type, ("ppo", "gspo", "cispo")),
+                                 ("rollout_correction", cfg.rollout_correction, ("auto", "token", "sequence", "off")),
+                                 ("kl_estimator", cfg.kl_estimator, ("k1", "k2", "k3")),
+                                 ("engine", cfg.engine, ("hf", "vllm"))):
+        if value not in choices:
+            raise ValueError(f"{name} {value!r}: choose {', '.join(choices)}")
+    if cfg.rollout_is_cap <= 1:
+        raise ValueError(f"rollout_is_cap={cfg.rollout_is_cap}: the cap C must be > 1")
+    token_weights([1], cfg.loss_agg, 1, 1, 1)  # raises on an unknown loss_agg
+    if cfg.embeddings_cache and not cfg.freeze_vision:  # cf. cache_embeddings.py
+        raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
+                         "tower would train and the cached features go stale after the first update; set "
+                         "--freeze_vision=true (or drop --embeddings_cache)")
+    if cfg.embeddings_cache and cfg.engine == "vllm":
+        raise ValueError("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
+    if cfg.n % cfg.sp_size:
+        raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
+    if cfg.rollout_batch_size % dp_size:
+        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} must divide by the {dp_size} "
+                         "data-parallel ranks")
+    if cfg.update_batch_size and (cfg.rollout_batch_size % cfg.update_batch_size or cfg.update_batch_size % dp_size):
+        raise ValueError(f"update_batch_size {cfg.update_batch_size} must divide rollout_batch_size "
+                         f"{cfg.rollout_batch_size} (else the last groups are never trained on) and divide by the "
+                         f"{dp_size} data-parallel ranks")
+
+
+def next_prompts(loader, want: int, model, processor, cfg: Config, skipped: list, misses: list,
+                 max_batches: int = 8) -> list:
+    """`want` prompts from the loader's next batches. A row whose video does not load is skipped (named in
+    `skipped`) and refilled from the following batches, up to max_batches; every rank draws the same number of
+    batches (so all loaders stay at one position, which --resume restores), a rank's extra prompts are dropped.
+    If some rank loads no video at all, every rank stops with an error naming the data file and the failures."""
+    import rollout
+    prompts, first_skip = [], len(skipped)
+    for _ in range(max_batches):
+        prompts += rollout.prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, skipped,
+                                           cfg.embeddings_cache, misses)
+        short = torch.tensor([float(len(prompts) < want)])
+        if all_reduce(short, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
+            break
+    empty = torch.tensor([float(not prompts)])
+    if all_reduce(empty, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0:
+        failures = "; ".join(skipped[first_skip:first_skip + 3]) or "(on another rank)"
+        raise RuntimeError(f"{cfg.data}: no video loaded on at least one rank in {max_batches} batches of "
+                           f"{loader.batch_size} rows; first failures: {failures}. Check that the videos exist "
+                           "relative to the jsonl's folder (or are absolute paths).")
+    return prompts[:want]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -706,12 +927,7 @@ def main(cfg: Config):
     from data.datasets import Loader, load_jsonl
     from data.rewards import JudgeConfig, RewardStats
 
-    if cfg.embeddings_cache and not cfg.freeze_vision:  # cf. cache_embeddings.py
-        raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
-                         "tower would train and the cached features go stale after the first update; set "
-                         "--freeze_vision=true (or drop --embeddings_cache)")
-    if cfg.embeddings_cache and cfg.engine == "vllm":
-        raise ValueError("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
+    check_config(cfg)
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -722,11 +938,7 @@ def main(cfg: Config):
     import sp as sp_lib
     spi = sp_lib.init_sp(cfg.sp_size)   # world = dp x sp; the SP peers of a group share their prompts
     dp_rank, dp_size = spi.dp_rank, spi.dp_size
-    if cfg.n % cfg.sp_size:
-        raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
-    if cfg.rollout_batch_size % dp_size:
-        raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} must divide by the {dp_size} "
-                         "data-parallel ranks")
+    check_config(cfg, dp_size)
     prompts_per_rank = cfg.rollout_batch_size // dp_size
     update_prompts = (cfg.update_batch_size or cfg.rollout_batch_size) // dp_size
     updates_per_epoch = max(prompts_per_rank // max(update_prompts, 1), 1)
@@ -796,19 +1008,18 @@ def main(cfg: Config):
         loader.restore(state["loader"])
         start_step, curve, skipped_total = state["step"], state["curve"], state["skipped"]
         print0(f"resumed from {last} at step {start_step}")
-    else:
-        if cfg.sft_steps:
-            vlm.use_attention(model, attention["train"])
-            format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // dp_size, dp_rank, dp_size,
-                                                   cfg.seed + 1), cfg, d, suppress, spi)
-            vlm.use_attention(model, attention["rollout"])
-        if held_out:
-            ev = evaluate_all(policy, processor, held_out, cfg, d, engine, "step0")
-            curve.append({"step": 0, **ev})
-            print0(f"held-out before GRPO: accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f} "
-                   f"({ev['num_scored']} videos)")
+    elif cfg.sft_steps:
+        vlm.use_attention(model, attention["train"])
+        format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // dp_size, dp_rank, dp_size,
+                                               cfg.seed + 1), cfg, d, suppress, spi)
+        vlm.use_attention(model, attention["rollout"])
     if engine:
-        engine.update_weights(full_tensors(model))   # the engine starts from the (warmed-up) policy
+        push_weights(engine, model)  # the engine starts from the warmed-up (or resumed) policy, before any eval
+    if held_out and not last:
+        ev = evaluate_all(policy, processor, held_out, cfg, d, engine, "step0")
+        curve.append({"step": 0, **ev})
+        print0(f"held-out before GRPO: accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f} "
+               f"({ev['num_scored']} videos)")
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
     tb = None
     if cfg.tensorboard and d.is_main:
@@ -829,8 +1040,7 @@ def main(cfg: Config):
         stats = {"reward": [], "accuracy": [], "format": [], "length": [], "truncated": 0, "reward_time": 0.0}
         while True:
             tries += 1
-            prompts = rollout.prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, step_skipped,
-                                              cfg.embeddings_cache, step_misses)
+            prompts = next_prompts(loader, prompts_per_rank, model, processor, cfg, step_skipped, step_misses)
             seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + dp_rank * 7919
             outs = sample_responses(policy, engine, processor, prompts, cfg, seed, suppress, spi, d)
             reward = score_responses(outs, prompts, cfg, judge, reward_stats, stats)
@@ -870,6 +1080,7 @@ def main(cfg: Config):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group_ in optimizer.param_groups:
             group_["lr"] = lr
+        results = []
         for epoch in range(cfg.ppo_epochs):
             order = list(range(len(groups)))
             if updates_per_epoch > 1:  # a fresh split of the groups into update batches each epoch
@@ -877,13 +1088,14 @@ def main(cfg: Config):
             for u in range(updates_per_epoch):
                 chosen = set(order[u * update_prompts:(u + 1) * update_prompts])
                 batch = [s for k, s in enumerate(seqs) if k // cfg.n in chosen]
-                metrics.update(update(policy, optimizer, batch, cfg, d, suppress, fallback, spi))
+                results.append(update(policy, optimizer, batch, cfg, d, suppress, fallback, spi))
+        metrics.update(training_metrics(results))
         timing["update"] = time.time() - t2
         vlm.use_attention(model, attention["rollout"])
         # ---- push the new weights into the sleeping vLLM engine ----------------------------------------
         t3 = time.time()
         if engine:
-            engine.update_weights(full_tensors(model))
+            push_weights(engine, model)
         timing["weight_sync"] = time.time() - t3
         # ---- log + eval + checkpoint ---------------------------------------------------------------------
         skipped_total += int(dp_all_reduce(torch.tensor([len(step_skipped)]), spi)[0])
@@ -917,6 +1129,9 @@ def main(cfg: Config):
                 import wandb
                 wandb.log(metrics, step=step + 1)
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
+            if not params_finite(model):
+                raise RuntimeError(f"step {step + 1}: non-finite weights; not checkpointed (the last checkpoint "
+                                   "stays the newest)")
             save_checkpoint(cfg.out_dir, step + 1, model, optimizer,
                             {"loader": loader.state(), "curve": curve, "skipped": skipped_total}, cfg.keep_last)
     # ---- final held-out evaluation and the learning curve --------------------------------------------------

@@ -31,23 +31,52 @@ def test_group_advantages_by_hand():
     assert torch.allclose(T.compute_advantages(r, "rloo")[0], torch.tensor([1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3]))
     with pytest.raises(ValueError, match="grpo, drgrpo"):
         T.compute_advantages(r, "ppo")
-    single = T.compute_advantages(torch.tensor([[1.0], [0.0]]), "grpo")  # n = 1: no signal, and never NaN
-    assert torch.equal(single, torch.zeros(2, 1))
+    for estimator in T.GROUP_ESTIMATORS:  # n = 1: no baseline to compare with, refused (never a silent 0)
+        with pytest.raises(ValueError, match="n=1"):
+            T.compute_advantages(torch.tensor([[1.0], [0.0]]), estimator)
+
+
+@pytest.mark.parametrize("estimator", T.GROUP_ESTIMATORS)
+@pytest.mark.parametrize("level", [0.9, 0.1, 1.0, 0.0, 0.3])
+def test_all_equal_group_gets_exactly_zero(estimator, level):
+    """float32: the mean of eight 0.9s is not 0.9, and (r - mean) / (std + 1e-6) gave -0.056 for every member."""
+    rewards = torch.tensor([[level] * 8, [0.9, 0.1, 0.1, 0.9, 0.9, 0.9, 0.1, 0.1]])
+    adv = T.compute_advantages(rewards, estimator)
+    assert torch.equal(adv[0], torch.zeros(8))
+    assert adv[1].abs().min() > 0.3  # the mixed group still has its signal
 
 
 def test_reinforce_pp_by_hand():
-    token_rewards = [torch.tensor([0.0, 0.0, 1.0]), torch.tensor([0.0, 2.0])]
+    outcomes, no_kl = torch.tensor([1.0, 2.0]), [torch.zeros(3), torch.zeros(2)]
     returns = [1.0, 1.0, 1.0, 2.0, 2.0]  # gamma = 1: every token gets the reward that follows it
     mean = sum(returns) / 5
     std = math.sqrt(sum((x - mean) ** 2 for x in returns) / 5)
-    adv = T.reinforce_pp_advantages(token_rewards)
+    adv = T.reinforce_pp_advantages(outcomes, no_kl)
     assert torch.allclose(torch.cat(adv), torch.tensor([(x - mean) / std for x in returns]), atol=1e-6)
     # baseline: subtract the group mean of the outcome (1.5) first
     base = [-0.5, -0.5, -0.5, 0.5, 0.5]
     mb = sum(base) / 5
     sb = math.sqrt(sum((x - mb) ** 2 for x in base) / 5)
-    adv_b = T.reinforce_pp_advantages(token_rewards, torch.tensor([0, 0]))
+    adv_b = T.reinforce_pp_advantages(outcomes, no_kl, torch.tensor([0, 0]))
     assert torch.allclose(torch.cat(adv_b), torch.tensor([(x - mb) / sb for x in base]), atol=1e-6)
+
+
+def test_reinforce_pp_baseline_with_kl_in_the_reward_as_openrlhf():
+    """Two groups of two 2-token responses, rewards (1, 0) in each; group B's responses both have k1 KL = 2 on
+    their last token, beta = 0.5. The group baseline is over the outcome r, not r - beta * KL (which would cancel
+    B's shared KL): outcomes minus baseline (0.5, -0.5, 0.5, -0.5), B's last tokens -1 more, returns
+    (0.5, 0.5 | -0.5, -0.5 | -0.5, -0.5 | -1.5, -1.5), whitened (mean -0.5, population std 1/sqrt 2):
+    OpenRLHF gives [1.414, 1.414, 0, 0, 0, 0, -1.414, -1.414]; the old code gave [1, 1, -1, -1, 1, 1, -1, -1]."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(n=2, kl_beta=0.5, kl_in_reward=True, kl_estimator="k1",
+                          adv_estimator="reinforce_pp_baseline", sp_size=1)
+    kl = [[0.0, 0.0], [0.0, 0.0], [0.0, 2.0], [0.0, 2.0]]
+    seqs = [T.Seq(prompt=None, response_ids=[5, 6], advantages=None, reward=r, logp_old=torch.tensor(k),
+                  logp_ref=torch.zeros(2)) for r, k in zip([1.0, 0.0, 1.0, 0.0], kl)]
+    T.assign_advantages(seqs, 2, cfg, spi=None)
+    s = math.sqrt(2)
+    expect = torch.tensor([s, s, 0, 0, 0, 0, -s, -s])
+    assert torch.allclose(torch.cat([q.advantages for q in seqs]), expect, atol=1e-5)
 
 
 def test_kl_estimators_by_hand():
@@ -58,6 +87,17 @@ def test_kl_estimators_by_hand():
     assert T.kl_penalty(ref, ref, "k3").item() == 0.0
     with pytest.raises(ValueError, match="k1, k2 or k3"):
         T.kl_penalty(logp, ref, "k4")
+
+
+def test_k3_gradient_is_finite_far_from_the_reference():
+    """exp(100) overflows: without the log-ratio clamp the k3 gradient is NaN (verl clamps to [-20, 20] too)."""
+    for far in (-100.0, 100.0):
+        lp = torch.tensor([far], requires_grad=True)
+        T.kl_penalty(lp, torch.zeros(1), "k3").sum().backward()
+        assert torch.isfinite(lp.grad).all() and lp.grad.item() == 0.0
+    lp = torch.tensor([-1.0], requires_grad=True)  # inside the clamp: d/dlogp (e^(-d) + d - 1) = 1 - e^(-d)
+    T.kl_penalty(lp, torch.zeros(1), "k3").sum().backward()
+    assert lp.grad.item() == pytest.approx(1 - math.e)
 
 
 def test_assign_advantages_with_kl_in_the_reward_by_hand():
@@ -91,10 +131,103 @@ def test_policy_loss_clip_and_dual_clip_by_hand():
     assert clipped.tolist() == [True, False, True]
     loss_hi, _ = T.policy_loss(logp, old, adv, 0.2, 0.28, 0.0)  # clip-higher, no dual clip
     assert torch.allclose(loss_hi, torch.tensor([-1.28, 5.0, 0.8]))
+    for c in (0.5, 1.0):  # c <= 1 would make the loss constant (zero gradient) for every negative advantage
+        with pytest.raises(ValueError, match="c > 1"):
+            T.policy_loss(logp, old, adv, 0.2, 0.2, c)
     # ratio 1: the gradient is REINFORCE's, -A * grad logp
     lp = torch.tensor([-0.3, -1.1], requires_grad=True)
     T.policy_loss(lp, lp.detach(), torch.tensor([2.0, -1.0]))[0].sum().backward()
     assert torch.allclose(lp.grad, torch.tensor([-2.0, 1.0]))
+
+
+def test_gspo_by_hand():
+    """Two responses (2 and 1 tokens), sequence ratio s_i = exp(mean_t (logp - logp_old)):
+    s_1 = exp((0.1 + 0.3) / 2) = exp(0.2) = 1.2214, s_2 = exp(-0.5) = 0.6065."""
+    old = torch.tensor([-1.0, -2.0, -1.0])
+    lp = (old + torch.tensor([0.1, 0.3, -0.5])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -2.0])
+    seq_log_ratio = T.sequence_mean(lp.detach() - old, [2, 1])
+    assert torch.allclose(seq_log_ratio, torch.tensor([0.2, 0.2, -0.5]))
+    loss, clipped = T.gspo_loss(lp, seq_log_ratio, adv, clip_low=0.5, clip_high=0.1)
+    s1, s2 = math.exp(0.2), math.exp(-0.5)
+    # A=+1: max(-s1, -clip(s1, 0.5, 1.1)) = -1.1 (clipped, no gradient); A=-2: max(2 s2, 2 clip(s2)) = 2 s2 (inside)
+    assert torch.allclose(loss, torch.tensor([-1.1, -1.1, 2 * s2]), atol=1e-6)
+    assert clipped.tolist() == [True, True, False]
+    loss.sum().backward()  # unclipped token: d/dlogp (-A s_i,t) = -A * s_i
+    assert torch.allclose(lp.grad, torch.tensor([0.0, 0.0, 2 * s2]), atol=1e-6)
+    lp2 = old.clone().requires_grad_()  # ratio 1: -A * grad logp, as PPO
+    T.gspo_loss(lp2, torch.zeros(3), adv)[0].sum().backward()
+    assert torch.allclose(lp2.grad, -adv)
+
+
+def test_cispo_by_hand():
+    """w = sg[clip(ratio, 1 - 1.0, 1 + 0.28)], l = -w A logp: the clipped token keeps its gradient (-1.28 A)."""
+    old = torch.zeros(3)
+    lp = torch.log(torch.tensor([2.0, 0.5, 1.1])).requires_grad_()
+    adv = torch.tensor([1.0, -1.0, 3.0])
+    loss, clipped = T.cispo_loss(lp, old, adv, clip_low=1.0, clip_high=0.28)
+    w = torch.tensor([1.28, 0.5, 1.1])
+    assert torch.allclose(loss, -w * adv * lp.detach(), atol=1e-6)
+    assert clipped.tolist() == [True, False, False]
+    loss.sum().backward()
+    assert torch.allclose(lp.grad, -w * adv, atol=1e-6)
+
+
+def test_rollout_weights_by_hand():
+    """rho = exp(logp_old - logp_rollout); token: min(rho, C); sequence: 1 while 1/C <= geo-mean rho <= C."""
+    old = torch.tensor([-1.0, -1.0, -1.0, -1.0, -1.0])
+    rollout_lp = old - torch.log(torch.tensor([3.0, 1.0, 0.25, 0.5, 1.0]))  # rho = 3, 1, 0.25 | 0.5, 1
+    w, rho, corrected = T.rollout_weights(old, rollout_lp, [3, 2], "token", cap=2.0)
+    assert torch.allclose(rho, torch.tensor([3.0, 1.0, 0.25, 0.5, 1.0]))
+    assert torch.allclose(w, torch.tensor([2.0, 1.0, 0.25, 0.5, 1.0]))
+    assert corrected.tolist() == [True, False, False, False, False]
+    # geo-means: (3 * 1 * 0.25)^(1/3) = 0.909 (kept), (0.5 * 1)^(1/2) = 0.707 (kept with C=2, masked with C=1.2)
+    w, _, masked = T.rollout_weights(old, rollout_lp, [3, 2], "sequence", cap=2.0)
+    assert w.tolist() == [1.0] * 5 and not masked.any()
+    w, _, masked = T.rollout_weights(old, rollout_lp, [3, 2], "sequence", cap=1.2)
+    assert w.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0] and masked.tolist() == [False] * 3 + [True] * 2
+    w, _, _ = T.rollout_weights(old, old.clone(), [3, 2], "token")  # engine and trainer agree: weight exactly 1
+    assert torch.equal(w, torch.ones(5))
+    assert torch.equal(T.rollout_weights(old, rollout_lp, [3, 2], "off")[0], torch.ones(5))
+
+
+def test_training_metrics_cover_every_update():
+    """Two updates: token means over both updates' tokens, loss averaged over updates, skipped counted."""
+    a = {**dict.fromkeys(T.UPDATE_SUMS, 0.0), "loss": 1.0, "clipped": 2.0, "entropy": 10.0, "tokens": 10.0,
+         "is_ratio_max": 1.5, "grad_norm": 2.0, "skipped": 0}
+    b = {**dict.fromkeys(T.UPDATE_SUMS, 0.0), "loss": 3.0, "clipped": 8.0, "entropy": 20.0, "tokens": 30.0,
+         "is_ratio_max": 1.0, "grad_norm": float("nan"), "skipped": 1}
+    m = T.training_metrics([a, b])
+    assert m["loss"] == 2.0 and m["clip_frac"] == 10 / 40 and m["entropy"] == 30 / 40
+    assert m["grad_norm"] == 2.0 and m["updates"] == 2 and m["skipped_updates"] == 1
+    assert "rollout_is_ratio" not in m  # no engine log-probs: nothing to report
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n=1), "n=1"), (dict(n=1, adv_estimator="rloo"), "n=1"), (dict(n=1, adv_estimator="drgrpo"), "n=1"),
+    (dict(dual_clip=1.0), "c > 1"), (dict(dual_clip=0.5), "c > 1"),
+    (dict(rollout_batch_size=16, update_batch_size=6), "update_batch_size 6 must divide"),
+    (dict(loss_type="ppo2"), "loss_type"), (dict(rollout_correction="always"), "rollout_correction"),
+    (dict(rollout_is_cap=1.0), "rollout_is_cap"), (dict(loss_agg="sum"), "loss_agg"),
+])
+def test_config_refused_at_start_up(bad, message):
+    with pytest.raises(ValueError, match=message):
+        T.check_config(T.Config(**bad))
+    T.check_config(T.Config(n=1, adv_estimator="reinforce_pp"))  # Reinforce++ has no group: n = 1 is fine
+    T.check_config(T.Config(rollout_batch_size=16, update_batch_size=8, dual_clip=0.0))
+
+
+def test_single_process_env_acts_as_one_torchrun_rank(monkeypatch):
+    """`python train_grpo.py --engine=vllm` on a GPU: vLLM's external_launcher reads RANK (KeyError before)."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    T.single_process_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
+    assert int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.setenv("RANK", "3")  # under torchrun: nothing is touched
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    T.single_process_env()
+    assert os.environ["RANK"] == "3" and os.environ["MASTER_PORT"] == "1234"
 
 
 def test_token_weights_and_overlong_by_hand():
@@ -152,6 +285,31 @@ def _deltas(rank, world, run_dir, micro, seqs_per_rank):
         after = {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in model.state_dict().items()}
         out[mode] = {n: (after[n] - before[n]) for n in before}
     return out
+
+
+def test_update_skips_a_non_finite_gradient(tiny_run, capsys):
+    """A NaN in the loss reaches every gradient: the step is skipped (weights unchanged), counted and warned."""
+    import rollout
+    import vlm
+    from data.datasets import load_jsonl
+    cfg = T.Config(micro_batch_size=4, max_new_tokens=12, num_frames=8, max_pixels=28 * 28, min_pixels=28 * 28)
+    model, processor = vlm.load_model(os.path.join(tiny_run, "model"))
+    prompts = rollout.prepare_prompts(model, processor, load_jsonl(os.path.join(tiny_run, "data", "train.jsonl"))[:2],
+                                      cfg, True, [])
+    seqs = [T.Seq(prompt=p, response_ids=[30, 31, 32], advantages=torch.tensor([1.0, float("nan"), 1.0]))
+            for p in prompts]
+    policy = T.Root(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    out = T.update(policy, opt, seqs, cfg, T.Dist(), [], seqs[0])
+    assert out["skipped"] == 1 and not math.isfinite(out["grad_norm"])
+    assert "optimizer step skipped" in capsys.readouterr().out
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert T.params_finite(model)
+    seqs[0].advantages = seqs[1].advantages = torch.ones(3)  # a finite loss steps as usual
+    assert T.update(policy, opt, seqs, cfg, T.Dist(), [], seqs[0])["skipped"] == 0
+    assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def _worker(rank, world, port, run_dir, result_file):
@@ -269,6 +427,74 @@ def test_bad_sample_is_skipped_and_counted(tiny_run, tmp_path):
     assert last["skipped_samples"] >= 2  # 4 steps x 8 prompts cover all 16 rows twice
 
 
+def rows_with_videos(tiny_run, broken: int, root) -> str:
+    """The tiny train set as a jsonl in `root`, absolute video paths, the first `broken` rows' videos missing."""
+    rows = [json.loads(line) for line in open(os.path.join(tiny_run, "data", "train.jsonl"))]
+    for k, r in enumerate(rows):
+        r["video"] = f"moved/{k}.mp4" if k < broken else os.path.join(tiny_run, "data", r["video"])
+    path = os.path.join(root, f"train_{broken}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def test_missing_videos_are_refilled_and_none_loading_stops_with_the_file(tiny_run, tmp_path):
+    """Half the rows' videos missing: every step still trains on rollout_batch_size groups, refilled from the
+    next rows. No video at all (a jsonl whose video folder moved): a clear error naming the file and the paths,
+    not `max() arg is an empty sequence` deep in rollout."""
+    half = rows_with_videos(tiny_run, 8, tmp_path)
+    T.main(tiny_cfg(tiny_run, tmp_path / "half", data=half, eval_data="", max_steps=3, rollout_batch_size=4))
+    rows = [json.loads(line) for line in open(tmp_path / "half" / "metrics.jsonl")]
+    assert all(r["groups_kept"] == 4 for r in rows) and rows[-1]["skipped_samples"] >= 4
+    none = rows_with_videos(tiny_run, 16, tmp_path)
+    with pytest.raises(RuntimeError, match=r"train_16.jsonl: no video loaded.*moved/\d+.mp4"):
+        T.main(tiny_cfg(tiny_run, tmp_path / "none", data=none, eval_data="", max_steps=1))
+
+
+class PushedWeightsEngine:
+    """A stand-in for VLLMEngine on CPU (same interface): it samples with hf_generate from its OWN copy of the
+    model, which only ever holds the weights pushed into it, so it sees exactly what a colocated vLLM would."""
+    prompt_embeds, prompt_mismatches, pushes = False, 0, 0
+
+    def __init__(self, model_path, *args, **kwargs):
+        import vlm
+        self.model, self.processor = vlm.load_model(model_path)
+
+    def update_weights(self, named_tensors):
+        self.model.load_state_dict({k: v.float() for k, v in named_tensors})
+        PushedWeightsEngine.pushes += 1
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0, suppress_ids=(),
+                 embeds=None):
+        import rollout
+        return rollout.hf_generate(self.model, self.processor, prompts, n, temperature, top_p, max_new_tokens, seed)
+
+    def sleep(self):
+        pass
+
+
+def test_engine_gets_the_warmed_up_weights_before_the_first_eval(tiny_run, tmp_path, monkeypatch):
+    """The step-0 evaluation runs through the engine: it must already hold the format-warmed-up weights (on the
+    lent H200 vLLM printed format 0.000 where the HF engine gave 1.000). The rollout-mismatch metrics: with the
+    HF engine (the training forward samples) the ratio is 1 to float precision; the stand-in engine holds the
+    pushed bf16 weights, a small real mismatch, which rollout_correction=auto measures and corrects."""
+    import rollout
+    monkeypatch.setattr(rollout, "VLLMEngine", PushedWeightsEngine)
+    common = dict(max_steps=1, sft_steps=20, sft_lr=2e-2, sft_batch_size=8, save_every=100, eval_max_samples=8,
+                  think=False)
+    hf = T.main(tiny_cfg(tiny_run, tmp_path / "hf", rollout_correction="token", **common))
+    engine = T.main(tiny_cfg(tiny_run, tmp_path / "vllm", engine="vllm", **common))
+    assert hf["curve"][0]["format"] > 0.5  # the warm-up taught the format
+    assert engine["curve"][0]["format"] > 0.5 and engine["curve"][0]["num_scored"] == 8
+    assert PushedWeightsEngine.pushes == 2  # after the warm-up, after the step
+    m_hf = json.loads(open(tmp_path / "hf" / "metrics.jsonl").readline())
+    m = json.loads(open(tmp_path / "vllm" / "metrics.jsonl").readline())
+    print({k: (m_hf[k], m[k]) for k in m if k.startswith("rollout_")})
+    assert abs(m_hf["rollout_is_ratio_max"] - 1) < 1e-4 and abs(m_hf["rollout_is_ratio"] - 1) < 1e-5
+    assert abs(m_hf["rollout_mismatch_kl"]) < 1e-8
+    assert 1e-5 < abs(m["rollout_is_ratio"] - 1) < 1e-2 and 0 < m["rollout_mismatch_kl"] < 1e-3
+
+
 def test_dapo_dynamic_sampling_drops_equal_reward_groups(tiny_run, tmp_path):
     """The untrained tiny model never produces the format, so every group has equal (zero) rewards: DAPO must
     drop them all, keep sampling up to max_sampling_tries, and train on nothing."""
@@ -295,6 +521,7 @@ def test_reference_kl_and_several_updates_per_rollout(tiny_run, tmp_path, algo):
     assert rows[0]["kl"] > 0
     if algo.get("ppo_epochs", 1) > 1:
         assert rows[0]["time_logprobs"] > 0  # old log-probs were computed before the first update
+        assert rows[0]["updates"] == 4  # the step's metrics cover all 2 epochs x 2 updates
 
 
 def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
@@ -316,12 +543,16 @@ def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
     assert T.latest_checkpoint(str(tmp_path / "nodes"))
 
 
-def test_sp2_first_step_loss_equals_sp1(tiny_run, tmp_path):
-    """--sp_size=2 on 2 gloo processes (Ulysses + parallel vision encoding) gives the sp_size=1 loss."""
+@pytest.mark.parametrize("algo", [{}, dict(loss_type="gspo", gspo_clip_low=0.2, gspo_clip_high=0.2, ppo_epochs=2,
+                                           rollout_correction="sequence")])
+def test_sp2_first_step_loss_equals_sp1(tiny_run, tmp_path, algo):
+    """--sp_size=2 on 2 gloo processes (Ulysses + parallel vision encoding) gives the sp_size=1 loss; also for
+    GSPO's sequence ratio and the sequence-level rollout mask, which need every token of a sequence (gathered
+    from the SP peers), over two epochs (the second one off-policy)."""
     # a short format warm-up (through the SP path too) so that rewards vary and the loss is not trivially 0; the
     # warm-ups differ by float rounding between SP=1 and SP=2, which a long warm-up can amplify into other samples
     common = dict(max_steps=1, eval_data="", save_every=100, sp_split_rollout=False, sft_steps=12, sft_lr=2e-2,
-                  sft_batch_size=8, n=8, temperature=1.5, max_new_tokens=16)
+                  sft_batch_size=8, n=8, temperature=1.5, max_new_tokens=16, **algo)
     T.main(tiny_cfg(tiny_run, tmp_path / "sp1", **common))
     cfg = tiny_cfg(tiny_run, tmp_path / "sp2", sp_size=2, **common)
     assert "dp 1 x sp 2" in torchrun("train_grpo.py", [write_preset(cfg, tmp_path / "sp2.py")])
