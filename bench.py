@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -844,19 +844,277 @@ def grpo_setup(cfg: BenchConfig):
           f"--out_dir={out}/run")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# video: data/video.py's seek-based sample_frames on a long synthetic video vs decoding every frame, torchcodec and
+# decord, each measurement in a fresh interpreter that imports data/video.py (not this file: torch would be in
+# every peak RSS)
+
+@dataclass
+class VideoBenchConfig:
+    minutes: float = 60.0  # length of the synthetic video
+    frames: list = field(default_factory=lambda: [64, 512, 2048])  # num_frames values to measure
+    size: int = 64  # the synthetic video is size x size pixels
+    video_fps: int = 25  # frame rate of the synthetic video
+    gop: int = 250  # keyframe interval of the synthetic video, in frames
+    cache_dir: str = ""  # where the synthetic video is kept between runs ('' = <tmp>/longrl_video_bench)
+    repeats: int = 3  # runs per measurement; the table shows the fastest (the least disturbed by other load)
+    naive_minutes: float = 0.0  # decode-everything only over the first this many minutes and extrapolate (0 = all)
+    others: list = field(default_factory=lambda: ["torchcodec", "torchcodec_approx", "decord"])  # [] = PyAV only
+
+
+# _video_naive and _video_other run only in the worker, which gets their source (inspect.getsource): so they
+# import what they use themselves, and nothing of this file.
+def _video_naive(path, num_frames, limit=0):
+    """The baseline: decode every frame in order (only the first `limit` if > 0), convert the wanted ones. Same
+    indices and resize as sample_frames, so the two must return identical arrays."""
+    import av
+    import numpy as np
+    from av.video.reformatter import VideoReformatter
+    from data.video import fit_size, probe, target_indices
+    info = probe(path)
+    want = set(target_indices(path, info.num_frames, info.fps, None, num_frames, 0).tolist())
+    h, w = fit_size(info.height, info.width)
+    out = np.empty((len(want), h, w, 3), np.uint8)
+    resize = VideoReformatter()  # the same conversion as sample_frames, so only the decoding differs
+    j = 0
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if limit and i >= limit:
+                break
+            if i in want:
+                out[j] = resize.reformat(frame, width=w, height=h, format="rgb24", threads=1).to_ndarray()
+                j += 1
+    return out[:j]
+
+
+def _video_other(lib, path, num_frames):
+    """The same indices and output (uint8 [T, H, W, 3] at fit_size) through torchcodec or decord, each resizing
+    inside its own decoder with FFmpeg's automatic thread count, like sample_frames. Neither library is a
+    dependency."""
+    from data.video import fit_size, probe, target_indices
+    info = probe(path)
+    idx = target_indices(path, info.num_frames, info.fps, None, num_frames, 0).tolist()
+    h, w = fit_size(info.height, info.width)
+    if lib.startswith("torchcodec"):
+        from torchcodec.decoders import VideoDecoder
+        from torchcodec.transforms import Resize  # bilinear, antialiased
+        dec = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=0, transforms=[Resize((h, w))],
+                           seek_mode="approximate" if lib.endswith("approx") else "exact")
+        return dec.get_frames_at(idx).data.numpy()
+    import decord
+    return decord.VideoReader(path, ctx=decord.cpu(0), width=w, height=h, num_threads=0).get_batch(idx).asnumpy()
+
+
+# Run in a fresh interpreter per measurement (after the source of the two functions above) so the peak RSS is this
+# one's alone. The peak is VmHWM, this process's own high-water mark: ru_maxrss would also count the parent's RSS,
+# which Linux carries over the exec of a vforked child (600 MB under `python bench.py video`, which has torch
+# loaded). n = 0 only imports: the memory floor of that row's libraries. Imports are not timed.
+_VIDEO_WORKER = """
+import json, resource, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from data.video import sample_frames
+mode, path, n, limit, save = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+if mode.startswith("torchcodec"):
+    from torchcodec.decoders import VideoDecoder
+elif mode == "decord":
+    import decord
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system, all threads
+def peak_mb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except OSError:  # not Linux: ru_maxrss (KB on Linux, bytes on macOS)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+t0, c0 = time.perf_counter(), cpu()
+frames = np.zeros((0, 1, 1, 3), np.uint8)
+if n and mode == "seek":
+    frames = sample_frames(path, num_frames=n).frames
+elif n and mode == "naive":
+    frames = _video_naive(path, n, limit)
+elif n:
+    frames = _video_other(mode, path, n)
+dt, dc, peak = time.perf_counter() - t0, cpu() - c0, peak_mb()
+if save != "-":
+    np.save(save, frames)
+print(json.dumps({"seconds": dt, "cpu_s": dc, "max_rss_mb": peak, "frames": len(frames)}))
+"""
+
+
+def _video_file(cfg: VideoBenchConfig):
+    """The long synthetic video, generated once: a noise texture sliding sideways (so the encoder has real work,
+    and a frame off by one differs from the right one everywhere)."""
+    import tempfile
+    from data.video import write_video
+    folder = cfg.cache_dir or os.path.join(tempfile.gettempdir(), "longrl_video_bench")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"bench_{cfg.minutes:g}min_{cfg.size}px_{cfg.video_fps}fps_gop{cfg.gop}.mp4")
+    if not os.path.exists(path):
+        n = int(cfg.minutes * 60 * cfg.video_fps)
+        texture = np.random.default_rng(0).integers(0, 256, (cfg.size, cfg.size * 4, 3), dtype=np.uint8)
+        frames = (np.roll(texture, -i, axis=1)[:, :cfg.size] for i in range(n))
+        print(f"writing {n} frames to {path} (once) ...", flush=True)
+        write_video(path + ".part.mp4", frames, cfg.video_fps, gop=cfg.gop, threads=0)  # speed over repeatable bytes
+        os.replace(path + ".part.mp4", path)
+    return folder, path
+
+
+def _video_lib_env(lib, folder, path):
+    """(environment for its children, "name version", how it loads) if `lib` decodes `path` in a child process,
+    else (None, name, why not). torchcodec's wheel carries no FFmpeg: it loads the system's libavutil.so.N and
+    friends on first use. Where there are none, PyAV's wheel carries an FFmpeg under renamed files; symlinks with
+    the plain names on the child's LD_LIBRARY_PATH let torchcodec load those if their major versions are ones it
+    was built for (bench only: nothing is installed or changed outside the cache folder)."""
+    import re
+    import subprocess
+    import av
+    module = lib.split("_")[0]
+    dist = next((d for d in [module, "eva-" + module] if _dist_version(d)), None)
+    if dist is None:
+        return None, lib, "not installed"
+    name = f"{dist} {_dist_version(dist)}"
+    check = (f"from torchcodec.decoders import VideoDecoder; VideoDecoder({path!r}, seek_mode='approximate')"
+             if module == "torchcodec" else f"import decord; decord.VideoReader({path!r})")
+    run = lambda env: subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    r = run(None)
+    if r.returncode == 0:
+        return dict(os.environ), name, "loads as installed"
+    why = f"installed but fails: {(r.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+    libs = os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "av.libs")
+    if module != "torchcodec" or not os.path.isdir(libs):
+        return None, name, why
+    shim = os.path.join(folder, f"pyav{av.__version__}_ffmpeg")
+    os.makedirs(shim, exist_ok=True)
+    for f in os.listdir(libs):
+        m = re.match(r"(lib(?:av|sw)\w+)-[0-9a-f]+\.so\.(\d+)", f)
+        if m and not os.path.lexists(os.path.join(shim, f"{m[1]}.so.{m[2]}")):
+            os.symlink(os.path.join(libs, f), os.path.join(shim, f"{m[1]}.so.{m[2]}"))
+    paths = [shim, libs] + ([os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH") else [])
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(paths)}
+    if run(env).returncode == 0:
+        return env, name, (f"no FFmpeg libraries on this system; runs on the FFmpeg bundled in PyAV's wheel "
+                           f"(libavutil {'.'.join(map(str, av.library_versions['libavutil']))}) through {shim}")
+    return None, name, why + " (PyAV's bundled FFmpeg did not help either)"
+
+
+def _dist_version(name):
+    import importlib.metadata as md
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def bench_video(cfg: VideoBenchConfig):
+    import inspect
+    import subprocess
+    import av
+    from av.video.reformatter import VideoReformatter
+    from data.video import fit_size, probe
+    root = os.path.dirname(os.path.abspath(__file__))  # the repo root, where the worker imports data/video.py from
+    worker = "\n\n".join([inspect.getsource(_video_naive), inspect.getsource(_video_other), _VIDEO_WORKER])
+    t = time.perf_counter()
+    folder, path = _video_file(cfg)
+    info = probe(path)
+    limit = round(cfg.naive_minutes * 60 * info.fps) if 0 < cfg.naive_minutes < info.duration / 60 else 0
+    scale = info.num_frames / limit if limit else 1.0  # decode-everything time x this = the whole video's
+    h, w = fit_size(info.height, info.width)
+    print(f"{path}: {info.num_frames} frames, {info.duration / 60:.1f} min, {info.width}x{info.height}, "
+          f"{info.fps:g} fps, gop {cfg.gop}; every method returns uint8 [T, {h}, {w}, 3]")
+    envs = {"seek": (dict(os.environ), "ours", ""), "naive": (dict(os.environ), f"PyAV {av.__version__}", "")}
+    envs.update({lib: _video_lib_env(lib, folder, path) for lib in cfg.others})
+    for lib in cfg.others:
+        print(f"{lib}: {envs[lib][1]}: {envs[lib][2]}")
+
+    def measure(mode, n, save="-"):
+        r = subprocess.run([sys.executable, "-c", worker, root, mode, path, str(n),
+                            str(limit if mode == "naive" else 0), save], env=envs[mode][0], capture_output=True,
+                           text=True)
+        if r.returncode:
+            return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    label = {"seek": "ours: seek-based sample_frames",
+             "naive": "decode every frame (PyAV)" + f", first {cfg.naive_minutes:g} min, extrapolated" * bool(limit)}
+    for lib in cfg.others:  # "name version" (or the name asked for, when not installed) and the seek mode
+        label[lib] = envs[lib][1] + {"torchcodec": ", seek_mode=exact",
+                                     "torchcodec_approx": ", seek_mode=approximate"}.get(lib, "")
+    floors = {mode: measure(mode, 0, "-").get("max_rss_mb") for mode in envs if envs[mode][0] is not None}
+    with av.open(path) as container:  # how far apart two adjacent frames are (what a frame off by one would score)
+        pair = [VideoReformatter().reformat(f, width=w, height=h, format="rgb24").to_ndarray().astype(np.int16)
+                for _, f in zip(range(2), container.decode(video=0))]
+    adjacent = float(np.abs(pair[0] - pair[1]).mean())
+    rows, load = [], [os.getloadavg()[0]]
+    for n in cfg.frames:
+        got, block, runs = {}, [], {mode: [] for mode in envs if envs[mode][0] is not None}
+        for k in range(cfg.repeats):  # round robin, so that a slow spell of this machine hits every method alike
+            for mode in runs:
+                save = os.path.join(folder, f"frames_{mode}.npy") if k == 0 else "-"
+                runs[mode].append(measure(mode, n, save))
+                if save != "-" and "error" not in runs[mode][-1]:
+                    got[mode] = np.load(save)
+                    os.remove(save)
+        for mode in envs:
+            row = {"num_frames": n, "method": mode, "library": envs[mode][1]}
+            block.append(row)
+            if envs[mode][0] is None or "error" in runs[mode][0]:
+                row["error"] = envs[mode][2] if envs[mode][0] is None else runs[mode][0]["error"]
+                continue
+            m = {**min(runs[mode], key=lambda run: run.get("seconds", 1e9)),  # the fastest run; peak: the worst
+                 "max_rss_mb": max(run.get("max_rss_mb", 0) for run in runs[mode])}
+            x = scale if mode == "naive" else 1.0
+            row.update(frames=m["frames"], wall_s=m["seconds"] * x, cpu_s=m["cpu_s"] * x,
+                       frames_per_s=n / (m["seconds"] * x), peak_rss_mb=m["max_rss_mb"],
+                       over_floor_mb=m["max_rss_mb"] - floors[mode], extrapolated=x != 1.0)
+            ours = got.get("seek")
+            if ours is not None and mode != "seek":  # same frames? identical, or how far each frame is from ours
+                a, b = ours[:len(got[mode])].astype(np.int16), got[mode].astype(np.int16)
+                row["identical"] = a.shape == b.shape and bool((a == b).all())
+                if a.shape == b.shape:
+                    row["max_frame_mad"] = float(np.abs(a - b).mean(axis=(1, 2, 3)).max())
+        naive = block[1].get("wall_s")
+        for row in block:
+            if naive and "wall_s" in row:
+                row["vs_decode_all"] = naive / row["wall_s"]
+        rows += block
+    load.append(os.getloadavg()[0])
+    print(f"wall/cpu: best of {cfg.repeats} fresh processes, methods taken in turn (cpu = user+system, all threads; "
+          f"load average {load[0]:.1f} before, {load[1]:.1f} after); peak RSS: the worst of them; floor = RSS after "
+          f"imports only: " + ", ".join(f"{k} {v:.0f} MB" for k, v in floors.items()))
+    print(f"{'frames':>6}  {'method':<58} {'wall s':>7} {'cpu s':>7} {'frames/s':>8} {'x':>5} {'peak MB':>7} "
+          f"{'+floor':>6}  same frames as ours?")
+    for r in rows:
+        if "wall_s" not in r:
+            print(f"{r['num_frames']:>6}  {label[r['method']]:<58} {r['error']}")
+            continue
+        same = ("identical" if r.get("identical") else f"max frame MAD {r['max_frame_mad']:.1f}/255"
+                if "max_frame_mad" in r else "-") + f" ({r['frames']} frames in the prefix)" * r["extrapolated"]
+        print(f"{r['num_frames']:>6}  {label[r['method']]:<58} {r['wall_s']:>7.2f} {r['cpu_s']:>7.2f} "
+              f"{r['frames_per_s']:>8.0f} {r.get('vs_decode_all', float('nan')):>4.1f}x {r['peak_rss_mb']:>7.0f} "
+              f"{r['over_floor_mb']:>6.0f}  {same if r['method'] != 'seek' else '(reference)'}")
+    print("every row: open + probe + decode + resize to the same size, frames returned as numpy, in its own process; "
+          "x = decode-everything time / this row's; MAD = mean |difference| of a frame vs ours (resizers differ: "
+          "PyAV swscale bilinear, torchcodec bilinear antialiased, decord its own), against a frame off by one: "
+          f"{adjacent:.0f}; whole run {time.perf_counter() - t:.0f} s")
+    print("BENCH " + json.dumps({"bench": "video", "video": {"minutes": cfg.minutes, "frames": info.num_frames,
+                                 "size": cfg.size, "fps": cfg.video_fps, "gop": cfg.gop}, "out_hw": [h, w],
+                                 "naive_prefix_frames": limit, "floor_rss_mb": floors, "adjacent_frame_mad": adjacent,
+                                 "cpus": os.cpu_count(), "load_avg": load,
+                                 "libraries": {k: v[1:] for k, v in envs.items()}, "rows": rows}, default=float))
+
+
 if __name__ == "__main__":
     from configurator import parse_config
-    benches = {"video": None, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
+    benches = {"video": bench_video, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
                "sp": bench_sp, "memory": bench_memory, "cache": bench_cache, "grpo_setup": grpo_setup,
                "trl": bench_trl}
     which = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in benches else None
     if which is None and "--help" not in sys.argv and "-h" not in sys.argv:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--key=value ...]  (--help for fields)")
-    if which == "video":
-        sys.argv = [sys.argv[0], "--bench"] + sys.argv[2:]
-        import runpy
-        runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "video.py"),
-                       run_name="__main__")
+    if which == "video":  # its own fields (the synthetic video, the libraries), none of BenchConfig's
+        bench_video(parse_config(VideoBenchConfig, sys.argv[2:]))
         raise SystemExit(0)
     cfg = parse_config(BenchConfig, sys.argv[2:] if which else sys.argv[1:])
     if cfg.tiny:

@@ -33,15 +33,12 @@ import re
 import sys
 import time
 import types
-import urllib.request
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 if __name__ == "__main__":  # run as a script: import from the repo root, not from data/ (data/datasets.py
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # would shadow HF datasets)
 
-import av
 import numpy as np
 import torch
 
@@ -49,8 +46,9 @@ import rollout
 
 import vlm
 from data import video as V
+from data.chat import Endpoint, chat_many
 from data.datasets import Sample
-from data.rewards import JudgeConfig, compute_rewards, parse_choice
+from data.rewards import compute_rewards, parse_choice
 
 STAGES = ("clips", "captions", "questions", "filter", "output")
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".ts")
@@ -238,44 +236,6 @@ def stage_clips(cfg, stats) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# frames inside time windows (data/video.py's seek-based decoder, fed the windows' target times)
-
-def sample_windows(path, spans, num_frames, max_pixels=V.MAX_PIXELS, min_pixels=V.MIN_PIXELS, size_multiple=28):
-    """For each (start, end) span of one video (sorted, disjoint): num_frames frames uniform over the span, in
-    one pass of the decoder, or a ValueError for a span the file cannot deliver. Each SampledVideo describes its
-    clip as a video of its own (indices, frame count and duration of the window), which is what a processor
-    needs to place the frames in time (Qwen2.5-VL derives seconds per frame from them)."""
-    with V._open(path) as container:
-        stream = V._video_stream(container, path)
-        info = V._info(container, stream, path)
-        h, w = V.fit_size(info.height, info.width, size_multiple, min_pixels, max_pixels)
-        windows = []  # (first source frame, last source frame, indices) per span
-        for start, end in spans:
-            first = min(math.ceil(start * info.fps - 1e-6), info.num_frames - 1)
-            last = max(first, min(math.ceil(end * info.fps - 1e-6) - 1, info.num_frames - 1))
-            windows.append((first, last, np.unique(np.linspace(first, last, num_frames).round().astype(np.int64))))
-        idx = np.concatenate([wi[2] for wi in windows])
-        targets, tol = idx / info.fps, 0.5 / info.fps
-        out, stamps = np.empty((len(idx), h, w, 3), np.uint8), np.empty(len(idx), np.float64)
-        stream.thread_type = "AUTO"
-        try:
-            n, end_t = V._decode_targets(container, stream, info.fps, targets, tol, out, stamps)
-        except av.error.FFmpegError as e:
-            raise ValueError(f"{path}: corrupt video stream ({e})") from e
-    results, j = [], 0
-    for (first, last, wi), (start, end) in zip(windows, spans):
-        k = min(len(wi), max(0, n - j))  # frames of this window that were decoded
-        if k < len(wi) and (k == 0 or targets[j + len(wi) - 1] - (end_t or 0.0) > V.END_SLACK_S):
-            results.append(ValueError(f"{path}: truncated or corrupt: no frames for {start:.1f}-{end:.1f}s"))
-        else:
-            results.append(V.SampledVideo(frames=out[j:j + k], timestamps=stamps[j:j + k],
-                                          indices=[int(i - first) for i in wi[:k]], fps=info.fps,
-                                          total_frames=int(last - first + 1), duration=end - start))
-        j += len(wi)
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------
 # backends: a local rollout.py model, or any OpenAI-compatible /chat/completions endpoint
 
 def local_model(cfg, path: str, models: dict):
@@ -290,48 +250,14 @@ def local_model(cfg, path: str, models: dict):
     return models[path]
 
 
-def endpoint(cfg, base_url: str, model: str, key_env: str, max_tokens: int) -> JudgeConfig:
-    """data/rewards.py's JudgeConfig is our description of an OpenAI-compatible endpoint; reused as is."""
+def endpoint(cfg, base_url: str, model: str, key_env: str, max_tokens: int) -> Endpoint:
+    """The data/chat.py Endpoint of a stage, from its flags and the shared timeout/retry/concurrency ones."""
     base_url = base_url or os.environ.get("OPENAI_BASE_URL", "")
     if not base_url or not model:
         raise SystemExit("the openai backend needs a base URL (flag or $OPENAI_BASE_URL) and a model name")
-    return JudgeConfig(base_url=base_url, model=model, api_key_env=key_env, timeout_s=cfg.timeout_s,
-                       max_retries=cfg.max_retries, retry_backoff_s=cfg.retry_backoff_s,
-                       concurrency=cfg.concurrency, max_tokens=max_tokens)
-
-
-def chat_once(ep: JudgeConfig, messages: list, temperature: float) -> str:
-    """One POST {base_url}/chat/completions; the reply's text. Raises on any failure (as rewards.judge_once)."""
-    body = {"model": ep.model, "messages": messages, "temperature": temperature, "max_tokens": ep.max_tokens}
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(ep.api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[ep.api_key_env]}"
-    req = urllib.request.Request(ep.base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
-                                 headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=ep.timeout_s) as resp:  # HTTP 4xx/5xx raise HTTPError
-        content = json.loads(resp.read().decode())["choices"][0]["message"]["content"]
-    if not isinstance(content, str):
-        raise ValueError(f"reply content is {type(content).__name__}, not text")
-    return content
-
-
-def chat(ep: JudgeConfig, messages: list, temperature: float) -> tuple:
-    """(text, "") or (None, last error) after 1 + max_retries attempts with backoff. Never raises."""
-    error = ""
-    for attempt in range(1 + ep.max_retries):
-        if attempt > 0 and ep.retry_backoff_s > 0:
-            time.sleep(ep.retry_backoff_s * 2 ** (attempt - 1))
-        try:
-            return chat_once(ep, messages, temperature), ""
-        except Exception as e:  # refused, timeout, HTTP error, bad envelope: all transient to us
-            error = f"{type(e).__name__}: {e}"
-    return None, error
-
-
-def chat_many(ep: JudgeConfig, conversations: list, temperature: float) -> list:
-    """chat() for each conversation, ep.concurrency at a time (threads: the work is waiting on sockets)."""
-    with ThreadPoolExecutor(max_workers=max(1, ep.concurrency)) as pool:
-        return list(pool.map(lambda m: chat(ep, m, temperature), conversations))
+    return Endpoint(base_url=base_url, model=model, api_key_env=key_env, timeout_s=cfg.timeout_s,
+                    max_retries=cfg.max_retries, retry_backoff_s=cfg.retry_backoff_s,
+                    concurrency=cfg.concurrency, max_tokens=max_tokens)
 
 
 def jpeg_url(frame: np.ndarray) -> str:
@@ -386,8 +312,8 @@ def clip_frames(batch: list, cfg, multiple: int, log, stats) -> tuple:
     for rel in dict.fromkeys(c["video"] for c in batch):
         mine = [c for c in batch if c["video"] == rel]
         try:
-            got = sample_windows(os.path.join(cfg.videos, rel), [(c["start"], c["end"]) for c in mine],
-                                 cfg.frames_per_clip, cfg.max_pixels, cfg.min_pixels, multiple)
+            got = V.sample_windows(os.path.join(cfg.videos, rel), [(c["start"], c["end"]) for c in mine],
+                                   cfg.frames_per_clip, cfg.max_pixels, cfg.min_pixels, multiple)
         except ValueError as e:
             got = [e] * len(mine)
         for c, g in zip(mine, got):

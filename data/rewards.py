@@ -17,17 +17,15 @@ with transformers (mean pooling by hand), lazily and once; nothing is ever downl
 code that touches the network, and only when a JudgeConfig is given; a failed judge call scores 0 and is
 counted in RewardStats, it never raises (one flaky HTTP call must not kill an RL run).
 """
-import json
 import math
-import os
 import re
 import threading
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from data.chat import Endpoint, chat_once, with_retries
 
 PROBLEM_TYPES = ("multiple_choice", "numerical", "open_ended")
 OPEN_ENDED_MODES = ("similarity", "judge")
@@ -211,17 +209,8 @@ def similarity_scores(answers: list[str], references: list[str], threshold: floa
 # open-ended, online: LLM judge over an OpenAI-compatible chat endpoint
 
 
-@dataclass
-class JudgeConfig:
-    base_url: str  # e.g. "http://127.0.0.1:8000/v1"; we POST {base_url}/chat/completions
-    model: str  # model name the server expects
-    api_key_env: str = "OPENAI_API_KEY"  # env var holding the key; unset -> no Authorization header (local servers)
-    timeout_s: float = 30.0  # per HTTP attempt (connect and each read)
-    max_retries: int = 2  # extra attempts after the first, so at most 1 + max_retries requests per answer
-    retry_backoff_s: float = 0.5  # sleep before retry k is backoff * 2**(k-1)
-    concurrency: int = 8  # judge requests in flight at once for one batch
-    max_tokens: int = 8  # the reply should be one word
-
+# The judge's endpoint is data/chat.py's Endpoint, whose defaults are the judge's (a one-word reply).
+JudgeConfig = Endpoint
 
 JUDGE_SYSTEM = "You grade answers to questions about a video. Reply with exactly one word: yes or no."
 JUDGE_TEMPLATE = (
@@ -234,40 +223,21 @@ JUDGE_TEMPLATE = (
 
 def judge_once(question: str, reference: str, answer: str, cfg: JudgeConfig) -> float:
     """One HTTP request; 1.0 for "yes", 0.0 for "no". Raises on any failure (judge_answer catches and retries)."""
-    body = {
-        "model": cfg.model,
-        "messages": [
-            {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_TEMPLATE.format(question=question, reference=reference, answer=answer)},
-        ],
-        "temperature": 0.0,
-        "max_tokens": cfg.max_tokens,
-    }
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(cfg.api_key_env):
-        headers["Authorization"] = f"Bearer {os.environ[cfg.api_key_env]}"
-    url = cfg.base_url.rstrip("/") + "/chat/completions"
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:  # HTTP 4xx/5xx raise HTTPError
-        reply = json.loads(resp.read().decode())
-    content = reply["choices"][0]["message"]["content"]
-    m = re.match(r"\W*(yes|no)\b", str(content).lower())  # "Yes.", "**no**", "yes, it matches"
-    if not m:
-        raise ValueError(f"judge reply is neither yes nor no: {str(content)[:80]!r}")
+    messages = [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": JUDGE_TEMPLATE.format(question=question, reference=reference, answer=answer)},
+    ]
+    content = chat_once(cfg, messages, temperature=0.0)
+    m = re.match(r"\W*(yes|no)\b", content.lower())  # "Yes.", "**no**", "yes, it matches"
+    if not m:  # raised, so the retry loop asks again, as for a transport error
+        raise ValueError(f"judge reply is neither yes nor no: {content[:80]!r}")
     return 1.0 if m.group(1) == "yes" else 0.0
 
 
 def judge_answer(question: str, reference: str, answer: str, cfg: JudgeConfig) -> tuple[float, int, str]:
     """(score, requests made, last error or ""). Never raises: after 1 + max_retries failed tries the score is 0."""
-    error = ""
-    for attempt in range(1 + cfg.max_retries):
-        if attempt > 0 and cfg.retry_backoff_s > 0:
-            time.sleep(cfg.retry_backoff_s * 2 ** (attempt - 1))
-        try:
-            return judge_once(question, reference, answer, cfg), attempt + 1, ""
-        except Exception as e:  # timeout, refused, HTTPError, bad JSON, missing keys, not yes/no: all the same to us
-            error = f"{type(e).__name__}: {e}"
-    return 0.0, 1 + cfg.max_retries, error
+    score, requests, error = with_retries(cfg, lambda: judge_once(question, reference, answer, cfg))
+    return (0.0 if score is None else score), requests, error
 
 
 # -----------------------------------------------------------------------------

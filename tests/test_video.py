@@ -188,6 +188,20 @@ def test_metadata(videos):
     assert isinstance(v, SampledVideo) and v.total_frames == n
 
 
+def test_sample_windows(tmp_path):
+    path = make_video(tmp_path / "a.mp4", 80, 4, gop=8)  # 20 s at 4 fps
+    w1, w2 = video.sample_windows(path, [(5, 10), (15, 20)], 4)  # frames 20..39 and 60..79, one decoder pass
+    for v, idx in ((w1, [20, 26, 33, 39]), (w2, [60, 66, 73, 79])):
+        assert codes(v) == idx  # the right frames
+        # each window described as a video of its own, for the processor's timing
+        assert v.indices == [i - idx[0] for i in idx] and v.total_frames == 20 and v.duration == 5 and v.fps == 4
+    with pytest.raises(ValueError, match="garbage.mp4"):
+        video.sample_windows(bad_file("garbage", tmp_path), [(0, 5)], 4)
+    # a window the file cannot deliver is a ValueError in its place; the windows before it are still returned
+    ok, cut = video.sample_windows(truncated(tmp_path, 0.5), [(0, 1), (4, 4.8)], 4)
+    assert codes(ok) == [0, 8, 16, 24] and isinstance(cut, ValueError) and "cut_0.5.mp4" in str(cut)
+
+
 def test_mpeg4_fallback_codec(tmp_path):
     path = make_video(tmp_path / "m.mp4", 40, 25, codec="mpeg4")
     v = sample_frames(path, num_frames=6)
