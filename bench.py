@@ -20,14 +20,41 @@ not counted, against the bf16 matmul rate measured on the same GPU in the same r
 """
 import contextlib
 import functools
+import gc
+import importlib.metadata as md
+import inspect
 import json
 import os
+import re
+import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
+import av
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import transformers
+from av.video.reformatter import VideoReformatter
+from PIL import Image
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen2_5_VLConfig, TrainerCallback
+
+import rollout
+import sp
+import vlm
+from configurator import parse_config
+from data.datasets import format_question, load_jsonl
+from data.rewards import compute_rewards
+from data.synthetic import SyntheticConfig, make_dataset
+from data.tiny import make_processor, make_tiny_model, train_tokenizer
+from data.video import FrameSampling, fit_size, probe, write_video
 
 SHAPES = {  # Qwen2.5-VL-3B / 7B language model and vision tower shapes (their config.json)
     "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, ffn=11008, vocab=151936, tie=True,
@@ -55,7 +82,8 @@ class BenchConfig:
     profile: bool = False           # rollout: after timing, GPU time per kernel of the default engine's decode steps
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
-    steps: int = 0                  # trl: GRPO steps per trainer (0: 100, or 4 with --tiny)
+    steps: int = 0                  # GRPO steps per run (0: train 3, cache 5 (3 with --tiny), trl 100 (4 with --tiny))
+    n: int = 4                      # train, cache: responses per prompt (2 prompts a step)
 
 
 def log(result: dict, cfg: BenchConfig):
@@ -67,7 +95,6 @@ def log(result: dict, cfg: BenchConfig):
 
 
 def device_info():
-    import transformers
     return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d")}
 
@@ -95,8 +122,6 @@ def matmul_tflops(n=8192, reps=20):
 # a random model of a real shape, saved with our tiny tokenizer/processor so every code path is the real one
 
 def make_model(shape: str, out_dir: str, dtype=torch.bfloat16, device="cuda", save=False):
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
-    from data.tiny import make_processor, train_tokenizer
     s = SHAPES[shape]
     tok = train_tokenizer()
     head_dim = s["hidden"] // s["heads"]
@@ -130,7 +155,6 @@ def make_model(shape: str, out_dir: str, dtype=torch.bfloat16, device="cuda", sa
 
 
 def lm_params(model):
-    import vlm
     lm = vlm.text_model(model)
     return sum(p.numel() for p in lm.parameters()) + (0 if model.config.get_text_config().tie_word_embeddings
                                                        else vlm.output_head(model).weight.numel())
@@ -148,7 +172,6 @@ class RandomVideo:
 
 def text_prompts(batch: int, length: int, seed=0):
     """`batch` copies of a video-free prompt of `length` random allowed token ids (the same for every engine)."""
-    import vlm
     ids = torch.randint(20, 300, (length,), generator=torch.Generator().manual_seed(seed))
     return [vlm.Prompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(),
                        pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0) for _ in range(batch)]
@@ -162,8 +185,6 @@ def random_video(frames: int, side: int, seed=0):
 # rollout: generated tokens/s
 
 def bench_rollout(cfg: BenchConfig):
-    import rollout
-    import vlm
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = make_model(cfg.shape, "/tmp/bench-model", device=dev,
                                   dtype=torch.bfloat16 if dev == "cuda" else torch.float32, save=cfg.vllm)
@@ -239,7 +260,6 @@ def profile_decode(run, new_tokens: int, name: str, top: int = 14):
     (the prompt pass), per decode step. The fused step runs without its CUDA graph here (the same kernels; graph
     replays hide them from the profiler on some CUDA versions), so the sum is GPU time, not wall time. On a CPU
     the same table holds the operators' own CPU time."""
-    from torch.profiler import ProfilerActivity, profile
     gpu = torch.cuda.is_available()
 
     def kernel_us(tokens):
@@ -275,7 +295,6 @@ def timed(fn):
 def separate_weights(on: bool):
     """fused_decode.fused_forward without concatenating q/k/v and gate/up (no extra weight copy, 3 more matmuls a
     layer), patched where hf_generate looks it up: the name in rollout's namespace."""
-    import rollout
     real = rollout.fused_forward
     if on:
         rollout.fused_forward = lambda model, kv, compile_kernels: real(model, kv, compile_kernels,
@@ -313,8 +332,6 @@ def bench_plain_generate(model, prompts, feats, cfg, name, P):
 
 def bench_vllm_rollout(cfg, processor, model, cases):
     """The same prompts through the colocated vLLM engine (the model saved to /tmp/bench-model)."""
-    import rollout
-    import vlm
     rows = []
     try:
         engine = rollout.VLLMEngine("/tmp/bench-model", gpu_memory_utilization=0.35, max_model_len=32768)
@@ -339,73 +356,62 @@ def bench_vllm_rollout(cfg, processor, model, cases):
 # ----------------------------------------------------------------------------------------------------------
 # train: one GRPO step by phase; the longest forward+backward; the naive baseline
 
+# the GRPO step as users run it: train_grpo.py itself, in a subprocess on a preset, timed by its metrics.jsonl
+
+def run_grpo(fields: dict, out_dir: str) -> list:
+    """Run `python train_grpo.py PRESET` (PRESET = these fields, written to out_dir/preset.py) and return its
+    metrics.jsonl rows. One process: on a GPU it acts as a one-rank torchrun (common.single_process_env)."""
+    shutil.rmtree(out_dir, ignore_errors=True)  # metrics.jsonl is appended to: start clean
+    os.makedirs(out_dir)
+    preset = os.path.join(out_dir, "preset.py")
+    with open(preset, "w") as f:
+        f.writelines(f"{k} = {v!r}\n" for k, v in {**fields, "out_dir": out_dir}.items())
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(here, "train_grpo.py"), preset], check=True, cwd=here,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def phase_medians(rows: list) -> dict:
+    """Median over the steps after the first (which compiles kernels and warms the allocator) of every time_*
+    phase, their sum (step_s), the update's tokens/s and the peak memory."""
+    timed = rows[1:] or rows
+    out = {k[5:] + "_s": float(np.median([r[k] for r in timed])) for k in rows[0] if k.startswith("time_")}
+    out["step_s"] = float(np.median([sum(v for k, v in r.items() if k.startswith("time_")) for r in timed]))
+    out["update_tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in timed]))
+    out["peak_GiB"] = max(r.get("peak_alloc_GiB", float("nan")) for r in timed)
+    return out
+
+
 def bench_train(cfg: BenchConfig):
-    import rollout
-    import vlm
-    import train_grpo as T
-    from data.rewards import compute_rewards
+    """GRPO steps of train_grpo.py on a random model of the chosen shape and synthetic 224x224 videos (random
+    model: every reward is equal, the update still computes every token), per frame count; then `longest`."""
+    root = os.path.join(tempfile.gettempdir(), "bench_train")  # model, videos, runs (never under $OUT)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = make_model(cfg.shape, "", dtype=torch.float32, device=dev)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    d = T.Dist(device=dev)
-    policy = T.wrap_fsdp(T.Root(model), T.vlm_units(model), d, bf16=dev == "cuda")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    tcfg = T.Config(max_new_tokens=cfg.new_tokens if not cfg.tiny else 8, micro_batch_size=1, n=4)
+    side = 56 if cfg.tiny else 224
+    make_model(cfg.shape, os.path.join(root, "model"), device=dev, dtype=torch.float32 if cfg.tiny else torch.bfloat16,
+                  save=True)
     rows = []
-    t = time.perf_counter()  # one-time work that a training run pays once: compiling the fused step's kernels,
-    for length in (64, 96):  # for a first and a second prompt length (the second makes the sizes dynamic)
-        policy(rollout.hf_generate, processor, text_prompts(2, length), tcfg.n, 1.0, 1.0, 8, 0)
-    warmup = time.perf_counter() - t
-    print(f"warm-up (kernel compilation, once per process): {warmup:.1f} s", flush=True)
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
-        # 64 video tokens per frame pair (HF's non-flash vision attention loops per window)
-        side = 56 if cfg.tiny else 224
-        prompts = [vlm.build_prompt(model, processor, "What colour was the flash? Options: A. red B. green",
-                                    random_video(frames, side, k)) for k in range(2)]
-        sample = {"answer": "A", "problem_type": "multiple_choice", "options": ["A. red", "B. green"]}
-        torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
-        times = {}
-        t = time.perf_counter()
-        policy.eval()
-        outs = policy(rollout.hf_generate, processor, prompts, tcfg.n, 1.0, 1.0, tcfg.max_new_tokens, 0)
-        sync()
-        times["rollout"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scores = compute_rewards([o.text for o in outs], [sample] * len(outs))
-        times["reward"] = time.perf_counter() - t
-        reward = torch.as_tensor(scores["reward"], dtype=torch.float32).view(len(prompts), tcfg.n)
-        reward += torch.randn_like(reward) * 0.1  # a random model earns no reward: give the update a signal
-        adv = T.compute_advantages(reward).flatten()
-        seqs = [T.Seq(prompt=prompts[o.prompt_index], response_ids=o.response_ids,
-                      advantages=torch.full((len(o.response_ids),), float(a))) for o, a in zip(outs, adv)]
-        t = time.perf_counter()
-        T.fill_logprobs(policy, seqs, tcfg, [], "logp_old", seqs[0])
-        sync()
-        times["logprobs"] = time.perf_counter() - t
-        policy.train()
-        t = time.perf_counter()
-        metrics = T.update(policy, optimizer, seqs, tcfg, d, [], seqs[0])
-        sync()
-        times["update"] = time.perf_counter() - t
-        tokens = sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs)
-        print(times, flush=True)
-        rows.append({"frames": frames, "seq_tokens": len(prompts[0].input_ids) + tcfg.max_new_tokens,
-                     "video_tokens": prompts[0].num_video_tokens, "sequences": len(seqs),
-                     **{f"{k}_s": v for k, v in times.items()}, "update_tokens_per_s": tokens / times["update"],
-                     "peak_GiB": peak_gib(), "loss": metrics["loss"]})
+        data = os.path.join(root, f"data{frames}")
+        make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
+        metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
+                                num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
+                                rollout_batch_size=2, n=cfg.n, max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
+                                micro_batch_size=1, max_steps=cfg.steps or 3, lr=1e-6, save_every=0,
+                                eval_every=0, progress=False, device=dev, engine="hf", seed=cfg.seed),
+                           os.path.join(root, f"run{frames}"))
+        rows.append({"frames": frames, "sequences": 2 * cfg.n, **phase_medians(metrics)})
+        print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
-    del policy, optimizer, model, prompts, seqs, outs
-    import gc
-    gc.collect()  # the FSDP2 model sits in reference cycles: without this 16 GiB stay allocated into bench_longest
-    torch.cuda.empty_cache() if dev == "cuda" else None
-    log({"bench": "train_step", **device_info(), "shape": cfg.shape, "warmup_s": warmup, "rows": rows}, cfg)
+    log({"bench": "train_step", **device_info(), "shape": cfg.shape, "n": cfg.n, "rows": rows}, cfg)
     bench_longest(cfg)
 
 
 def fwd_bwd(model, S: int, response: int, naive: bool, chunk=1024):
     """Forward + backward of response-only log-probs on one sequence of S text tokens (the policy-gradient
     forward without the vision tower); naive = full-vocabulary logits over the whole sequence."""
-    import vlm
     dev = vlm.output_head(model).weight.device
     ids = torch.randint(20, 300, (1, S), device=dev)
     pos = torch.arange(S, device=dev).view(1, 1, S).expand(3, 1, S)
@@ -421,7 +427,6 @@ def fwd_bwd(model, S: int, response: int, naive: bool, chunk=1024):
 def bench_longest(cfg: BenchConfig):
     """Time and MFU of forward+backward at growing lengths until out of memory, for each activation-memory variant
     (vlm.set_checkpointing) and the naive baseline."""
-    import vlm
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = make_model(cfg.shape, "", dtype=torch.bfloat16 if dev == "cuda" else torch.float32, device=dev)
     vlm.media_model(model).visual.to("cpu")  # the LM alone here
@@ -484,9 +489,6 @@ def bench_sp(cfg: BenchConfig):
     """(1) Ulysses attention through nccl at world size 1 (the all-to-alls run as self-exchanges, so this is
     their fixed overhead, not multi-GPU communication) vs plain SDPA; (2) peak host memory of a chunked vs a
     plain all-gather over 4 gloo processes."""
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    import sp
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -516,7 +518,6 @@ def bench_sp(cfg: BenchConfig):
             rows.append({"what": name, "tokens": S, "ms": (time.perf_counter() - t) / 10 * 1e3})
     dist.destroy_process_group()
     print_table(rows, ["what", "tokens", "ms"])
-    import torch.multiprocessing as mp
     mb = 16 if cfg.tiny else 256
     gather = []
     for chunks in (0, 8):  # 0 = plain dist.all_gather
@@ -529,9 +530,6 @@ def bench_sp(cfg: BenchConfig):
 
 
 def _gather_worker(rank, world, mb, chunks, result):
-    import resource
-    import torch.distributed as dist
-    import sp
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29544")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     x = torch.full((mb * 2**20 // 4,), float(rank))
@@ -642,34 +640,41 @@ def bench_memory(cfg: BenchConfig):
 
 
 def bench_cache(cfg: BenchConfig):
-    """GRPO steps with the vision tower frozen, videos decoded + encoded live vs read from cache_embeddings.py's
-    cache (cache_embeddings.bench_cache does the runs; this writes the random model and the synthetic task)."""
-    import cache_embeddings
-    import train_grpo as T
-    from data.synthetic import SyntheticConfig, make_dataset
-    import tempfile
-    out = os.path.join(tempfile.gettempdir(), "bench_cache")  # model, videos, cache, runs (never under $OUT)
+    """GRPO steps of train_grpo.py with the vision tower frozen: videos decoded + encoded live vs read from the
+    cache that cache_embeddings.py builds first (timed once). Median seconds per step over steps 2.., per phase."""
+    root = os.path.join(tempfile.gettempdir(), "bench_cache")  # model, videos, cache, runs (never under $OUT)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    frames = (cfg.frames or [8 if cfg.tiny else 64])[0]
-    make_model(cfg.shape, os.path.join(out, "model"), device=dev, dtype=torch.float32 if cfg.tiny else torch.bfloat16,
-               save=True)
-    make_dataset(SyntheticConfig(out=os.path.join(out, "data"), num_train=16, num_eval=4, frames=frames,
-                                 size=56 if cfg.tiny else 224, seed=cfg.seed))
-    tcfg = T.Config(model=os.path.join(out, "model"), data=os.path.join(out, "data", "train.jsonl"),
-                    out_dir=os.path.join(out, "runs"), num_frames=frames, max_pixels=(56 if cfg.tiny else 224) ** 2,
-                    rollout_batch_size=2, n=4, micro_batch_size=4, max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
-                    think=False, progress=False, device=dev, engine="hf")
-    res = cache_embeddings.bench_cache(tcfg, steps=3 if cfg.tiny else 5)
-    rows = [{"run": k, "step_s": res[f"step_s_{k}"], **{p[5:-len(k) - 1]: v for p, v in res.items()
-             if p.startswith("time_") and p.endswith("_" + k)}} for k in ("live", "cached")]
+    frames, side = (cfg.frames or [8 if cfg.tiny else 64])[0], 56 if cfg.tiny else 224
+    model = os.path.join(root, "model")
+    make_model(cfg.shape, model, device=dev, dtype=torch.float32 if cfg.tiny else torch.bfloat16, save=True)
+    data = os.path.join(root, "data", "train.jsonl")
+    make_dataset(SyntheticConfig(out=os.path.dirname(data), num_train=16, num_eval=4, frames=frames, size=side,
+                                 seed=cfg.seed))
+    sampling = dict(num_frames=frames, max_pixels=side * side, min_pixels=side * side)
+    cache_dir = os.path.join(root, "cache")
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    t0 = time.time()
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(here, "cache_embeddings.py"), f"--model={model}", f"--data={data}",
+                    f"--out={cache_dir}", f"--device={dev}", "--progress=False",
+                    *[f"--{k}={v}" for k, v in sampling.items()]], check=True, cwd=here)
+    build_s = time.time() - t0
+    base = dict(model=model, data=data, **sampling, rollout_batch_size=2, n=cfg.n, micro_batch_size=4,
+                max_new_tokens=8 if cfg.tiny else cfg.new_tokens, think=False, freeze_vision=True,
+                max_steps=cfg.steps or (3 if cfg.tiny else 5), save_every=0, eval_every=0, progress=False,
+                device=dev, engine="hf", seed=cfg.seed)
+    rows = [{"run": name, **phase_medians(run_grpo({**base, "embeddings_cache": cache}, os.path.join(root, name)))}
+            for name, cache in (("live", ""), ("cached", cache_dir))]
     print_table(rows, list(rows[0]))
-    print(f"cache built in {res['cache_build_s']:.1f} s; speed-up {res['speedup']:.2f}x per step", flush=True)
-    log({"bench": "cache", **device_info(), "shape": cfg.shape, "frames": frames, **res}, cfg)
+    speedup = rows[0]["step_s"] / max(rows[1]["step_s"], 1e-9)
+    print(f"cache built in {build_s:.1f} s; speed-up {speedup:.2f}x per step", flush=True)
+    log({"bench": "cache", **device_info(), "shape": cfg.shape, "frames": frames, "cache_build_s": build_s,
+         "speedup": speedup, "rows": rows}, cfg)
 
 
 def bench_trl(cfg: BenchConfig):
-    """GRPO side by side: train_grpo.main vs TRL's GRPOTrainer (TRL is a benchmark-only dependency: pip install trl).
-    Same tiny Qwen2.5-VL weights (data/tiny.py, then one format warm-up with train_grpo.format_warmup, saved and
+    """GRPO side by side: train_grpo.py vs TRL's GRPOTrainer (TRL is a benchmark-only dependency: pip install trl).
+    Same tiny Qwen2.5-VL weights (data/tiny.py, then one format warm-up by train_grpo.py, merged by merge.py and
     loaded by both), same synthetic flash-colour data, same reward (data/rewards.compute_rewards, answer-only
     format), group size n, prompts per step, max_new_tokens, steps, temperature 1, top_p 1, beta 0, clip 0.2,
     token-mean loss (TRL's "dapo" = sum over tokens / tokens in the batch), one optimizer update per rollout batch
@@ -690,25 +695,13 @@ def bench_trl(cfg: BenchConfig):
     TRL = wall time from on_step_begin to on_step_end of a TrainerCallback (generation, reward, loss, backward,
     optimizer step). Median over steps 2.. (step 1 warms up). On a GPU both compute in bf16 with fp32 weights
     (ours: FSDP2 mixed precision; TRL: autocast)."""
-    try:
+    try:  # late: trl is a benchmark-only dependency
         import trl
         from trl import GRPOConfig, GRPOTrainer
     except ImportError:
         raise SystemExit("bench.py trl compares against TRL's GRPOTrainer, a benchmark-only dependency that is not "
                          "installed: pip install trl")
-    import shutil
-    import tempfile
-    from dataclasses import replace
-    import torch.distributed as dist
-    from datasets import Dataset
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
-    import train_grpo as T
-    import vlm
-    from data.datasets import Loader, format_question, load_jsonl
-    from data.rewards import compute_rewards
-    from data.synthetic import SyntheticConfig, make_dataset
-    from data.tiny import make_tiny_model
+    from datasets import Dataset  # late: HF datasets comes with trl (bench-only)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     # default: the CPU demo's shape (config/tiny_cpu.py: 64 frames, 16 prompts x 8, 8 new tokens, lr 1e-3) for
     # 100 steps, so everything takes about 4 minutes on 2 idle cores; --tiny: a smoke test
@@ -720,45 +713,42 @@ def bench_trl(cfg: BenchConfig):
     make_dataset(SyntheticConfig(out=os.path.join(root, "data"), num_train=num_train, num_eval=4, frames=frames,
                                  seed=cfg.seed))
     make_tiny_model(os.path.join(root, "init"), seed=cfg.seed)
-    tcfg = T.Config(model=os.path.join(root, "init"), data=os.path.join(root, "data", "train.jsonl"),
-                    out_dir=os.path.join(root, "ours"), num_frames=frames, max_pixels=28 * 28, min_pixels=28 * 28,
-                    think=False, rollout_batch_size=prompts, n=n, max_new_tokens=8, temperature=1.0, top_p=1.0,
-                    lr=1e-3, beta2=0.99, weight_decay=1e-2, grad_clip=1.0, max_steps=steps, kl_beta=0.0,
-                    micro_batch_size=prompts * n, gradient_checkpointing=False, sft_steps=sft_steps, sft_lr=1e-3,
-                    sft_batch_size=sft_batch, save_every=10 ** 9, eval_every=0, progress=False, device=dev,
-                    engine="hf", seed=cfg.seed)
+    sampling = FrameSampling(num_frames=frames, max_pixels=28 * 28, min_pixels=28 * 28)
+    ours_cfg = dict(data=os.path.join(root, "data", "train.jsonl"), **vars(sampling), think=False,
+                    rollout_batch_size=prompts, n=n, max_new_tokens=8, temperature=1.0, top_p=1.0, lr=1e-3,
+                    beta2=0.99, weight_decay=1e-2, grad_clip=1.0, max_steps=steps, kl_beta=0.0,
+                    micro_batch_size=prompts * n, gradient_checkpointing=False, sft_lr=1e-3, sft_batch_size=sft_batch,
+                    save_every=0, eval_every=0, progress=False, device=dev, engine="hf", seed=cfg.seed)
 
-    # one format warm-up (random letters, so accuracy starts at chance), saved: both trainers start from it
-    # (from random weights neither would ever emit "<answer> X </answer>", and every reward would be 0)
+    # one format warm-up (random letters, so accuracy starts at chance), merged into a Hugging Face folder that
+    # both trainers start from (from random weights neither would ever emit "<answer> X </answer>"): train_grpo.py
+    # with sft_steps and one GRPO step at lr 0 (AdamW then changes nothing), then merge.py
     t = time.perf_counter()
-    model, processor = vlm.load_model(tcfg.model, "float32", "sdpa", dev)
-    train = load_jsonl(tcfg.data)
-    suppress = vlm.suppress_ids(model, processor)
-    torch.manual_seed(cfg.seed)
-    T.format_warmup(T.Root(model), processor, Loader(train, sft_batch, 0, 1, cfg.seed + 1), tcfg, T.Dist(device=dev),
-                    suppress)
+    run_grpo({**ours_cfg, "model": os.path.join(root, "init"), "sft_steps": sft_steps, "max_steps": 1, "lr": 0.0,
+              "save_every": 1}, os.path.join(root, "warm_run"))
     warm = os.path.join(root, "warm")
-    model.save_pretrained(warm)
-    processor.save_pretrained(warm)
-    video = vlm.load_video(train[0].video, tcfg, "qwen2_5_vl")
-    ours_prompt = vlm.build_prompt(model, processor, format_question(train[0]), video, think=False)
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "merge.py"),
+                    f"--checkpoint={os.path.join(root, 'warm_run')}", f"--out={warm}"], check=True)
+    model, processor = vlm.load_model(warm, "float32", "sdpa", dev)
+    train = load_jsonl(ours_cfg["data"])
+    suppress = vlm.suppress_ids(model, processor)
+    ours_prompt = vlm.build_prompt(model, processor, format_question(train[0]),
+                                   vlm.load_video(train[0].video, sampling, "qwen2_5_vl"), think=False)
     del model
-    print(f"format warm-up: {sft_steps} steps of {sft_batch} prompts in {time.perf_counter() - t:.1f} s", flush=True)
+    print(f"format warm-up: {sft_steps} steps of {sft_batch} prompts, merged, in {time.perf_counter() - t:.1f} s",
+          flush=True)
 
-    # ours: train_grpo.main as the demo runs it, minus evaluation and warm-up (done above)
+    # ours: train_grpo.py as the demo runs it, minus evaluation and warm-up (done above); its wall time includes
+    # starting the interpreter and importing torch (a few seconds), TRL's does not
     t = time.perf_counter()
-    T.main(replace(tcfg, model=warm, sft_steps=0))
+    ours = run_grpo({**ours_cfg, "model": warm, "sft_steps": 0}, os.path.join(root, "ours"))
     ours_wall = time.perf_counter() - t
-    if dist.is_initialized():  # FSDP2 on a GPU made a size-1 process group; TRL runs as a plain single process
-        dist.destroy_process_group()
-    with open(os.path.join(tcfg.out_dir, "metrics.jsonl")) as f:
-        ours = [json.loads(line) for line in f]
     ours_s = [sum(v for k, v in m.items() if k.startswith("time_")) for m in ours]
 
     # TRL: the same videos as image strips, a conversational prompt with the same text
     rows = []
     for s in train:
-        strip = np.concatenate(list(vlm.load_video(s.video, tcfg, "qwen2_5_vl").frames[::2]), axis=1)
+        strip = np.concatenate(list(vlm.load_video(s.video, sampling, "qwen2_5_vl").frames[::2]), axis=1)
         rows.append({"prompt": [{"role": "user", "content": vlm.PLAIN_PROMPT.format(question=format_question(s))}],
                      "image": Image.fromarray(strip), "answer": s.answer, "problem_type": s.problem_type,
                      "options": s.options})
@@ -790,11 +780,11 @@ def bench_trl(cfg: BenchConfig):
     t = time.perf_counter()  # like ours' wall time: model load + set-up + steps
     model = AutoModelForImageTextToText.from_pretrained(warm, dtype=torch.float32, attn_implementation="sdpa")
     # our optimizer, handed over: Trainer's own AdamW would skip weight decay on biases and norms
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, tcfg.beta2),
-                                  weight_decay=tcfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ours_cfg["lr"], betas=(0.9, ours_cfg["beta2"]),
+                                  weight_decay=ours_cfg["weight_decay"])
     args = GRPOConfig(output_dir=os.path.join(root, "trl"), max_steps=steps, per_device_train_batch_size=prompts * n,
-                      gradient_accumulation_steps=1, num_generations=n, max_completion_length=tcfg.max_new_tokens,
-                      temperature=1.0, top_p=1.0, learning_rate=tcfg.lr, lr_scheduler_type="constant", beta=0.0,
+                      gradient_accumulation_steps=1, num_generations=n, max_completion_length=ours_cfg["max_new_tokens"],
+                      temperature=1.0, top_p=1.0, learning_rate=ours_cfg["lr"], lr_scheduler_type="constant", beta=0.0,
                       num_iterations=1, loss_type="dapo", epsilon=0.2, scale_rewards="group", max_grad_norm=1.0,
                       use_vllm=False, gradient_checkpointing=False, bf16=dev == "cuda", use_cpu=dev == "cpu",
                       generation_kwargs={"suppress_tokens": suppress}, logging_steps=steps, report_to="none",
@@ -824,7 +814,7 @@ def bench_trl(cfg: BenchConfig):
     print(f"ours / TRL median step time: {ratio:.2f}; ours phases (median): " +
           ", ".join(f"{k} {v:.3f} s" for k, v in phases.items()), flush=True)
     log({"bench": "trl", **device_info(), "trl": trl.__version__, "frames": frames, "prompts": prompts, "n": n,
-         "max_new_tokens": 8, "lr": tcfg.lr, "format_warmup_steps": sft_steps, "ours_over_trl_step_time": ratio,
+         "max_new_tokens": 8, "lr": ours_cfg["lr"], "format_warmup_steps": sft_steps, "ours_over_trl_step_time": ratio,
          "rows": table, "ours_phases_median_s": phases,
          "ours_reward": [round(m["reward"], 4) for m in ours], "trl_reward": [round(m["reward"], 4) for m in trl_log]},
         cfg)
@@ -833,7 +823,6 @@ def bench_trl(cfg: BenchConfig):
 def grpo_setup(cfg: BenchConfig):
     """Write a random model of the chosen shape (+ processor) and a 64-frame synthetic task to --out, for the
     single-GPU vLLM run of config/qwen2_5_vl_3b_vllm_1gpu.py."""
-    from data.synthetic import SyntheticConfig, make_dataset
     out = cfg.out or "/tmp/grpo3b"
     make_model(cfg.shape, os.path.join(out, "model"), device="cuda" if torch.cuda.is_available() else "cpu",
                save=True)
@@ -946,8 +935,6 @@ print(json.dumps({"seconds": dt, "cpu_s": dc, "max_rss_mb": peak, "frames": len(
 def _video_file(cfg: VideoBenchConfig):
     """The long synthetic video, generated once: a noise texture sliding sideways (so the encoder has real work,
     and a frame off by one differs from the right one everywhere)."""
-    import tempfile
-    from data.video import write_video
     folder = cfg.cache_dir or os.path.join(tempfile.gettempdir(), "longrl_video_bench")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"bench_{cfg.minutes:g}min_{cfg.size}px_{cfg.video_fps}fps_gop{cfg.gop}.mp4")
@@ -967,9 +954,6 @@ def _video_lib_env(lib, folder, path):
     friends on first use. Where there are none, PyAV's wheel carries an FFmpeg under renamed files; symlinks with
     the plain names on the child's LD_LIBRARY_PATH let torchcodec load those if their major versions are ones it
     was built for (bench only: nothing is installed or changed outside the cache folder)."""
-    import re
-    import subprocess
-    import av
     module = lib.split("_")[0]
     dist = next((d for d in [module, "eva-" + module] if _dist_version(d)), None)
     if dist is None:
@@ -1000,7 +984,6 @@ def _video_lib_env(lib, folder, path):
 
 
 def _dist_version(name):
-    import importlib.metadata as md
     try:
         return md.version(name)
     except md.PackageNotFoundError:
@@ -1008,11 +991,6 @@ def _dist_version(name):
 
 
 def bench_video(cfg: VideoBenchConfig):
-    import inspect
-    import subprocess
-    import av
-    from av.video.reformatter import VideoReformatter
-    from data.video import fit_size, probe
     root = os.path.dirname(os.path.abspath(__file__))  # the repo root, where the worker imports data/video.py from
     worker = "\n\n".join([inspect.getsource(_video_naive), inspect.getsource(_video_other), _VIDEO_WORKER])
     t = time.perf_counter()
@@ -1106,7 +1084,6 @@ def bench_video(cfg: VideoBenchConfig):
 
 
 if __name__ == "__main__":
-    from configurator import parse_config
     benches = {"video": bench_video, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
                "sp": bench_sp, "memory": bench_memory, "cache": bench_cache, "grpo_setup": grpo_setup,
                "trl": bench_trl}

@@ -28,7 +28,15 @@ import time
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from tqdm import tqdm
+
+from common import all_reduce, exit_distributed, init_distributed, print0
+from configurator import parse_config
+from data.datasets import load_jsonl
+from data.video import FrameSampling
 from vlm import (FRAMES, build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video,
                  video_features)
 
@@ -82,7 +90,6 @@ def entry_path(cache_dir: str, want: dict) -> str:
 
 
 def read_entry(path: str) -> CachedVideo:
-    from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta, t = json.loads(f.metadata()["longrl"]), {k: f.get_tensor(k) for k in f.keys()}
     return CachedVideo(t["embeds"], t.get("deepstack"), t["video_grid_thw"], t.get("second_per_grid_ts"),
@@ -142,7 +149,6 @@ def encode_video(model, processor, video) -> dict:
 
 
 def write_entry(path: str, tensors: dict, meta: dict):
-    from safetensors.torch import save_file
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata={"longrl": json.dumps(meta)})
@@ -150,15 +156,10 @@ def write_entry(path: str, tensors: dict, meta: dict):
 
 
 @dataclass
-class CacheConfig:
+class CacheConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: must match the training run
     model: str = ""                 # checkpoint folder or hub id whose (frozen) vision tower is run
     data: str = ""                  # jsonl (data/datasets.py format); each distinct video is encoded once
     out: str = ""                   # cache folder; pass the same path as --embeddings_cache when training
-    fps: float = 0.0                # frame sampling rate (takes precedence over num_frames when > 0); as in training
-    num_frames: int = 64            # frames sampled uniformly over each video; must match the training run
-    max_frames: int = 768           # cap on sampled frames; must match the training run
-    max_pixels: int = 448 * 448     # pixel budget per frame; must match the training run
-    min_pixels: int = 28 * 28       # smallest frame area; must match the training run
     dtype: str = "auto"             # tower dtype: auto = bf16 on GPU (as FSDP computes it), fp32 on CPU
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (if installed) | eager
     device: str = "auto"            # auto | cpu | cuda
@@ -166,9 +167,6 @@ class CacheConfig:
 
 
 def main(cfg: CacheConfig) -> dict:
-    from tqdm import tqdm
-    from data.datasets import load_jsonl
-    from train_grpo import all_reduce, init_distributed, print0
     if not (cfg.model and cfg.data and cfg.out):
         raise SystemExit("give --model, --data and --out (see --help)")
     d = init_distributed(cfg.device)
@@ -201,41 +199,6 @@ def main(cfg: CacheConfig) -> dict:
     return {"videos": len(videos), "written": tot[0], "existing": tot[1], "bad": tot[2]}
 
 
-def bench_cache(train_cfg, steps: int = 5) -> dict:
-    """bench.py's "cached embeddings" row: the same GRPO run (vision tower frozen) without and with the cache.
-    Builds the cache for train_cfg.data (timed once), runs `steps` steps each way into out_dir/bench_{live,cached}
-    and returns the median seconds per step over steps 2.. (sum of the loop's time_* phases), per phase too.
-    train_cfg needs model and data set; call it on every rank under torchrun, like train_grpo.main."""
-    import dataclasses
-    import shutil
-    import statistics
-    import train_grpo
-    base = dataclasses.replace(train_cfg, freeze_vision=True, max_steps=steps, eval_data="", eval_every=0,
-                               save_every=0, resume=False)
-    cache_dir = os.path.join(train_cfg.out_dir, "bench_embeddings_cache")
-    t0 = time.time()
-    main(CacheConfig(model=base.model, data=base.data, out=cache_dir, fps=base.fps, num_frames=base.num_frames,
-                     max_frames=base.max_frames, max_pixels=base.max_pixels, min_pixels=base.min_pixels,
-                     attn_implementation=base.attn_implementation, device=base.device, progress=False))
-    result = {"cache_build_s": time.time() - t0}
-    for name, cache in (("live", ""), ("cached", cache_dir)):
-        out = os.path.join(train_cfg.out_dir, f"bench_{name}")
-        if int(os.environ.get("RANK", 0)) == 0:
-            shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
-        train_grpo.barrier()
-        train_grpo.main(dataclasses.replace(base, out_dir=out, embeddings_cache=cache))
-        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        rows = rows[1:] or rows  # step 1 warms up (allocator, kernels)
-        for r in rows:
-            r["step_s"] = sum(v for k, v in r.items() if k.startswith("time_"))
-        for key in ["step_s"] + sorted(k for k in rows[0] if k.startswith("time_")):
-            result[f"{key}_{name}"] = statistics.median(r[key] for r in rows)
-    result["speedup"] = result["step_s_live"] / max(result["step_s_cached"], 1e-9)
-    return result
-
-
 if __name__ == "__main__":
-    from configurator import parse_config
-    from train_grpo import exit_distributed
     main(parse_config(CacheConfig))
     exit_distributed()

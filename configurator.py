@@ -20,15 +20,18 @@ import typing
 
 
 def field_comments(cls) -> dict:
-    """{field name: trailing comment} read from the dataclass source (the comment is the field's help)."""
-    comments, source = {}, inspect.getsource(cls)
-    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    for i, tok in enumerate(tokens):
-        if tok.type == tokenize.COMMENT and i > 0:
-            line = source.splitlines()[tok.start[0] - 1].strip()
-            name = line.split(":")[0].strip()
-            if name.isidentifier() and ":" in line.split("#")[0]:
-                comments[name] = tok.string.lstrip("# ").strip()
+    """{field name: trailing comment} read from the dataclass source and its dataclass bases' (the comment is
+    the field's help)."""
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = inspect.getsource(klass)
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        for i, tok in enumerate(tokens):
+            if tok.type == tokenize.COMMENT and i > 0:
+                line = source.splitlines()[tok.start[0] - 1].strip()
+                name = line.split(":")[0].strip()
+                if name.isidentifier() and ":" in line.split("#")[0]:
+                    comments[name] = tok.string.lstrip("# ").strip()
     return comments
 
 

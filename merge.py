@@ -19,6 +19,13 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch.distributed.checkpoint as dcp
+from transformers import AutoConfig, AutoProcessor
+
+from common import latest_checkpoint
+from configurator import parse_config
+from vlm import load_model
+
 
 @dataclass
 class MergeConfig:
@@ -30,7 +37,6 @@ class MergeConfig:
 
 def resolve(checkpoint: str, base: str = "") -> tuple:
     """(step folder, base model, where the base came from, the model the run trained) for a run or step folder."""
-    from train_grpo import latest_checkpoint
     step_dir = checkpoint if os.path.exists(os.path.join(checkpoint, ".metadata")) else latest_checkpoint(checkpoint)
     if not step_dir:
         raise ValueError(f"{checkpoint}: neither a checkpoint folder (with .metadata) nor a run folder with a "
@@ -46,7 +52,6 @@ def resolve(checkpoint: str, base: str = "") -> tuple:
 
 def checkpoint_shapes(step_dir: str) -> dict:
     """{HF name: shape} of the model tensors in a DCP checkpoint, read from its metadata (no tensor is loaded)."""
-    import torch.distributed.checkpoint as dcp
     meta = dcp.FileSystemReader(step_dir).read_metadata().state_dict_metadata
     return {k[len("model."):]: tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
 
@@ -67,9 +72,6 @@ def check_match(step_dir: str, saved: dict, model, base: str, base_from: str, tr
 
 
 def merge(cfg: MergeConfig) -> str:
-    import torch.distributed.checkpoint as dcp
-    from transformers import AutoConfig, AutoProcessor
-    from vlm import load_model
     t0 = time.time()
     step_dir, base, base_from, trained = resolve(cfg.checkpoint, cfg.base)
     dtype = cfg.dtype
@@ -93,7 +95,6 @@ def merge(cfg: MergeConfig) -> str:
 
 
 if __name__ == "__main__":
-    from configurator import parse_config
     cfg = parse_config(MergeConfig)
     if not (cfg.checkpoint and cfg.out):
         raise SystemExit("give --checkpoint=DIR and --out=HF_DIR (see --help)")

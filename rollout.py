@@ -18,12 +18,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from cache_embeddings import load_cached
+from common import all_reduce, barrier
+from configurator import parse_config
 from data.datasets import format_question, load_jsonl
+from data.rewards import compute_rewards
+from data.video import FrameSampling
+from fused_decode import StaticKV, fused_decoding, fused_forward, graphed_step, padded_prompt_mask, unshard_layers
+from sp import chunked_all_gather_object
 from vlm import (MROPE, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
                  family, load_model, load_video, masked_logits, output_head, select_videos, suppress_ids,
                  text_model, use_attention)
-from fused_decode import StaticKV, fused_decoding, fused_forward, graphed_step, padded_prompt_mask, unshard_layers
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -41,12 +51,8 @@ class Rollout:
 
 def all_ranks_done(done: torch.Tensor) -> bool:
     """Under FSDP every rank must run the same number of forwards: stop only when all ranks are done."""
-    import torch.distributed as dist
-    flag = done.all().to(torch.int32)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flag = flag.cpu() if dist.get_backend() == "gloo" else flag
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+    flag = done.all().to(torch.int32).reshape(1)
+    return bool(all_reduce(flag, op=dist.ReduceOp.MIN if dist.is_initialized() else None))
 
 
 def left_padded(prompts: list, max_new_tokens: int, pad_id: int):
@@ -71,8 +77,6 @@ def static_kv_decoder(model, ids, pos, attn, feats, n: int, fused: bool, compile
     [B, 1, hidden]` with static shapes. Yields (the prompt pass's hidden states [P, L, hidden], step). The prompt
     pass runs once per prompt; StaticKV.write copies its keys and values to the prompt's n sample rows. On exit,
     however it ends, the model's own attention function is back and FSDP2 layers are resharded."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     L, B = ids.shape[1], ids.shape[0] * n
     kv = StaticKV(model, attn.bool().repeat_interleave(n, dim=0))
     AttentionInterface.register(StaticKV.NAME, kv.attend)
@@ -108,7 +112,6 @@ def static_kv_decoder(model, ids, pos, attn, feats, n: int, fused: bool, compile
 def dynamic_cache_decoder(model, ids, pos, attn, feats, n: int):
     """The same as static_kv_decoder on transformers' DynamicCache and the model's own layers (the CPU default):
     the cache grows a slot a token, and the attention mask is sliced to the length so far."""
-    from transformers import DynamicCache
     L = ids.shape[1]
     cache = DynamicCache(config=model.config.get_text_config())
     hidden, _ = decoder_hidden(model, ids, pos, feats, attn[:, :L], cache)
@@ -205,6 +208,12 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
 # Written against the API that vLLM 0.24 and 0.33 share (notes/vllm.md); executed with 0.24.0 (README).
 
 class VLLMEngine:
+    """One colocated vLLM per torchrun rank. The training loop drives it in the order things happen:
+        engine.wake()               weights and KV cache on the GPU
+        engine.generate(...)        the rollout
+        engine.sleep()              KV cache freed, weights to CPU (sleep level 1): the GPU is the trainer's
+        engine.load_weights(...)    the updated policy, copied in place (wakes the weights only)"""
+
     def __init__(self, model_path: str, gpu_memory_utilization: float = 0.5, max_model_len: int = 32768,
                  seed: int = 0, max_frames: int = 768, enforce_eager: bool = False, sleep_level: int = 1,
                  prompt_embeds: bool = False):
@@ -212,10 +221,9 @@ class VLLMEngine:
         the prompts' inputs_embeds computed by the trainer (Long-RL's LongVILA-R1 llm/ folder works the same)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights by reference
         try:
-            from vllm import LLM
+            from vllm import LLM  # late: vllm is optional (GPU nodes only)
         except ImportError:
             raise SystemExit("--engine=vllm needs vllm (pip install vllm on a GPU node); --engine=hf works anywhere")
-        import torch.distributed as dist
         multi = dist.is_initialized()  # under torchrun: every rank its own engine, reusing the process group
         self.prompt_mismatches = 0      # prompts that vLLM tokenized differently from our processor path
         self.sleep_level = sleep_level  # 1 keeps weights in CPU memory; 2 leaves garbage in any weight not pushed
@@ -229,14 +237,43 @@ class VLLMEngine:
                        # log-probs after temperature: log_softmax(logits / T), what the trainer recomputes
                        logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
-        self.asleep = False
+        self.awake = {"weights": True, "kv_cache": True}
+
+    def wake(self):
+        """Whatever sleeps (the KV cache, and the weights unless load_weights woke them) back on the GPU."""
+        asleep = [tag for tag, on in self.awake.items() if not on]
+        if asleep:
+            self.llm.wake_up(tags=asleep)
+            self.awake = dict.fromkeys(self.awake, True)
+
+    def sleep(self):
+        self.llm.sleep(level=self.sleep_level)
+        self.awake = dict.fromkeys(self.awake, False)
+
+    def load_weights(self, named_tensors):
+        """Copy new weights in place (HF names; vLLM fuses q/k/v and gate/up itself) and drop every cache computed
+        with the old ones. Wakes the weights only: the KV cache stays free until wake(). Never call
+        reload_weights without an iterator after a push: that reloads the checkpoint from disk."""
+        if not self.awake["weights"]:
+            self.llm.wake_up(tags=["weights"])
+            self.awake["weights"] = True
+        if self.prompt_embeds:  # the language model only, under a causal LM's names
+            named_tensors = language_model_weights(named_tensors)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        # vision features computed by the old vision tower, and processed inputs (whichever this version has)
+        for reset in (getattr(self.llm.llm_engine, "reset_encoder_cache", None),
+                      getattr(self.llm, "reset_mm_cache", None)):
+            if reset is not None:
+                reset()
 
     def generate(self, prompts: list, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0, suppress_ids=(),
                  embeds=None):
         """embeds: with prompt_embeds, one [L, hidden] CPU tensor per prompt (prompt_embeddings)."""
-        from vllm import SamplingParams
-        if self.asleep:
-            self.wake()
+        from vllm import SamplingParams  # late: vllm is optional
+        if not all(self.awake.values()):
+            raise RuntimeError("the vLLM engine is asleep: call engine.wake() before generate()")
         # the vision/pad tokens can never be sampled (a sampled <|video_pad|> breaks re-scoring): bias them away
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
                                 seed=seed, logit_bias={int(i): -100.0 for i in suppress_ids} or None)
@@ -260,31 +297,32 @@ class VLLMEngine:
                                        finished=o.finish_reason == "stop"))
         return results
 
-    def update_weights(self, named_tensors):
-        """Wake the weights, copy the new ones in place (HF names; vLLM fuses q/k/v and gate/up itself), drop
-        every cache computed with the old weights, then wake the KV cache. Never call reload_weights without an
-        iterator after a push: that reloads the checkpoint from disk."""
-        self.llm.wake_up(tags=["weights"])
-        if self.prompt_embeds:  # the language model only, under a causal LM's names
-            named_tensors = language_model_weights(named_tensors)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
-                                                          "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
-        # vision features computed by the old vision tower, and processed inputs (whichever this version has)
-        for reset in (getattr(self.llm.llm_engine, "reset_encoder_cache", None),
-                      getattr(self.llm, "reset_mm_cache", None)):
-            if reset is not None:
-                reset()
-        self.llm.wake_up(tags=["kv_cache"])
-        self.asleep = False
 
-    def sleep(self):
-        self.llm.sleep(level=self.sleep_level)
-        self.asleep = True
+def make_engine(cfg, model, processor, model_path: str, lm_dir: str, seed: int, sleep_level: int = 1):
+    """The rollout engine that cfg.engine names: None = the HF engine (hf_generate on the policy itself), or a
+    colocated VLLMEngine. Embedding VLMs (LLaVA, VILA): vLLM runs their language model alone, exported to
+    lm_dir by rank 0, on the prompt embeddings the trainer computes (prompt_embeddings)."""
+    if cfg.engine == "hf":
+        return None
+    if cfg.embeddings_cache:
+        raise ValueError("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
+    if family(model).startswith("qwen2_5_omni"):
+        raise ValueError("--engine=vllm does not pass Qwen2.5-Omni's audio track to vLLM yet: use --engine=hf")
+    embeds_only = family(model) not in MROPE
+    if embeds_only:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            export_language_model(model, processor, lm_dir)
+        barrier()
+    return VLLMEngine(lm_dir if embeds_only else model_path, cfg.gpu_memory_utilization, cfg.max_model_len,
+                      seed=seed, max_frames=cfg.max_frames, sleep_level=sleep_level, prompt_embeds=embeds_only)
 
-    def wake(self):
-        self.llm.wake_up()
-        self.asleep = False
+
+def full_tensors(model, dtype=torch.bfloat16):
+    """(HF name, full tensor) for every weight, one at a time (FSDP2 shards are gathered on the fly): what
+    engine.load_weights streams into vLLM."""
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, t.to(dtype)
 
 
 def language_model_weights(named_tensors):
@@ -300,7 +338,6 @@ def language_model_weights(named_tensors):
 
 def export_language_model(model, processor, out_dir: str) -> str:
     """Write an embedding VLM's decoder + lm_head as a causal-LM folder (config, weights, tokenizer) for vLLM."""
-    from transformers import AutoModelForCausalLM
     lm = AutoModelForCausalLM.from_config(model.config.get_text_config())
     lm.load_state_dict(dict(language_model_weights(model.state_dict().items())))
     lm.save_pretrained(out_dir)
@@ -327,7 +364,6 @@ def prepare_prompts(model, processor, samples: list, cfg, think: bool, skipped: 
     prompts = []
     for s in samples:
         if cache_dir:
-            from cache_embeddings import load_cached
             entry = load_cached(cache_dir, s.video, cfg, model)
             if entry is not None:
                 prompts.append(build_prompt_cached(model, processor, format_question(s), entry, think, sample=s))
@@ -343,10 +379,53 @@ def prepare_prompts(model, processor, samples: list, cfg, think: bool, skipped: 
     return prompts
 
 
+def next_prompts(loader, want: int, model, processor, cfg, data_file: str, skipped: list, misses: list,
+                 max_batches: int = 8) -> list:
+    """`want` prompts from the loader's next batches. A row whose video does not load is skipped (named in
+    `skipped`) and refilled from the following batches, up to max_batches; every rank draws the same number of
+    batches (so all loaders stay at one position, which --resume restores), a rank's extra prompts are dropped.
+    If some rank loads no video at all, every rank stops with an error naming the data file and the failures."""
+    prompts, first_skip = [], len(skipped)
+    for _ in range(max_batches):
+        prompts += prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, skipped,
+                                   cfg.embeddings_cache, misses)
+        short = torch.tensor([float(len(prompts) < want)])
+        if all_reduce(short, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
+            break
+    empty = torch.tensor([float(not prompts)])
+    if all_reduce(empty, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0:
+        failures = "; ".join(skipped[first_skip:first_skip + 3]) or "(on another rank)"
+        raise RuntimeError(f"{data_file}: no video loaded on at least one rank in {max_batches} batches of "
+                           f"{loader.batch_size} rows; first failures: {failures}. Check that the videos exist "
+                           "relative to the jsonl's folder (or are absolute paths).")
+    return prompts[:want]
+
+
+def sample_responses(policy, engine, processor, prompts: list, cfg, seed: int, suppress, spi):
+    """cfg.n responses per prompt (rollout.Rollout records, grouped by prompt_index) from the colocated vLLM engine
+    or the HF engine. Under SP every peer of a group ends with the same n responses of each prompt."""
+    split = cfg.sp_size > 1 and cfg.sp_split_rollout  # SP peers each sample n/sp responses of the same prompts
+    n_local = cfg.n // cfg.sp_size if split else cfg.n
+    seed += spi.sp_rank if split else 0
+    if engine:
+        embeds = policy(prompt_embeddings, prompts) if engine.prompt_embeds else None
+        outs = engine.generate(prompts, n_local, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed, suppress,
+                               embeds)
+    else:
+        outs = policy(hf_generate, processor, prompts, n_local, cfg.temperature, cfg.top_p,
+                      cfg.max_new_tokens, seed)
+    if split:  # every SP peer gets all n responses, grouped by prompt (gathered in chunks)
+        parts = chunked_all_gather_object(outs, 4, spi.sp_group)
+        outs = sorted([o for part in parts for o in part], key=lambda o: o.prompt_index)
+    elif cfg.sp_size > 1:  # peers sampled the same (same seed); take SP rank 0's copy so they agree exactly
+        box = [outs]
+        dist.broadcast_object_list(box, src=dist.get_rank() - spi.sp_rank, group=spi.sp_group)
+        outs = box[0]
+    return outs
+
+
 def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cache_dir: str = "") -> dict:
     """Greedy answers for every sample; accuracy overall and per category; predictions and skipped videos."""
-    from tqdm import tqdm
-    from data.rewards import compute_rewards
     preds, skipped, misses = [], [], []
     for start in tqdm(range(0, len(samples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
         prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
@@ -372,8 +451,25 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
             "skipped": skipped, "predictions": preds, "cache_misses": len(misses)}
 
 
+def evaluate_all(policy, processor, samples: list, cfg, engine, tag: str, out_dir: str) -> dict:
+    """Held-out accuracy over all ranks (the FSDP root `policy`): each rank answers every world_size-th row, the
+    counts are summed; rank 0 writes its predictions to out_dir/eval_{tag}.jsonl."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    policy.eval()
+    res = policy(evaluate, processor, samples[rank::world], cfg, engine, desc=f"eval {tag}",
+                 cache_dir=cfg.embeddings_cache)
+    sums = all_reduce(torch.tensor([res["accuracy"] * res["num_scored"], res["format"] * res["num_scored"],
+                                    float(res["num_scored"]), float(len(res["skipped"]))]))
+    out = {"accuracy": (sums[0] / sums[2].clamp(min=1)).item(), "format": (sums[1] / sums[2].clamp(min=1)).item(),
+           "num_scored": int(sums[2]), "skipped": int(sums[3])}
+    if rank == 0:
+        with open(os.path.join(out_dir, f"eval_{tag}.jsonl"), "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in res["predictions"])
+    return out
+
+
 @dataclass
-class RolloutConfig:
+class RolloutConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: data/video.py
     model: str = ""                 # checkpoint folder or hub id (Qwen2.5-VL, Qwen3-VL, Qwen2.5-Omni, LLaVA-format)
     video: str = ""                 # a video to ask one question about
     question: str = ""              # the question for --video
@@ -381,11 +477,6 @@ class RolloutConfig:
     out: str = ""                   # predictions jsonl for --eval (default: <eval>.predictions.jsonl)
     engine: str = "hf"              # hf (any machine) | vllm (GPU node with vllm installed)
     think: bool = True              # Long-RL's think/answer system prompt (use_thinking)
-    fps: float = 0.0                # sample frames at this rate (exclusive with num_frames)
-    num_frames: int = 32            # sample this many frames uniformly over the video (0: use fps)
-    max_frames: int = 768           # cap on sampled frames (up to 8192)
-    max_pixels: int = 448 * 448     # pixel budget per frame (frames are resized as they are decoded)
-    min_pixels: int = 28 * 28       # smallest frame area
     temperature: float = 0.0        # 0 = greedy
     top_p: float = 1.0              # nucleus sampling mass
     max_new_tokens: int = 1024      # response length cap
@@ -450,5 +541,4 @@ def main(cfg: RolloutConfig):
 
 
 if __name__ == "__main__":
-    from configurator import parse_config
     main(parse_config(RolloutConfig))

@@ -31,6 +31,11 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from vlm import (FRAMES, add_audio_features, decoder_hidden, encode_videos, family, media_model, media_token_id,
+                 output_head, select_videos, token_logprobs, video_features)
 
 def _size(group):
     return 1 if group is None else dist.get_world_size(group)
@@ -102,8 +107,6 @@ def ulysses_mask(*args, attention_mask=None, **kwargs):
 def register_ulysses(group, name="ulysses"):
     """Register ulysses_attention (bound to `group`) under `name` for model.set_attn_implementation. The name must
     not contain "flash": transformers would try to load a flash kernel for it (and give the vision tower varlen)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
     assert "flash" not in name, name
     AttentionInterface.register(name, partial(ulysses_attention, group=group))
     AttentionMaskInterface.register(name, ulysses_mask)
@@ -271,7 +274,6 @@ class _GatherRows(torch.autograd.Function):
 def parallel_video_features(model, pixel_values_videos, video_grid_thw, group, num_chunks=1):
     """vlm.video_features(model, pix, grid), computed with each rank encoding a contiguous 1/P of every
     video's temporal patch groups (h*w patch rows each; its own grid (t_r,h,w); uneven splits, zero allowed)."""
-    from vlm import media_model, video_features
     P, r = _size(group), _rank(group)
     if P == 1:
         return video_features(model, pixel_values_videos, video_grid_thw)
@@ -299,3 +301,60 @@ def parallel_video_features(model, pixel_values_videos, video_grid_thw, group, n
     if deep:
         kw["deepstack_features"] = [tuple(pv[1 + i] for pv in per_video) for i in range(len(deep))]
     return type(out)(**kw)
+
+
+# ----------------------------------------------------------------------------- the SP side of response log-probs
+@dataclass
+class TokenSplit:
+    """Which response tokens of a packed micro-batch this rank scored, and how to move per-token values between
+    "every response token, flat in sequence order" (what a Seq stores) and "this rank's tokens" (what its loss
+    sees). Without SP (spi None or sp_size 1) both directions are the identity."""
+    response_mask: torch.Tensor = None  # (B,S) True at the positions that predict a response token (Packed)
+    local_mask: torch.Tensor = None     # (B,S/P) this rank's scored positions (Shard.loss_mask)
+    spi: SPInfo = None
+
+    def align(self, values, device):
+        """flat per-token values of every response token -> this rank's entries, in its log-probs' order."""
+        if self.spi is None:
+            return values.to(device)
+        full = torch.zeros(self.response_mask.shape, dtype=values.dtype)        # (B,S)
+        full[self.response_mask] = values.cpu()
+        mine = shard_values(full, self.spi.sp_rank, self.spi.sp_size, 0)        # (B,S/P)
+        return mine[self.local_mask].to(device)
+
+    def gather(self, local):
+        """this rank's values -> every response token's, flat in sequence order (on every SP peer)."""
+        if self.spi is None:
+            return local
+        mine = torch.zeros(self.local_mask.shape, dtype=local.dtype, device=local.device)
+        mine[self.local_mask.to(local.device)] = local                          # (B,S/P)
+        full = gather_token_values(mine, self.spi.sp_group)[:, :self.response_mask.shape[1]]   # (B,S)
+        return full[self.response_mask.to(full.device)]
+
+
+def sp_response_logprobs(model, prompts, where, packed, spi, suppress_ids, temperature, chunk, with_entropy,
+                         vision_grad):
+    """vlm.response_logprobs under Ulysses SP: stage 1 encodes 1/P of every video here (parallel_video_features),
+    stage 2 runs the decoder on this rank's slice of the packed batch (shard_sequence) and scores the response
+    tokens it holds. Returns (logp, entropy, TokenSplit) for those tokens."""
+    dev = output_head(model).weight.device
+    with torch.set_grad_enabled(vision_grad):
+        # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); LLaVA's and VILA's
+        # image towers run whole on every SP rank; Omni's audio encoder too, beside the split video tower
+        if any(p.video_features is not None for p in prompts) or family(model) in FRAMES:
+            feats = encode_videos(model, prompts)
+        else:
+            pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
+            grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
+            feats = add_audio_features(model, prompts, parallel_video_features(model, pix, grid, spi.sp_group))
+        feats = select_videos(feats, where)
+    tokens_mask = torch.zeros_like(packed.response_mask)  # token-aligned: the response tokens themselves
+    tokens_mask[:, 1:] = packed.response_mask[:, :-1]
+    sh = shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
+                        media_token_id(model), getattr(model.config, "audio_token_id", None))
+    hidden, _ = decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
+                               slice_video_features(feats, sh.video_rows, sh.audio_rows))
+    mask = sh.loss_mask.to(dev)
+    logp, ent = token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, temperature, chunk,
+                               with_entropy)
+    return logp, ent, TokenSplit(packed.response_mask, sh.loss_mask, spi)

@@ -34,11 +34,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from torchvision.io import read_image
+from torchvision.utils import save_image
 from tqdm import tqdm
+from transformers import (AutoTokenizer, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection,
+                          PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel)
 
+from common import (Dist, barrier, init_distributed, latest_checkpoint, load_checkpoint, print0, save_checkpoint,
+                    wrap_fsdp)
 from configurator import parse_config, print_config
-from train_grpo import (Dist, barrier, init_distributed, latest_checkpoint, load_checkpoint, print0,
-                        save_checkpoint, wrap_fsdp)
 
 
 @dataclass
@@ -117,8 +123,6 @@ PROMPTS = [f"a photo of a {a} {p}" for a in ANIMALS for p in PLACES]  # 72 built
 
 def tiny_tokenizer(max_len: int):
     """WordLevel tokenizer over the built-in prompts' words, <s> ... </s> added (no tokenizer files offline)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
     words = sorted({w for p in PROMPTS for w in p.split()})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + words)}, "<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -129,9 +133,7 @@ def tiny_tokenizer(max_len: int):
 
 def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
     """Tiny random (seed 0) StableDiffusion3Pipeline / WanPipeline, save_pretrained'd: loads by path like a real one."""
-    import diffusers as D
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, UMT5Config,
-                              UMT5EncoderModel)
+    import diffusers as D  # late: diffusers is optional (Flow-GRPO only; the module imports without it)
     t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, vocab_size=1000, feed_forward_proj="gated-gelu",
               relative_attention_num_buckets=8)
     clip = dict(hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
@@ -166,7 +168,7 @@ def make_tiny_pipeline(out_dir: str, kind: str = "sd3") -> str:
 
 def load_pipeline(path: str, cfg: Config, d: Dist):
     """-> pipe (frozen parts on device), transformer (trainable), ref (frozen copy for the KL, or None)."""
-    from diffusers import StableDiffusion3Pipeline, WanPipeline
+    from diffusers import StableDiffusion3Pipeline, WanPipeline  # late: as above
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     pipe = (StableDiffusion3Pipeline if cfg.kind == "sd3" else WanPipeline).from_pretrained(path, dtype=dtype)
     for m in pipe.components.values():
@@ -182,7 +184,7 @@ def make_trainable(transformer, cfg: Config, d: Dist):
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if cfg.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # late: peft only for LoRA runs
         names = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
         targets = [f"attn.{n}" for n in names] if cfg.kind == "sd3" else names  # cf. flow_grpo train_sd3 / train_wan2_1
         transformer = get_peft_model(transformer, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -300,7 +302,6 @@ def sample(transformer, cond, uncond, noise, sigmas, timesteps, cfg: Config, sde
 def load_clip_scorer(path: str, head_path: str, device):
     """(images (N,3,H,W) in [0,1], prompts) -> cosine(CLIP image, CLIP prompt), or with head_path the LAION aesthetic
     MLP (DDPO / flow_grpo; state-dict keys layers.0/2/4/6/7) on the normalised CLIP image embedding."""
-    from transformers import AutoTokenizer, CLIPModel
     model, tok = CLIPModel.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path)
     size, nn = model.config.vision_config.image_size, torch.nn
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)  # OpenAI CLIP pixel stats
@@ -326,7 +327,6 @@ def load_clip_scorer(path: str, head_path: str, device):
 
 def jpeg_kb(img) -> float:
     """Size in kB of one image (3,H,W) in [0,1] as a quality-95 JPEG (DDPO's compressibility reward is its negative)."""
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).save(buf, format="JPEG", quality=95)
     return buf.tell() / 1000
@@ -397,7 +397,6 @@ def gather(t):
 
 def save_grid(images, path: str):
     """(N,3,H,W) or (N,F,3,H,W) in [0,1] -> PNG, 8 images a row; a video is one row, its frames side by side."""
-    from torchvision.utils import save_image
     video = images.dim() == 5
     save_image(torch.cat(images.unbind(1), dim=-1) if video else images, path, nrow=1 if video else 8, pad_value=1)
 
@@ -498,8 +497,6 @@ def save_before_after(cfg: Config, state: dict):
         return
     print(f"held-out {cfg.reward} (ODE, {cfg.eval_num_steps} steps): before {state['eval_before']:.4f} -> "
           f"after {state['eval_last']:.4f}")
-    from torchvision.io import read_image
-    from torchvision.utils import save_image
     grids = [read_image(g) for g in grids]
     save_image(torch.cat(grids, 1) / 255, os.path.join(cfg.out_dir, "before_after.png"))
 
@@ -589,7 +586,7 @@ def main(cfg: Config):
 def bench_step(cfg: Config, shapes=None):
     """Time sampling (sample_batch_size) and one update (train_batch_size x trained steps) of a random-init transformer
     of the real shape (SD35_MEDIUM / WAN21_1_3B; `shapes` overrides) with random text embeddings, after a warm-up."""
-    import diffusers as D
+    import diffusers as D  # late: diffusers is optional (Flow-GRPO only; the module imports without it)
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     sd3, cuda = cfg.kind == "sd3", d.device.startswith("cuda")

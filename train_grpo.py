@@ -13,196 +13,36 @@ only at response positions (lm_head in chunks, never full-vocabulary logits over
 sequences are right-padded so causal attention needs no mask; each token is counted once in the loss
 normalisation, on the rank that holds it (see `token_weights`).
 """
-import glob
 import json
 import math
 import os
 import random
-import shutil
-import socket
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import rollout
+import sp as sp_lib
 import vlm
-
-
-# ----------------------------------------------------------------------------------------------------------
-# distributed set-up: torchrun env vars -> process group -> device. One process without torchrun works too.
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; nccl on GPU, gloo on CPU. Multi-node is plain torchrun."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda:
-        single_process_env()
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    dev = f"cuda:{local}" if use_cuda else "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local)
-    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even on one GPU (vLLM reuses it)
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device(dev) if use_cuda else None)
-    return Dist(rank=rank, world_size=world, local_rank=local, device=dev)
-
-
-def single_process_env():
-    """Without torchrun on a GPU, act as a one-rank torchrun (RANK=0, WORLD_SIZE=1, a free local port): FSDP2 and
-    the colocated vLLM engine (its external_launcher reads RANK) then find the process group they expect, so
-    `python train_grpo.py ... --engine=vllm` works as `torchrun --nproc_per_node=1 train_grpo.py ...` does."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-
-
-def exit_distributed():
-    """End a torchrun worker: destroy the process group, flush, and leave with os._exit(0). Measured on this
-    CPU (torch 2.14.1, transformers 5.24): a gloo worker that has loaded a model through from_pretrained aborts
-    in C++ teardown after Python has finished ("terminate called without an active exception") in 5 of 50
-    runs, 0 of 50 with os._exit (the cause was not found). Everything is written and closed before this."""
-    if "RANK" not in os.environ:
-        return
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def print0(*args, **kwargs):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def wrap_fsdp(model: torch.nn.Module, units, d: Dist, bf16: bool, ignored: set = None):
-    """FSDP2: fully_shard each unit (a module, or a list of modules sharded as one group), then the root.
-    A unit's weights are gathered when its forward runs, so anything called directly (not through the root's
-    forward) must be a unit. Parameters stay fp32 (the optimizer's master copy); with bf16 the forward and
-    backward compute in bf16 and gradients are reduced in fp32. `ignored` parameters stay whole on every rank."""
-    if d.world_size == 1 and not bf16:
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if not dist.is_initialized():  # one GPU without torchrun: FSDP2 still needs a (size-1) process group
-        dist.init_process_group("gloo" if d.device == "cpu" else "nccl", rank=0, world_size=1,
-                                init_method=f"file:///tmp/longrl-pg-{os.getpid()}")
-    mesh = init_device_mesh("cuda" if d.device.startswith("cuda") else "cpu", (d.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
-    for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
-    return model
-
-
-class Root(torch.nn.Module):
-    """The FSDP2 root. A unit's weights are gathered only while its forward runs, and our code calls the model's
-    parts directly (the vision tower once per prompt, the decoder, lm_head on chosen rows only), so the root's
-    forward simply runs a function on the model: `policy(fn, *args)` == `fn(model, *args)` with every weight
-    that no decoder layer or vision block owns (embeddings, norms, merger, lm_head) gathered meanwhile."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fn, *args, **kwargs):
-        return fn(self.model, *args, **kwargs)
-
-
-def vlm_units(model, vision: bool = True) -> list:
-    """FSDP2 units: each decoder layer and each vision (and audio) encoder block (the rest stays with the root)."""
-    return [*vlm.text_model(model).layers, *(vlm.encoder_blocks(model) if vision else [])]
-
-
-def encoder_params(model) -> set:
-    return {p for m in vlm.media_encoders(model) for p in m.parameters()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints: torch.distributed.checkpoint (sharded, reshardable), written to DIR/step_N.tmp then renamed, so
-# a stopped run never leaves a half-written checkpoint that --resume would pick up.
-
-def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, keep_last: int = 2):
-    """Model + optimizer (sharded), each rank's RNG states, and `state` (data position, step, metrics...)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    final, tmp = os.path.join(out_dir, f"step_{step:08d}"), os.path.join(out_dir, f"step_{step:08d}.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
-    if rank == 0:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({**state, "step": step}, f)
-    barrier()
-    if rank == 0:
-        os.replace(tmp, final)  # atomic on one filesystem
-        for old in sorted(glob.glob(os.path.join(out_dir, "step_????????")))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def latest_checkpoint(out_dir: str):
-    done = sorted(glob.glob(os.path.join(out_dir, "step_????????")))  # *.tmp folders are never matched
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG; return the saved `state` dict."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_file):  # absent when resuming on more ranks than were saved: RNG then starts fresh
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+from common import (MetricsLog, Dist, Root, all_reduce, barrier, exit_distributed, finite, gpu_used_gib,
+                    init_distributed, latest_checkpoint, load_checkpoint, plot_curve, print0, save_checkpoint,
+                    wrap_fsdp)
+from configurator import parse_config
+from data.datasets import Loader, load_jsonl
+from data.rewards import JudgeConfig, RewardStats, compute_rewards
+from data.synthetic import synthetic_demo
+from data.video import FrameSampling
 
 
 # ----------------------------------------------------------------------------------------------------------
 # config: every field overridable as --key=value or from a preset in config/ (python train_grpo.py --help)
 
 @dataclass
-class Config:
+class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: data/video.py
     # I/O
     out_dir: str = "runs/grpo"          # checkpoints, metrics.jsonl, eval predictions, learning curve
     resume: bool = False                # continue from the newest complete checkpoint in out_dir
@@ -216,11 +56,6 @@ class Config:
     synthetic_flash: int = 4            # synthetic: frames the colour flash lasts
     synthetic_train: int = 1024         # synthetic: training videos
     synthetic_eval: int = 256           # synthetic: held-out videos (balanced answers)
-    fps: float = 0.0                    # frame sampling rate (takes precedence over num_frames when > 0)
-    num_frames: int = 64                # frames sampled uniformly over each video
-    max_frames: int = 768               # cap on sampled frames (up to 8192)
-    max_pixels: int = 448 * 448         # pixel budget per frame
-    min_pixels: int = 28 * 28           # smallest frame area
     think: bool = True                  # Long-RL's think/answer prompt; format reward needs <think> too
     embeddings_cache: str = ""          # cache_embeddings.py output (needs freeze_vision): no decoding, no tower
     # model
@@ -316,6 +151,8 @@ def compute_advantages(rewards: torch.Tensor, estimator: str = "grpo", eps: floa
     n = rewards.shape[1]
     if n < 2:
         raise ValueError(f"adv_estimator {estimator!r} compares the n responses of a prompt: n={n} has no baseline")
+    if rewards.numel() == 0:  # DAPO kept no group this step
+        return torch.zeros_like(rewards)
     r = rewards.double()
     mean = r.mean(dim=1, keepdim=True)
     if estimator == "grpo":      # A_i = (r_i - mean(r)) / (std(r) + eps), unbiased std as verl
@@ -462,16 +299,6 @@ def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
     return torch.clamp(-(lengths.float() - (max_len - buffer)) / buffer * factor, max=0.0)
 
 
-def all_reduce(t: torch.Tensor, group=None, op=None):
-    """Sum (or op) over ranks; gloo works on CPU tensors only, so move there when needed."""
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        src = t.cpu() if dist.get_backend(group) == "gloo" else t
-        dist.all_reduce(src, op=op or dist.ReduceOp.SUM, group=group)
-        if src is not t:
-            t.copy_(src)
-    return t
-
-
 # ----------------------------------------------------------------------------------------------------------
 # one micro-batch through the policy: vision tower once per video, decoder, log-probs at response tokens only
 
@@ -488,13 +315,10 @@ class Seq:
 
 
 def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False, spi=None):
-    """Response log-probs (and entropies) of `seqs` through the FSDP root `policy`. Vision features are computed
-    once per distinct prompt (the n responses of a group share their video).
-    Returns (logp, entropy, align, gather): without SP, logp is flat over all response tokens in order and
-    align/gather are identities; with SP (spi.sp_size > 1) logp covers only the response tokens this rank holds
-    (Ulysses stage 2; stage 1 encodes 1/SP of every video here), `align(flat values)` picks the matching
-    entries of any per-token quantity, and `gather(local logp)` rebuilds the flat full-length values."""
-    import sp as sp_lib
+    """Response log-probs (and entropies) of `seqs` through the FSDP root `policy`, each video encoded once per
+    distinct prompt (the n responses of a group share it). Returns (logp, entropy, split): logp is flat over the
+    response tokens in sequence order, or with SP (sp.py) over the ones this rank holds; split.align / .gather
+    move other per-token values between the two (identities without SP)."""
     prompts, index, where = [], {}, []
     for s in seqs:
         if id(s.prompt) not in index:
@@ -503,52 +327,17 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
         where.append(index[id(s.prompt)])
     packed = vlm.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
     vision_grad = torch.is_grad_enabled() and not cfg.freeze_vision
-    if spi is None or spi.sp_size == 1:
-        def run(model):
-            with torch.set_grad_enabled(vision_grad):
-                feats = vlm.select_videos(vlm.encode_videos(model, prompts), where)
-            return vlm.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
-                                         with_entropy)
-        logp, ent = policy(run)
-        return logp, ent, (lambda v: v.to(logp.device)), (lambda v: v)
+    if spi is not None and spi.sp_size > 1:
+        return policy(sp_lib.sp_response_logprobs, prompts, where, packed, spi, suppress_ids, cfg.temperature,
+                      cfg.logprob_chunk, with_entropy, vision_grad)
 
-    # token-aligned response mask: the tokens to score (Packed.response_mask marks the positions predicting them)
-    tokens_mask = torch.zeros_like(packed.response_mask)
-    tokens_mask[:, 1:] = packed.response_mask[:, :-1]
-
-    def run_sp(model):
-        dev = vlm.output_head(model).weight.device
+    def run(model):
         with torch.set_grad_enabled(vision_grad):
-            # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); LLaVA's and
-            # VILA's image towers run whole on every SP rank; Omni's audio encoder too, beside the split video tower
-            if any(p.video_features is not None for p in prompts) or vlm.family(model) in vlm.FRAMES:
-                feats = vlm.encode_videos(model, prompts)
-            else:
-                pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
-                grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
-                feats = vlm.add_audio_features(model, prompts,
-                                               sp_lib.parallel_video_features(model, pix, grid, spi.sp_group))
-            feats = vlm.select_videos(feats, where)
-        sh = sp_lib.shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
-                                   vlm.media_token_id(model), getattr(model.config, "audio_token_id", None))
-        hidden, _ = vlm.decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
-                                       sp_lib.slice_video_features(feats, sh.video_rows, sh.audio_rows))
-        mask = sh.loss_mask.to(dev)
-        return vlm.token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, cfg.temperature,
-                                  cfg.logprob_chunk, with_entropy) + (sh.loss_mask,)
-    logp, ent, local_mask = policy(run_sp)
-
-    def align(values):  # flat per-token values (sequence order) -> this rank's entries, in logp's order
-        full = torch.zeros(packed.response_mask.shape, dtype=values.dtype)
-        full[packed.response_mask] = values.cpu()
-        return sp_lib.shard_values(full, spi.sp_rank, spi.sp_size, 0)[local_mask].to(logp.device)
-
-    def gather(local):  # this rank's log-probs -> every response token's, flat in sequence order
-        mine = torch.zeros(local_mask.shape, dtype=local.dtype, device=local.device)
-        mine[local_mask.to(local.device)] = local
-        full = sp_lib.gather_token_values(mine, spi.sp_group)[:, :packed.response_mask.shape[1]]
-        return full[packed.response_mask.to(full.device)]
-    return logp, ent, align, gather
+            feats = vlm.select_videos(vlm.encode_videos(model, prompts), where)
+        return vlm.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
+                                     with_entropy)
+    logp, ent = policy(run)
+    return logp, ent, sp_lib.TokenSplit()
 
 
 def dp_all_reduce(t: torch.Tensor, spi=None, op=None):
@@ -571,8 +360,8 @@ def micro_batches(seqs: list, size: int, group=None):
 def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None):
     """Store no-grad log-probs of `policy` on each Seq (attr = logp_old | logp_ref)."""
     for chunk in micro_batches(seqs, cfg.micro_batch_size):
-        lp, _, _, gather = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, spi=spi)
-        lp = gather(lp)
+        lp, _, split = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, spi=spi)
+        lp = split.gather(lp)
         if chunk is None:
             continue
         for s, v in zip(chunk, lp.cpu().split([len(s.response_ids) for s in chunk])):
@@ -615,7 +404,8 @@ def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback, 
     weight_of = {id(s): w for s, w in zip(seqs, weights)}
     sums, ratio_max = torch.zeros(len(UPDATE_SUMS), dtype=torch.float64), torch.zeros(1)
     for chunk in micro_batches(seqs, cfg.micro_batch_size):
-        logp, entropy, align, gather = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, True, spi)
+        logp, entropy, split = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, True, spi)
+        align, gather = (lambda v: split.align(v, logp.device)), split.gather
         if chunk is None:       # padding micro-batch: forward + backward with zero weight
             (logp.sum() * 0.0).backward()
             continue
@@ -678,56 +468,13 @@ def training_metrics(results: list) -> dict:
     return out
 
 
-def params_finite(model) -> bool:
-    """Every weight finite, on every rank (checked before a push into vLLM and before a checkpoint)."""
-    bad = torch.zeros(1)
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        if not bool(torch.isfinite(local.detach()).all()):
-            bad += 1
-    return all_reduce(bad, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0
-
-
-def push_weights(engine, model):
-    """The policy's weights into the sleeping vLLM engine (which wakes for them); never non-finite ones."""
-    if not params_finite(model):
-        raise RuntimeError("non-finite weights in the policy: not pushed into vLLM")
-    engine.update_weights(full_tensors(model))
-
-
-def full_tensors(model, dtype=torch.bfloat16):
-    """(HF name, full tensor) for every weight, one at a time (FSDP2 shards are gathered on the fly)."""
-    for name, t in model.state_dict().items():
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t
-        yield name, t.to(dtype)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# set-up helpers: the synthetic task, the format warm-up, evaluation across ranks
-
-def prepare_synthetic(cfg: Config, d: Dist):
-    """CPU demo: the synthetic flash-colour task and a tiny random Qwen2.5-VL, made once in out_dir."""
-    from data.synthetic import SyntheticConfig, make_dataset
-    from data.tiny import make_tiny_model
-    data_dir = os.path.join(cfg.out_dir, "synthetic")
-    model_dir = os.path.join(cfg.out_dir, "tiny-model")
-    if d.is_main and not os.path.exists(os.path.join(data_dir, "config.json")):
-        print0(f"making the synthetic task in {data_dir}")
-        make_dataset(SyntheticConfig(out=data_dir, num_train=cfg.synthetic_train, num_eval=cfg.synthetic_eval,
-                                     frames=cfg.synthetic_frames, flash_frames=cfg.synthetic_flash, seed=cfg.seed))
-    if d.is_main and not cfg.model and not os.path.exists(os.path.join(model_dir, "config.json")):
-        print0(f"making a tiny random Qwen2.5-VL in {model_dir}")
-        make_tiny_model(model_dir, "qwen2_5_vl", seed=cfg.seed)
-    barrier()
-    cfg.data = cfg.data or os.path.join(data_dir, "train.jsonl")
-    cfg.eval_data = cfg.eval_data or os.path.join(data_dir, "eval.jsonl")
-    cfg.model = cfg.model or model_dir
+# the format warm-up (CPU demo): a tiny supervised stage before GRPO
 
 
 def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids, spi=None):
     """Teach the answer format only: SFT on '<think> </think> <answer> X </answer>' with X a RANDOM letter,
     independent of the video, so the model starts GRPO at chance accuracy with a parsable format."""
-    import rollout
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, cfg.beta2))
     tok, eos = processor.tokenizer, processor.tokenizer.eos_token_id
     rng = random.Random(cfg.seed + 7 * (spi.dp_rank if spi else d.rank))  # SP peers: the same letters
@@ -746,7 +493,7 @@ def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids,
         n_tokens = dp_all_reduce(torch.tensor([float(sum(lengths))]), spi)[0].item()
         total = 0.0
         for chunk in micro_batches(seqs, cfg.micro_batch_size * 4):
-            logp, _, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
+            logp, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
             loss = -logp.sum() * d.world_size / n_tokens * (0.0 if chunk is None else 1.0)  # token-mean NLL
             loss.backward()
             total += loss.item() / d.world_size
@@ -758,54 +505,14 @@ def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids,
     del optimizer
 
 
-def evaluate_all(policy, processor, samples, cfg: Config, d: Dist, engine, tag: str) -> dict:
-    """Held-out accuracy: each rank answers every world_size-th row; the counts are summed over ranks."""
-    import rollout
-    policy.eval()
-    mine = samples[d.rank::d.world_size]
-    res = policy(rollout.evaluate, processor, mine, cfg, engine, desc=f"eval {tag}", cache_dir=cfg.embeddings_cache)
-    sums = all_reduce(torch.tensor([res["accuracy"] * res["num_scored"], res["format"] * res["num_scored"],
-                                    float(res["num_scored"]), float(len(res["skipped"]))]))
-    out = {"accuracy": (sums[0] / sums[2].clamp(min=1)).item(), "format": (sums[1] / sums[2].clamp(min=1)).item(),
-           "num_scored": int(sums[2]), "skipped": int(sums[3])}
-    if d.is_main:
-        with open(os.path.join(cfg.out_dir, f"eval_{tag}.jsonl"), "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in res["predictions"])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # one step's phases that are more than a few lines: sampling, scoring, advantages, the step's metrics
 
-def sample_responses(policy, engine, processor, prompts: list, cfg: Config, seed: int, suppress, spi, d: Dist):
-    """cfg.n responses per prompt (rollout.Rollout records, grouped by prompt_index) from the colocated vLLM engine
-    or the HF engine. Under SP every peer of a group ends with the same n responses of each prompt."""
-    import rollout
-    import sp as sp_lib
-    split = cfg.sp_size > 1 and cfg.sp_split_rollout  # SP peers each sample n/sp responses of the same prompts
-    n_local = cfg.n // cfg.sp_size if split else cfg.n
-    seed += spi.sp_rank if split else 0
-    if engine:
-        embeds = policy(rollout.prompt_embeddings, prompts) if engine.prompt_embeds else None
-        outs = engine.generate(prompts, n_local, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed, suppress,
-                               embeds)
-    else:
-        outs = policy(rollout.hf_generate, processor, prompts, n_local, cfg.temperature, cfg.top_p,
-                      cfg.max_new_tokens, seed)
-    if split:  # every SP peer gets all n responses, grouped by prompt (gathered in chunks)
-        parts = sp_lib.chunked_all_gather_object(outs, 4, spi.sp_group)
-        outs = sorted([o for part in parts for o in part], key=lambda o: o.prompt_index)
-    elif cfg.sp_size > 1:  # peers sampled the same (same seed); take SP rank 0's copy so they agree exactly
-        box = [outs]
-        dist.broadcast_object_list(box, src=d.rank - spi.sp_rank, group=spi.sp_group)
-        outs = box[0]
-    return outs
 
 
 def score_responses(outs: list, prompts: list, cfg: Config, judge, reward_stats, stats: dict) -> torch.Tensor:
     """Reward of each response (data/rewards.py: w_acc * accuracy + w_fmt * format, + DAPO's overlong shaping);
     appends each response's reward, accuracy, format and length to `stats` for the step's metrics."""
-    from data.rewards import compute_rewards
     t0 = time.time()
     scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],
                              cfg.w_acc, cfg.w_fmt, cfg.think, cfg.open_ended, judge, reward_stats)
@@ -883,8 +590,6 @@ def check_config(cfg: Config, dp_size: int = 1):
         raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
                          "tower would train and the cached features go stale after the first update; set "
                          "--freeze_vision=true (or drop --embeddings_cache)")
-    if cfg.embeddings_cache and cfg.engine == "vllm":
-        raise ValueError("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
     if cfg.n % cfg.sp_size:
         raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:
@@ -896,68 +601,33 @@ def check_config(cfg: Config, dp_size: int = 1):
                          f"{dp_size} data-parallel ranks")
 
 
-def next_prompts(loader, want: int, model, processor, cfg: Config, skipped: list, misses: list,
-                 max_batches: int = 8) -> list:
-    """`want` prompts from the loader's next batches. A row whose video does not load is skipped (named in
-    `skipped`) and refilled from the following batches, up to max_batches; every rank draws the same number of
-    batches (so all loaders stay at one position, which --resume restores), a rank's extra prompts are dropped.
-    If some rank loads no video at all, every rank stops with an error naming the data file and the failures."""
-    import rollout
-    prompts, first_skip = [], len(skipped)
-    for _ in range(max_batches):
-        prompts += rollout.prepare_prompts(model, processor, loader.next_batch(), cfg, cfg.think, skipped,
-                                           cfg.embeddings_cache, misses)
-        short = torch.tensor([float(len(prompts) < want)])
-        if all_reduce(short, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
-            break
-    empty = torch.tensor([float(not prompts)])
-    if all_reduce(empty, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0:
-        failures = "; ".join(skipped[first_skip:first_skip + 3]) or "(on another rank)"
-        raise RuntimeError(f"{cfg.data}: no video loaded on at least one rank in {max_batches} batches of "
-                           f"{loader.batch_size} rows; first failures: {failures}. Check that the videos exist "
-                           "relative to the jsonl's folder (or are absolute paths).")
-    return prompts[:want]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the loop
+# set-up: the batch arithmetic, the policy and its reference, the step's groups, the step's metrics
 
-def main(cfg: Config):
-    import rollout
-    from data.datasets import Loader, load_jsonl
-    from data.rewards import JudgeConfig, RewardStats
+@dataclass
+class Plan:
+    """The batch arithmetic of one step, per data-parallel rank (printed once at start-up)."""
+    prompts_per_rank: int           # rollout_batch_size / dp
+    update_prompts: int             # prompts per optimizer update (update_batch_size / dp)
+    updates_per_epoch: int          # optimizer updates per pass over the rollout batch
+    need_old: bool                  # old log-probs recomputed before the first update (else = current, detached)
 
-    check_config(cfg)
-    d = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.synthetic:
-        prepare_synthetic(cfg, d)
-    import sp as sp_lib
-    spi = sp_lib.init_sp(cfg.sp_size)   # world = dp x sp; the SP peers of a group share their prompts
-    dp_rank, dp_size = spi.dp_rank, spi.dp_size
-    check_config(cfg, dp_size)
+
+def batch_plan(cfg: Config, dp_size: int) -> Plan:
     prompts_per_rank = cfg.rollout_batch_size // dp_size
     update_prompts = (cfg.update_batch_size or cfg.rollout_batch_size) // dp_size
-    updates_per_epoch = max(prompts_per_rank // max(update_prompts, 1), 1)
+    updates_per_epoch = prompts_per_rank // update_prompts
     need_old = cfg.ppo_epochs > 1 or updates_per_epoch > 1 or (cfg.kl_beta > 0 and cfg.kl_in_reward)
-    print0(f"world {d.world_size} ({d.device}) = dp {dp_size} x sp {cfg.sp_size}, "
-           f"{prompts_per_rank} prompts x {cfg.n} responses per data-parallel rank per step, "
-           f"{updates_per_epoch * cfg.ppo_epochs} optimizer update(s) per step, "
-           f"old log-probs {'recomputed' if need_old else '= current (detached): one on-policy update'}")
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(cfg.__dict__, f, indent=1)
+    return Plan(prompts_per_rank, update_prompts, updates_per_epoch, need_old)
 
-    # model, reference, optimizer (FSDP2 on several ranks or with bf16 on GPU)
-    model, processor = vlm.load_model(cfg.model, "float32" if cfg.dtype == "auto" else cfg.dtype,
+
+def build_policy(cfg: Config, model_path: str, d: Dist, spi):
+    """The policy as an FSDP2 root (policy(fn, ...) runs fn(model, ...)), the frozen reference when kl_beta > 0,
+    the optimizer, and the attention function of each phase (Ulysses in training under SP)."""
+    model, processor = vlm.load_model(model_path, "float32" if cfg.dtype == "auto" else cfg.dtype,
                                       cfg.attn_implementation, d.device)
-    lm_dir = os.path.join(cfg.out_dir, "vllm_language_model")  # embedding VLMs under vLLM: the decoder alone
-    if cfg.engine == "vllm" and vlm.family(model) not in vlm.MROPE:
-        if d.is_main:
-            rollout.export_language_model(model, processor, lm_dir)
-        barrier()
     if cfg.freeze_vision:
         for encoder in vlm.media_encoders(model):
             encoder.requires_grad_(False)
@@ -972,35 +642,116 @@ def main(cfg: Config):
     # with an embeddings cache only the ranks with a cache miss run the frozen tower: keep it out of FSDP (whole on
     # every rank, no collectives), else a rank without a miss would leave the others waiting in a vision all-gather
     cached = bool(cfg.embeddings_cache)
-    policy = wrap_fsdp(Root(model), vlm_units(model, vision=not cached), d, bf16,
-                       encoder_params(model) if cached else None)  # policy(fn, ...) runs fn(model, ...)
+    policy = wrap_fsdp(Root(model), vlm.fsdp_units(model, vision=not cached), d, bf16,
+                       vlm.encoder_params(model) if cached else None)
     ref = None
     if cfg.kl_beta > 0:  # a frozen copy of the initial policy; not loaded at all when beta = 0
-        ref, _ = vlm.load_model(cfg.model, "float32", cfg.attn_implementation, d.device)
+        ref, _ = vlm.load_model(model_path, "float32", cfg.attn_implementation, d.device)
         ref.requires_grad_(False)
-        ref = wrap_fsdp(Root(ref), vlm_units(ref, vision=not cached), d, bf16,
-                        encoder_params(ref) if cached else None).eval()
+        ref = wrap_fsdp(Root(ref), vlm.fsdp_units(ref, vision=not cached), d, bf16,
+                        vlm.encoder_params(ref) if cached else None).eval()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    print0(f"attention: {model.config.get_text_config()._attn_implementation}; FSDP2: {d.world_size > 1 or bf16}; "
+           f"bf16: {bf16}")
+    return model, processor, policy, ref, optimizer, attention
+
+
+def collect_groups(policy, engine, processor, loader, data_file: str, cfg: Config, plan: Plan, step: int, suppress,
+                   judge, reward_stats, spi):
+    """The step's groups (prompt, its n rollouts, their rewards) and the rollout statistics. With DAPO's dynamic
+    sampling a group whose rewards are all equal (no learning signal) is dropped and new prompts are sampled, up
+    to max_sampling_tries rounds."""
+    groups, tries = [], 0
+    stats = {"reward": [], "accuracy": [], "format": [], "length": [], "truncated": 0, "reward_time": 0.0,
+             "skipped": [], "misses": []}  # misses: videos with no embeddings-cache entry (decoded live)
+    while True:
+        tries += 1
+        prompts = rollout.next_prompts(loader, plan.prompts_per_rank, policy.model, processor, cfg, data_file,
+                                       stats["skipped"], stats["misses"])
+        seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + spi.dp_rank * 7919
+        outs = rollout.sample_responses(policy, engine, processor, prompts, cfg, seed, suppress, spi)
+        reward = score_responses(outs, prompts, cfg, judge, reward_stats, stats)
+        for i, p in enumerate(prompts):
+            members = [k for k, o in enumerate(outs) if o.prompt_index == i]
+            r = reward[members]
+            if cfg.dynamic_sampling and bool((r == r[0]).all()):  # no learning signal in this group
+                continue
+            groups.append((p, [outs[k] for k in members], r))
+        short = torch.tensor([float(len(groups) < plan.prompts_per_rank)])
+        if not cfg.dynamic_sampling or tries >= cfg.max_sampling_tries or \
+                all_reduce(short, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
+            break
+    stats["tries"] = tries
+    fallback = Seq(prompt=prompts[0], response_ids=outs[0].response_ids, advantages=torch.zeros(1))
+    return groups[:plan.prompts_per_rank], stats, fallback
+
+
+def update_batches(seqs: list, num_groups: int, cfg: Config, plan: Plan, step: int):
+    """ppo_epochs passes over the step's sequences, each split into updates of update_prompts whole groups."""
+    for epoch in range(cfg.ppo_epochs):
+        order = list(range(num_groups))
+        if plan.updates_per_epoch > 1:  # a fresh split of the groups into update batches each epoch
+            random.Random(cfg.seed + step * 31 + epoch).shuffle(order)
+        for u in range(plan.updates_per_epoch):
+            chosen = set(order[u * plan.update_prompts:(u + 1) * plan.update_prompts])
+            yield [s for k, s in enumerate(seqs) if k // cfg.n in chosen]
+
+
+def step_metrics(step: int, stats: dict, groups: list, seqs: list, results: list, timing: dict, lr: float,
+                 engine, spi) -> dict:
+    """One metrics.jsonl row: rollout statistics and training metrics over all ranks, timings, memory."""
+    metrics = {**training_metrics(results), "step": step, **rollout_metrics(stats, len(groups), seqs, spi),
+               "sampling_tries": stats["tries"], "lr": lr, **{f"time_{k}": round(v, 4) for k, v in timing.items()}}
+    metrics["tokens_per_s"] = metrics.pop("tokens") / max(timing["update"], 1e-9)
+    if torch.cuda.is_available():  # torch's allocator peak, and the whole GPU in use (vLLM's memory too)
+        metrics.update(peak_alloc_GiB=torch.cuda.max_memory_allocated() / 2**30, gpu_used_GiB=gpu_used_gib(),
+                       gpu_used_rollout_GiB=stats["gpu_used_GiB"])
+        torch.cuda.reset_peak_memory_stats()
+    if engine:
+        metrics["vllm_prompt_mismatches"] = engine.prompt_mismatches
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+def main(cfg: Config):
+    check_config(cfg)
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    data_file, eval_file, model_path = cfg.data, cfg.eval_data, cfg.model
+    if cfg.synthetic:  # the CPU demo: the synthetic task and a tiny random model, made once in out_dir
+        demo = synthetic_demo(cfg.out_dir, cfg.synthetic_train, cfg.synthetic_eval, cfg.synthetic_frames,
+                              cfg.synthetic_flash, cfg.seed, tiny_model=not cfg.model, make=d.is_main)
+        barrier()
+        data_file, eval_file, model_path = data_file or demo[0], eval_file or demo[1], model_path or demo[2]
+    spi = sp_lib.init_sp(cfg.sp_size)   # world = dp x sp; the SP peers of a group share their prompts
+    check_config(cfg, spi.dp_size)
+    plan = batch_plan(cfg, spi.dp_size)
+    print0(f"world {d.world_size} ({d.device}) = dp {spi.dp_size} x sp {cfg.sp_size}, {plan.prompts_per_rank} "
+           f"prompts x {cfg.n} responses per data-parallel rank per step, {plan.updates_per_epoch * cfg.ppo_epochs} "
+           f"optimizer update(s) per step, old log-probs "
+           f"{'recomputed' if plan.need_old else '= current (detached): one on-policy update'}")
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump({**cfg.__dict__, "resolved": {"data": data_file, "eval_data": eval_file, "model": model_path}},
+                  f, indent=1)
+
+    model, processor, policy, ref, optimizer, attention = build_policy(cfg, model_path, d, spi)
     suppress = vlm.suppress_ids(model, processor)
     judge = JudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.open_ended == "judge" else None
-    engine = None
-    if cfg.engine == "vllm" and vlm.family(model).startswith("qwen2_5_omni"):
-        raise ValueError("--engine=vllm does not pass Qwen2.5-Omni's audio track to vLLM yet: use --engine=hf")
-    if cfg.engine == "vllm":  # embedding VLMs: vLLM runs their language model alone, on our prompt embeddings
-        embeds_only = vlm.family(model) not in vlm.MROPE
-        engine = rollout.VLLMEngine(lm_dir if embeds_only else cfg.model, cfg.gpu_memory_utilization,
-                                    cfg.max_model_len, seed=cfg.seed + dp_rank, max_frames=cfg.max_frames,
-                                    sleep_level=cfg.vllm_sleep_level, prompt_embeds=embeds_only)
-    print0(f"rollout engine: {'vLLM (colocated, sleep level %d)' % cfg.vllm_sleep_level if engine else 'HF'}; "
-           f"attention: {model.config.get_text_config()._attn_implementation}; FSDP2: {d.world_size > 1 or bf16}; "
-           f"bf16: {bf16}")
+    engine = rollout.make_engine(cfg, model, processor, model_path, os.path.join(cfg.out_dir, "vllm_lm"),
+                                 seed=cfg.seed + spi.dp_rank, sleep_level=cfg.vllm_sleep_level)
+    print0(f"rollout engine: {'vLLM (colocated, sleep level %d)' % cfg.vllm_sleep_level if engine else 'HF'}")
 
-    # data, resume
-    train = load_jsonl(cfg.data)
-    held_out = load_jsonl(cfg.eval_data) if cfg.eval_data else []
+    # data, resume (or the format warm-up), the engine's first weights, the evaluation before training
+    train = load_jsonl(data_file)
+    held_out = load_jsonl(eval_file) if eval_file else []
     held_out = held_out[:cfg.eval_max_samples] if cfg.eval_max_samples else held_out
-    loader = Loader(train, prompts_per_rank, dp_rank, dp_size, cfg.seed)
+    loader = Loader(train, plan.prompts_per_rank, spi.dp_rank, spi.dp_size, cfg.seed)
     start_step, curve, skipped_total, reward_stats = 0, [], 0, RewardStats()
     last = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if last:
@@ -1010,134 +761,86 @@ def main(cfg: Config):
         print0(f"resumed from {last} at step {start_step}")
     elif cfg.sft_steps:
         vlm.use_attention(model, attention["train"])
-        format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // dp_size, dp_rank, dp_size,
+        format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // spi.dp_size, spi.dp_rank, spi.dp_size,
                                                cfg.seed + 1), cfg, d, suppress, spi)
         vlm.use_attention(model, attention["rollout"])
-    if engine:
-        push_weights(engine, model)  # the engine starts from the warmed-up (or resumed) policy, before any eval
+    def evaluate(tag: str) -> dict:  # greedy held-out accuracy over all ranks, through the engine if there is one
+        if engine:
+            engine.wake()
+        return rollout.evaluate_all(policy, processor, held_out, cfg, engine, tag, cfg.out_dir)
+
+    if engine:  # the engine starts from the warmed-up (or resumed) policy, before any evaluation
+        engine.load_weights(rollout.full_tensors(finite(model, "pushed into vLLM")))
     if held_out and not last:
-        ev = evaluate_all(policy, processor, held_out, cfg, d, engine, "step0")
+        ev = evaluate("step0")
         curve.append({"step": 0, **ev})
         print0(f"held-out before GRPO: accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f} "
                f"({ev['num_scored']} videos)")
-    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
-    tb = None
-    if cfg.tensorboard and d.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(cfg.out_dir, "tb"))
-    if cfg.wandb_project and d.is_main:
-        import wandb
-        wandb.init(project=cfg.wandb_project, config=cfg.__dict__)
-    from tqdm import tqdm
+    log = MetricsLog(cfg.out_dir, d.is_main, cfg.tensorboard, cfg.wandb_project, cfg.__dict__)
     bar = tqdm(range(start_step, cfg.max_steps), desc="grpo", disable=not (cfg.progress and d.is_main),
                initial=start_step, total=cfg.max_steps)
     for step in bar:
-        t0 = time.time()
-        timing, metrics = {}, {}
-        # ---- rollout (+ reward, with DAPO's dynamic sampling refilling dropped groups) --------------------
+        t0, timing = time.time(), {}
+        # ---- rollout: the engine wakes, n responses per prompt are sampled and rewarded, the engine sleeps ----
         policy.eval()
-        groups, tries, step_skipped, step_misses = [], 0, [], []  # misses: videos with no cache entry (decoded live)
-        stats = {"reward": [], "accuracy": [], "format": [], "length": [], "truncated": 0, "reward_time": 0.0}
-        while True:
-            tries += 1
-            prompts = next_prompts(loader, prompts_per_rank, model, processor, cfg, step_skipped, step_misses)
-            seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + dp_rank * 7919
-            outs = sample_responses(policy, engine, processor, prompts, cfg, seed, suppress, spi, d)
-            reward = score_responses(outs, prompts, cfg, judge, reward_stats, stats)
-            for i, p in enumerate(prompts):
-                members = [k for k, o in enumerate(outs) if o.prompt_index == i]
-                r = reward[members]
-                if cfg.dynamic_sampling and bool((r == r[0]).all()):  # no learning signal in this group
-                    continue
-                groups.append((p, [outs[k] for k in members], r))
-            short = torch.tensor([float(len(groups) < prompts_per_rank)])
-            if not cfg.dynamic_sampling or tries >= cfg.max_sampling_tries or \
-                    all_reduce(short, op=dist.ReduceOp.MAX if dist.is_initialized() else None).item() == 0:
-                break
-        groups = groups[:prompts_per_rank]
-        fallback = Seq(prompt=prompts[0], response_ids=outs[0].response_ids, advantages=torch.zeros(1))
-        used_after_rollout = gpu_used_gib()  # policy + optimizer state + the awake vLLM engine
         if engine:
-            engine.sleep()  # free the KV cache (and weights, to CPU) for training
-        timing["rollout"] = time.time() - t0 - stats["reward_time"]
-        timing["reward"] = stats["reward_time"]
+            engine.wake()
+        groups, stats, fallback = collect_groups(policy, engine, processor, loader, data_file, cfg, plan, step,
+                                                 suppress, judge, reward_stats, spi)
+        stats["gpu_used_GiB"] = gpu_used_gib()  # policy + optimizer state + the awake vLLM engine
+        if engine:
+            engine.sleep()  # KV cache freed, weights to CPU: the GPU is the trainer's
+        timing["rollout"], timing["reward"] = time.time() - t0 - stats["reward_time"], stats["reward_time"]
         seqs = [Seq(prompt=p, response_ids=o.response_ids, advantages=None, reward=float(r_i),
-                    engine_logprobs=o.logprobs) for p, outs_g, r in groups for o, r_i in zip(outs_g, r)]
-        # ---- old / reference log-probs ----------------------------------------------------------------
+                    engine_logprobs=o.logprobs) for p, outs, r in groups for o, r_i in zip(outs, r)]
+        # ---- old / reference log-probs (several updates per rollout, or KL to a reference) ---------------
         t1 = time.time()
         vlm.use_attention(model, attention["train"])
         if ref is not None:
             vlm.use_attention(ref.model, attention["train"])
             fill_logprobs(ref, seqs, cfg, suppress, "logp_ref", fallback, spi)
-        if need_old:
+        if plan.need_old:
             fill_logprobs(policy, seqs, cfg, suppress, "logp_old", fallback, spi)
         timing["logprobs"] = time.time() - t1
-        # ---- advantages -------------------------------------------------------------------------------
+        # ---- advantages ----------------------------------------------------------------------------------
         assign_advantages(seqs, len(groups), cfg, spi)
-        # ---- update: ppo_epochs passes, each split into updates of update_batch_size prompts -----------------
+        # ---- update: ppo_epochs passes, each in updates of update_batch_size prompts ------------------------
         t2 = time.time()
         policy.train()
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        for group_ in optimizer.param_groups:
-            group_["lr"] = lr
-        results = []
-        for epoch in range(cfg.ppo_epochs):
-            order = list(range(len(groups)))
-            if updates_per_epoch > 1:  # a fresh split of the groups into update batches each epoch
-                random.Random(cfg.seed + step * 31 + epoch).shuffle(order)
-            for u in range(updates_per_epoch):
-                chosen = set(order[u * update_prompts:(u + 1) * update_prompts])
-                batch = [s for k, s in enumerate(seqs) if k // cfg.n in chosen]
-                results.append(update(policy, optimizer, batch, cfg, d, suppress, fallback, spi))
-        metrics.update(training_metrics(results))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        results = [update(policy, optimizer, batch, cfg, d, suppress, fallback, spi)
+                   for batch in update_batches(seqs, len(groups), cfg, plan, step)]
         timing["update"] = time.time() - t2
         vlm.use_attention(model, attention["rollout"])
-        # ---- push the new weights into the sleeping vLLM engine ----------------------------------------
+        # ---- the new weights into the sleeping engine -----------------------------------------------------
         t3 = time.time()
         if engine:
-            push_weights(engine, model)
+            engine.load_weights(rollout.full_tensors(finite(model, "pushed into vLLM")))
         timing["weight_sync"] = time.time() - t3
-        # ---- log + eval + checkpoint ---------------------------------------------------------------------
-        skipped_total += int(dp_all_reduce(torch.tensor([len(step_skipped)]), spi)[0])
-        for line in step_skipped:
+        # ---- log, evaluate, checkpoint --------------------------------------------------------------------
+        metrics = step_metrics(step + 1, stats, groups, seqs, results, timing, lr, engine, spi)
+        skipped_total += int(dp_all_reduce(torch.tensor([len(stats["skipped"])]), spi)[0])
+        metrics.update(skipped_samples=skipped_total, judge_failures=reward_stats.judge_failures)
+        for line in stats["skipped"]:
             print(f"[rank {d.rank}] skipped sample: {line}")
-        metrics.update(step=step + 1, **rollout_metrics(stats, len(groups), seqs, spi), sampling_tries=tries,
-                       lr=lr, skipped_samples=skipped_total, judge_failures=reward_stats.judge_failures,
-                       **{f"time_{k}": round(v, 4) for k, v in timing.items()})
-        metrics["tokens_per_s"] = metrics.pop("tokens") / max(timing["update"], 1e-9)
-        if torch.cuda.is_available():  # torch's allocator peak, and the whole GPU in use (vLLM's memory too)
-            metrics.update(peak_alloc_GiB=torch.cuda.max_memory_allocated() / 2**30, gpu_used_GiB=gpu_used_gib(),
-                           gpu_used_rollout_GiB=used_after_rollout)
-            torch.cuda.reset_peak_memory_stats()
-        if engine:
-            metrics["vllm_prompt_mismatches"] = engine.prompt_mismatches
         if cfg.embeddings_cache:
-            metrics["cache_misses"] = int(dp_all_reduce(torch.tensor([len(step_misses)]), spi)[0])
+            metrics["cache_misses"] = int(dp_all_reduce(torch.tensor([len(stats["misses"])]), spi)[0])
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and held_out and step + 1 < cfg.max_steps:
-            ev = evaluate_all(policy, processor, held_out, cfg, d, engine, f"step{step + 1}")
+            ev = evaluate(f"step{step + 1}")
             curve.append({"step": step + 1, **ev})
             metrics["eval_accuracy"] = ev["accuracy"]
-        if d.is_main:
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                            fmt=f"{metrics['format']:.2f}", s=f"{time.time() - t0:.2f}")
-            if tb:
-                for k, v in metrics.items():
-                    tb.add_scalar(k, v, step + 1)
-            if cfg.wandb_project:
-                import wandb
-                wandb.log(metrics, step=step + 1)
+        log.write(metrics, step + 1)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                        fmt=f"{metrics['format']:.2f}", s=f"{time.time() - t0:.2f}")
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
-            if not params_finite(model):
-                raise RuntimeError(f"step {step + 1}: non-finite weights; not checkpointed (the last checkpoint "
-                                   "stays the newest)")
-            save_checkpoint(cfg.out_dir, step + 1, model, optimizer,
+            save_checkpoint(cfg.out_dir, step + 1, finite(model, "checkpointed"), optimizer,
                             {"loader": loader.state(), "curve": curve, "skipped": skipped_total}, cfg.keep_last)
     # ---- final held-out evaluation and the learning curve --------------------------------------------------
     result = {"steps": cfg.max_steps, "skipped_samples": skipped_total}
     if held_out and (not curve or curve[-1]["step"] != cfg.max_steps):
-        ev = evaluate_all(policy, processor, held_out, cfg, d, engine, f"step{cfg.max_steps}")
+        ev = evaluate(f"step{cfg.max_steps}")
         curve.append({"step": cfg.max_steps, **ev})
     if curve:
         result.update(before=curve[0]["accuracy"], after=curve[-1]["accuracy"], curve=curve)
@@ -1149,35 +852,6 @@ def main(cfg: Config):
     return result
 
 
-def gpu_used_gib() -> float:
-    """Memory in use on this GPU by every allocator (torch's and vLLM's), in GiB."""
-    if not torch.cuda.is_available():
-        return 0.0
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 2**30
-
-
-def plot_curve(curve: list, path: str):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print0("matplotlib not installed: no learning-curve PNG")
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([c["step"] for c in curve], [c["accuracy"] for c in curve], marker="o", label="held-out accuracy")
-    ax.axhline(0.25, color="grey", linestyle="--", label="chance (4 options)")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel("accuracy (greedy)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print0(f"learning curve: {path}")
-
-
 if __name__ == "__main__":
-    from configurator import parse_config
     main(parse_config(Config))
     exit_distributed()

@@ -22,7 +22,15 @@ import inspect
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from transformers import (AutoModel, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig,
+                          Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.video_utils import VideoMetadata
+
+from data.video import load_audio, probe, sample_frames
 
 
 THINK_PROMPT = (
@@ -47,7 +55,6 @@ SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|visi
 
 def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu"):
     """(model, processor) for a supported VLM checkpoint folder or hub id."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")  # config.json read, no code run
     if model_type not in SUPPORTED:
         raise ValueError(f"{path}: model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
@@ -63,10 +70,8 @@ def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"
         return load_vila(path, dtype, attn_implementation, device)
     kw = dict(dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
     if model_type == "qwen2_5_omni":  # the whole Omni: keep the thinker (text out); the talker is not loaded
-        from transformers import Qwen2_5OmniForConditionalGeneration
         model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, enable_audio_output=False, **kw).thinker
     elif model_type == "qwen2_5_omni_thinker":  # a thinker saved on its own (merge.py writes this)
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
         model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, **kw)
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, **kw)
@@ -148,7 +153,6 @@ def load_vila(path: str, dtype: str, attn_implementation: str, device: str):
     """As Long-RL loads LongVILA-R1: AutoModel with trust_remote_code runs the checkpoint's modeling_vila.py
     (config.json's auto_map), which builds VILAForCausalLM from the folder's llm/ (causal LM + tokenizer),
     vision_tower/ (SigLIP + image processor) and mm_projector/."""
-    from transformers import AutoModel
     # its __init__ moves the tower to CUDA for device_map "auto" (the default) or "cuda": name the device
     model = AutoModel.from_pretrained(path, trust_remote_code=True, device_map=str(device))
     model = model.to(device=device, dtype=getattr(torch, dtype))  # its post_config casts to bf16 / fp16 itself
@@ -186,7 +190,6 @@ class VilaProcessor:
 def vila_frame_rows(model, processor) -> int:
     """Rows that model.encode_images (tower + projector) gives one frame, measured once on a blank frame at
     loading (before any FSDP sharding), so that prompts can be laid out before their videos are encoded."""
-    import numpy as np
     pixels = processor.image_processor(images=[np.zeros((32, 32, 3), np.uint8)], return_tensors="pt")["pixel_values"]
     return model.encode_images(pixels.to(model.device, model.dtype)).shape[1]
 
@@ -370,7 +373,6 @@ def build_prompt_cached(model, processor, question: str, entry, think: bool = Tr
     is expanded to the stored number of rows; Qwen-VL: the processor's own
     replace_video_token expands the placeholder from the stored grid and frame metadata (Qwen2.5-VL: N
     <|video_pad|>; Qwen3-VL: a timestamp and a vision block per temporal group), exactly as for frames."""
-    from transformers.video_utils import VideoMetadata
     text = prompt_text(processor, question, think)
     if family(model) == "qwen2_5_omni_thinker":  # the stored audio rows and mel length rebuild the same layout
         mel = int(entry.audio_mel_frames) if entry.audio is not None else 0
@@ -400,7 +402,6 @@ def build_prompt_cached(model, processor, question: str, entry, think: bool = Tr
 def load_video(path: str, cfg, model_type: str):
     """Decode and sample one video for a model family (frame sides a multiple of its patch x merge); for the
     Omni thinker also its audio track (None, with a message, when it has none: the input is then video only)."""
-    from data.video import load_audio, probe, sample_frames
     fps = cfg.fps or None  # fps, when given, takes precedence over num_frames
     video = sample_frames(path, fps=fps, num_frames=None if fps else (cfg.num_frames or None),
                           max_frames=cfg.max_frames,
@@ -484,10 +485,10 @@ def encode_videos(model, prompts: list, max_patches: int = 65536):
         if p.video_features is not None:  # from the embeddings cache (cache_embeddings.py)
             emb, deep = p.video_features
             rows[i] = (emb.to(model.device), None if deep is None else list(deep.to(model.device)))
-    if family(model) == "qwen3_vl":
+    if family(model) == "qwen3_vl":  # late: Qwen3-VL's output class only (its module differs across versions)
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures as Out
     else:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling as Out
+        Out = BaseModelOutputWithPooling
     out = Out(pooler_output=tuple(e for e, _ in rows))
     if rows and rows[0][1] is not None:
         out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
@@ -518,7 +519,6 @@ def tower_features(model, pixels, grid):
     """One vision-tower call over consecutive videos -> per-video [rows, hidden] (Qwen3-VL: + DeepStack)."""
     if family(model) not in FRAMES:
         return video_features(model, pixels, grid)
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
     if family(model) == "vila":  # what its video encoder runs on the frames: tower + projector, [F, rows, hidden]
         per_frame = model.encode_images(pixels.to(model.dtype))
     else:
@@ -557,6 +557,15 @@ def encoder_blocks(model) -> list:
         tower = getattr(m.vision_tower, "vision_model", m.vision_tower)  # CLIPVisionModel nests it in older versions
         return list(tower.encoder.layers)
     return [*m.visual.blocks, *(m.audio_tower.layers if hasattr(m, "audio_tower") else [])]
+
+
+def fsdp_units(model, vision: bool = True) -> list:
+    """FSDP2 units: each decoder layer and each media encoder block (the rest stays with the root)."""
+    return [*text_model(model).layers, *(encoder_blocks(model) if vision else [])]
+
+
+def encoder_params(model) -> set:
+    return {p for m in media_encoders(model) for p in m.parameters()}
 
 
 def select_videos(feats, index: list):
@@ -699,7 +708,6 @@ def set_checkpointing(model, mode: str = "full", mlp_chunk: int = 0, attention_l
                  inputs are saved tensors)
     mlp_chunk > 0: every MLP runs over the sequence `mlp_chunk` tokens at a time, each chunk recomputed in backward,
     so its [S, ffn] intermediates (the largest tensors at long S) exist for one chunk at a time."""
-    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
     if mode not in ("none", "full", "attention", "offload"):
         raise ValueError(f"checkpoint mode {mode!r}: choose none, full, attention or offload")
     model.offload_activations = mode == "offload"
@@ -721,7 +729,6 @@ def set_checkpointing(model, mode: str = "full", mlp_chunk: int = 0, attention_l
 
 def keep_attention_outputs(ctx, op, *args, **kwargs):
     """Selective checkpointing policy: save what the fused attention kernels return, recompute everything else."""
-    from torch.utils.checkpoint import CheckpointPolicy
     names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
     keep = getattr(op, "_opname", getattr(op, "__name__", "")).split(".")[0] in names
@@ -730,7 +737,6 @@ def keep_attention_outputs(ctx, op, *args, **kwargs):
 
 def chunked_mlp(forward, chunk: int, x):
     """MLP over the sequence in chunks, each checkpointed: out[:, i:i+c] = mlp(x[:, i:i+c]) (the MLP is per token)."""
-    from torch.utils.checkpoint import checkpoint
     if not torch.is_grad_enabled() or x.shape[-2] <= chunk:
         return forward(x)
     return torch.cat([checkpoint(forward, x[..., i:i + chunk, :], use_reentrant=False)

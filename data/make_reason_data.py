@@ -41,10 +41,12 @@ if __name__ == "__main__":  # run as a script: import from the repo root, not fr
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 import rollout
-
 import vlm
+from configurator import parse_config
 from data import video as V
 from data.chat import Endpoint, chat_many
 from data.datasets import Sample
@@ -187,7 +189,6 @@ def chunks(items: list, size: int):
 
 
 def bar(cfg, total, desc):
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, disable=not cfg.progress)
 
 
@@ -261,7 +262,6 @@ def endpoint(cfg, base_url: str, model: str, key_env: str, max_tokens: int) -> E
 
 
 def jpeg_url(frame: np.ndarray) -> str:
-    from PIL import Image
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="JPEG", quality=90)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -626,5 +626,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    from configurator import parse_config
     main(parse_config(Config))

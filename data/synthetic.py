@@ -16,9 +16,17 @@ Videos are written with PyAV (data/video.py) at `fps` frames per second; everyth
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # run as a script: import from the repo root, not from data/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import numpy as np
+
+from configurator import parse_config
+from data.tiny import make_tiny_model
+from data.video import write_video
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 230), "yellow": (235, 220, 30)}
 OPTIONS = [f"{letter}. {name}" for letter, name in zip("ABCD", COLOURS)]
@@ -46,7 +54,6 @@ def flash_tone(rng, cfg, start: int, hz: float, sr: int = 16000) -> np.ndarray:
 
 
 def write_split(out_dir: str, split: str, count: int, rng, cfg, balanced: bool) -> str:
-    from data.video import write_video
     rows = []
     names = list(COLOURS)
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
@@ -90,10 +97,22 @@ def make_dataset(cfg: SyntheticConfig):
     return train, held_out
 
 
+def synthetic_demo(out_dir: str, num_train: int, num_eval: int, frames: int, flash_frames: int, seed: int,
+                   tiny_model: bool, make: bool = True) -> tuple:
+    """The CPU demo's files in out_dir, made once (by the rank with make=True): the task in synthetic/ and, with
+    tiny_model, a tiny random Qwen2.5-VL in tiny-model/. Returns (train jsonl, eval jsonl, model folder)."""
+    data_dir, model_dir = os.path.join(out_dir, "synthetic"), os.path.join(out_dir, "tiny-model")
+    if make and not os.path.exists(os.path.join(data_dir, "config.json")):
+        print(f"making the synthetic task in {data_dir}", flush=True)
+        make_dataset(SyntheticConfig(out=data_dir, num_train=num_train, num_eval=num_eval, frames=frames,
+                                     flash_frames=flash_frames, seed=seed))
+    if make and tiny_model and not os.path.exists(os.path.join(model_dir, "config.json")):
+        print(f"making a tiny random Qwen2.5-VL in {model_dir}", flush=True)
+        make_tiny_model(model_dir, "qwen2_5_vl", seed=seed)
+    return os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "eval.jsonl"), model_dir
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import time
-    from configurator import parse_config
     cfg = parse_config(SyntheticConfig)
     t0 = time.time()
     train, held_out = make_dataset(cfg)

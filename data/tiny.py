@@ -13,11 +13,26 @@ loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`. Traps ha
 sum(mrope_section) == head_dim / 2; vision out_hidden_size == text hidden size; bos/eos/pad ids overridden for
 the tiny vocab; the processor's pixel budget large enough that frames already sized by data/video.py are kept.
 """
+import importlib.util
+import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # run as a script: import from the repo root, not from data/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForImageTextToText, CLIPImageProcessor, LlavaConfig, LlavaProcessor,
+                          Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig,
+                          Qwen2_5OmniThinkerForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
+                          Qwen3VLProcessor, Qwen3VLVideoProcessor, SiglipImageProcessor, SiglipVisionConfig,
+                          SiglipVisionModel, WhisperFeatureExtractor)
+
+from configurator import parse_config
 
 # Qwen's special tokens, at fixed small ids (the order of Qwen2.5-VL's tokenizer, shifted to 0).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -64,8 +79,6 @@ CORPUS = [
 
 def train_tokenizer(vocab_size: int = 400, family: str = "qwen2_5_vl"):
     """Byte-level BPE trained on CORPUS, wrapped as transformers' Qwen2Tokenizer with Qwen's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -111,7 +124,6 @@ def text_kwargs(tok, size: TinySize) -> dict:
 
 def model_config(family: str, tok, size: TinySize = TinySize()):
     """A transformers config for a tiny model of the given family, with the token ids of `tok`."""
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
     head_dim = size.hidden // size.heads
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
@@ -139,7 +151,6 @@ def model_config(family: str, tok, size: TinySize = TinySize()):
                       deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
     if family == "qwen2_5_omni_thinker":  # Qwen2.5-VL's vision tower + a Whisper-style audio encoder
-        from transformers import Qwen2_5OmniThinkerConfig
         qwen = model_config("qwen2_5_vl", tok, size)
         ids = {name: tok.convert_tokens_to_ids(t) for name, t in [
             ("audio_token_index", "<|AUDIO|>"), ("image_token_index", "<|image_pad|>"),
@@ -153,7 +164,6 @@ def model_config(family: str, tok, size: TinySize = TinySize()):
                                         vision_config=vision, audio_config=audio, position_id_per_seconds=25,
                                         seconds_per_chunk=2, **ids)
     if family == "llava":  # a CLIP-style image tower + projector + a Qwen2 decoder: video = its frames' tokens
-        from transformers import LlavaConfig
         vision = dict(model_type="clip_vision_model", hidden_size=size.vision_hidden,
                       intermediate_size=2 * size.vision_hidden,
                       num_hidden_layers=size.vision_depth, num_attention_heads=size.vision_heads, image_size=28,
@@ -167,8 +177,6 @@ def model_config(family: str, tok, size: TinySize = TinySize()):
 def make_processor(family: str, tok):
     """The real transformers processor around our tokenizer. The pixel budget is wide so that frames which
     data/video.py already sized to multiples of patch*merge pass through unchanged."""
-    from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLProcessor,
-                              Qwen3VLVideoProcessor)
     size = {"shortest_edge": 28 * 28, "longest_edge": 768 * 768}
     if family == "qwen2_5_vl":
         return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
@@ -181,13 +189,11 @@ def make_processor(family: str, tok):
                                                                       do_sample_frames=False),
                                 tokenizer=tok, chat_template=CHAT_TEMPLATE)
     if family == "qwen2_5_omni_thinker":
-        from transformers import Qwen2_5OmniProcessor, WhisperFeatureExtractor
         return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(size=size),
                                     video_processor=Qwen2VLVideoProcessor(size=size),
                                     feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tok,
                                     chat_template=OMNI_CHAT_TEMPLATE)
     if family == "llava":  # frames are resized to the tower's 28 x 28 (2 x 2 patches of 14 -> 4 tokens a frame)
-        from transformers import CLIPImageProcessor, LlavaProcessor
         image = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
         return LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=14,
                               vision_feature_select_strategy="default",
@@ -197,7 +203,6 @@ def make_processor(family: str, tok):
 
 def make_tiny_model(out_dir: str, family: str = "qwen2_5_vl", size: TinySize = TinySize(), seed: int = 0):
     """Build a random tiny model + tokenizer + processor and save them as a from_pretrained folder."""
-    from transformers import AutoModelForImageTextToText, Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.manual_seed(seed)
     tok = train_tokenizer(family=family)
@@ -220,10 +225,6 @@ def make_tiny_vila(out_dir: str, tok, size: TinySize) -> str:
     """A LongVILA-R1-shaped folder: llm/ (Qwen2 causal LM + tokenizer), vision_tower/ (SigLIP, 56x56 frames of
     4x4 patches, + its image processor), mm_projector/ (2x2 patches -> one row), config.json whose auto_map points
     at modeling_vila.py (our stand-in, copied from data/vila_standin.py). 4 rows + "\n" = 5 rows a frame."""
-    import importlib.util
-    import json
-    import shutil
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vila_standin.py")
     spec = importlib.util.spec_from_file_location("vila_standin", here)
     standin = importlib.util.module_from_spec(spec)
@@ -262,8 +263,6 @@ class TinyConfig:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configurator import parse_config
     cfg = parse_config(TinyConfig)
     path = make_tiny_model(cfg.out, cfg.family, TinySize(hidden=cfg.hidden, layers=cfg.layers), cfg.seed)
     print(f"wrote a tiny {cfg.family} model, tokenizer and processor to {path}")

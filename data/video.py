@@ -41,6 +41,17 @@ END_SLACK_S = 1.0
 
 
 @dataclass
+class FrameSampling:
+    """Which frames of a video the model sees, and at what size: the one declaration of these fields, which the
+    config of every script that samples videos inherits (train_grpo.py, rollout.py, cache_embeddings.py)."""
+    fps: float = 0.0                    # frame sampling rate (takes precedence over num_frames when > 0)
+    num_frames: int = 64                # frames sampled uniformly over each video
+    max_frames: int = 768               # cap on sampled frames (up to 8192)
+    max_pixels: int = 448 * 448         # pixel budget per frame (frames are resized as they are decoded)
+    min_pixels: int = 28 * 28           # smallest frame area
+
+
+@dataclass
 class VideoInfo:
     path: str
     duration: float  # seconds

@@ -4,6 +4,7 @@ entries fail loudly; misses fall back and are counted; 2 torchrun ranks shard th
 equals training without it, refuses a trainable tower, and survives ranks that miss unevenly.
     python -m pytest tests/test_cache_embeddings.py -q
 """
+import dataclasses
 import json
 import os
 
@@ -14,6 +15,7 @@ import torch
 import cache_embeddings as C
 import rollout
 import vlm
+import common
 import train_grpo as T
 from data.datasets import Loader, load_jsonl
 from data.tiny import make_tiny_model
@@ -115,10 +117,13 @@ def train_cfg(d, out, **kw):
 def test_training_with_cache_equals_without(work, tmp_path):
     with pytest.raises(ValueError, match="frozen vision tower.*freeze_vision=true"):
         T.main(train_cfg(work, tmp_path / "x", embeddings_cache=str(tmp_path), freeze_vision=False))
-    res = C.bench_cache(train_cfg(work, tmp_path), steps=2)  # the same runs bench.py times on a GPU
-    assert res["step_s_live"] > 0 and res["step_s_cached"] > 0
-    rows = {name: [json.loads(line) for line in open(tmp_path / f"bench_{name}" / "metrics.jsonl")]
-            for name in ("live", "cached")}
+    base = train_cfg(work, tmp_path)  # the same runs that `bench.py cache` times on a GPU
+    cache = str(tmp_path / "cache")
+    C.main(C.CacheConfig(model=base.model, data=base.data, out=cache, num_frames=base.num_frames,
+                         max_pixels=base.max_pixels, min_pixels=base.min_pixels, progress=False))
+    for name, cache_dir in (("live", ""), ("cached", cache)):
+        T.main(dataclasses.replace(base, out_dir=str(tmp_path / name), embeddings_cache=cache_dir))
+    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("live", "cached")}
     assert [r["cache_misses"] for r in rows["cached"]] == [0, 0]
     strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k[:6] not in ("tokens", "cache_")}
     assert rows["live"][0]["loss"] != 0.0  # the warm-up made rewards vary, so the update is not trivially 0
@@ -138,4 +143,4 @@ def test_two_ranks_with_uneven_misses(work, tmp_path):
     cfg.embeddings_cache = c.out
     torchrun("train_grpo.py", [write_preset(cfg, tmp_path / "preset.py")], timeout=240)
     m = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
-    assert m["cache_misses"] == 2 and m["groups_kept"] == 4 and T.latest_checkpoint(cfg.out_dir)
+    assert m["cache_misses"] == 2 and m["groups_kept"] == 4 and common.latest_checkpoint(cfg.out_dir)

@@ -13,6 +13,7 @@ import torch
 
 import merge
 import vlm
+import common as C
 import train_grpo as T
 from conftest import ROOT, torchrun, write_preset
 
@@ -53,7 +54,7 @@ def test_merged_logits_equal_training_model(trained, tmp_path):
     # the training model: a fresh base model restored through train_grpo's own resume path
     model, _ = vlm.load_model(str(trained / "model"))
     base_logits = logits(model, processor, str(trained / "data" / "eval" / "00000.mp4"))
-    T.load_checkpoint(T.latest_checkpoint(str(trained / "run")), model, torch.optim.AdamW(model.parameters()))
+    C.load_checkpoint(C.latest_checkpoint(str(trained / "run")), model, torch.optim.AdamW(model.parameters()))
     want = logits(model.eval(), processor, str(trained / "data" / "eval" / "00000.mp4"))
     got = logits(merged, processor, str(trained / "data" / "eval" / "00000.mp4"))
     assert (want - base_logits).abs().max() > 1e-3  # the step changed the model, so equality below means something

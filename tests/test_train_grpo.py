@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import common as C
 import train_grpo as T
 from conftest import ROOT, torchrun, write_preset
 
@@ -217,19 +218,6 @@ def test_config_refused_at_start_up(bad, message):
     T.check_config(T.Config(rollout_batch_size=16, update_batch_size=8, dual_clip=0.0))
 
 
-def test_single_process_env_acts_as_one_torchrun_rank(monkeypatch):
-    """`python train_grpo.py --engine=vllm` on a GPU: vLLM's external_launcher reads RANK (KeyError before)."""
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    T.single_process_env()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("0", "1", "0")
-    assert int(os.environ["MASTER_PORT"]) > 0
-    monkeypatch.setenv("RANK", "3")  # under torchrun: nothing is touched
-    monkeypatch.setenv("MASTER_PORT", "1234")
-    T.single_process_env()
-    assert os.environ["RANK"] == "3" and os.environ["MASTER_PORT"] == "1234"
-
-
 def test_token_weights_and_overlong_by_hand():
     w = lambda mode: T.token_weights([2, 3], mode, num_tokens=5, num_seqs=2, max_len=4).tolist()
     assert w("token-mean") == pytest.approx([1 / 5] * 5)
@@ -263,7 +251,7 @@ def _deltas(rank, world, run_dir, micro, seqs_per_rank):
     from data.datasets import load_jsonl
     cfg = T.Config(micro_batch_size=micro, max_new_tokens=12, grad_clip=1e9, num_frames=8, max_pixels=28 * 28,
                    min_pixels=28 * 28)
-    d = T.Dist(rank=rank, world_size=world)
+    d = C.Dist(rank=rank, world_size=world)
     samples = load_jsonl(os.path.join(run_dir, "data", "train.jsonl"))[:4]
     out = {}
     for mode in MODES:
@@ -279,7 +267,7 @@ def _deltas(rank, world, run_dir, micro, seqs_per_rank):
                                   advantages=torch.full((length,), 1.0 if k % 3 else -1.0)))
         mine = all_seqs[rank * seqs_per_rank:(rank + 1) * seqs_per_rank]
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        policy = T.wrap_fsdp(T.Root(model), T.vlm_units(model), d, False)
+        policy = C.wrap_fsdp(C.Root(model), vlm.fsdp_units(model), d, False)
         opt = torch.optim.SGD(policy.parameters(), lr=1.0)
         T.update(policy, opt, mine, cfg, d, [], mine[0])
         after = {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in model.state_dict().items()}
@@ -298,17 +286,17 @@ def test_update_skips_a_non_finite_gradient(tiny_run, capsys):
                                       cfg, True, [])
     seqs = [T.Seq(prompt=p, response_ids=[30, 31, 32], advantages=torch.tensor([1.0, float("nan"), 1.0]))
             for p in prompts]
-    policy = T.Root(model)
+    policy = C.Root(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    out = T.update(policy, opt, seqs, cfg, T.Dist(), [], seqs[0])
+    out = T.update(policy, opt, seqs, cfg, C.Dist(), [], seqs[0])
     assert out["skipped"] == 1 and not math.isfinite(out["grad_norm"])
     assert "optimizer step skipped" in capsys.readouterr().out
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.grad is None for p in model.parameters())
-    assert T.params_finite(model)
+    assert C.params_finite(model)
     seqs[0].advantages = seqs[1].advantages = torch.ones(3)  # a finite loss steps as usual
-    assert T.update(policy, opt, seqs, cfg, T.Dist(), [], seqs[0])["skipped"] == 0
+    assert T.update(policy, opt, seqs, cfg, C.Dist(), [], seqs[0])["skipped"] == 0
     assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -355,7 +343,7 @@ def _rollouts(rank, world, port, run_dir, result_file):
                                       cfg, True, [])
     kw = dict(n=2, temperature=1.0, max_new_tokens=10, seed=5)
     plain = rollout.hf_generate(model, processor, prompts, **kw)
-    policy = T.wrap_fsdp(T.Root(model), T.vlm_units(model), T.Dist(rank=rank, world_size=world), False)
+    policy = C.wrap_fsdp(C.Root(model), vlm.fsdp_units(model), C.Dist(rank=rank, world_size=world), False)
     fused = policy(rollout.hf_generate, processor, prompts, static_cache=True, fused=True, **kw)
     layer = vlm.text_model(model).layers[0]
     sharded_after = type(layer.mlp.down_proj.weight).__name__ == "DTensor"
@@ -396,7 +384,7 @@ def metrics_without_time(path):
 
 def final_params(out_dir):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    path = T.latest_checkpoint(out_dir)
+    path = C.latest_checkpoint(out_dir)
     dcp_to_torch_save(path, os.path.join(out_dir, "flat.pt"))
     return torch.load(os.path.join(out_dir, "flat.pt"), weights_only=False)["model"]
 
@@ -460,17 +448,22 @@ class PushedWeightsEngine:
         import vlm
         self.model, self.processor = vlm.load_model(model_path)
 
-    def update_weights(self, named_tensors):
+    def load_weights(self, named_tensors):
         self.model.load_state_dict({k: v.float() for k, v in named_tensors})
         PushedWeightsEngine.pushes += 1
+        self.awake = False  # as vLLM: the weights are back, the KV cache still asleep
+
+    def wake(self):
+        self.awake = True
+
+    def sleep(self):
+        self.awake = False
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=256, seed=0, suppress_ids=(),
                  embeds=None):
         import rollout
+        assert self.awake, "generate() on a sleeping engine"
         return rollout.hf_generate(self.model, self.processor, prompts, n, temperature, top_p, max_new_tokens, seed)
-
-    def sleep(self):
-        pass
 
 
 def test_engine_gets_the_warmed_up_weights_before_the_first_eval(tiny_run, tmp_path, monkeypatch):
@@ -540,7 +533,7 @@ def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
     assert "world 2" in outs[0]
     m = json.loads(open(tmp_path / "nodes" / "metrics.jsonl").readline())
     assert m["step"] == 1 and m["groups_kept"] == 4  # 2 prompts on each node
-    assert T.latest_checkpoint(str(tmp_path / "nodes"))
+    assert C.latest_checkpoint(str(tmp_path / "nodes"))
 
 
 @pytest.mark.parametrize("algo", [{}, dict(loss_type="gspo", gspo_clip_low=0.2, gspo_clip_high=0.2, ppo_epochs=2,

@@ -76,7 +76,8 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
                         p.add_(torch.randn_like(p) * scale)  # relative to the weights, like a training step
             stale = training_logprobs(model, prompts, outs, suppress)
             summary[f"{part}_stale_weights_would_differ_by"] = float((engine_lp - stale).abs().mean())
-            engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
+            engine.load_weights(((n, p.detach()) for n, p in model.state_dict().items()))
+            engine.wake()
             again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
             summary[f"{part}_samples_changed_after_push"] = [o.response_ids for o in again] != \
                 [o.response_ids for o in outs]
@@ -123,7 +124,8 @@ def test_vllm_prompt_embeds_for_embedding_vlm(tmp_path, fam):
             for name, p in model.named_parameters():
                 if ("language_model" in name or name.startswith("llm.")) and p.numel() > 1:  # llava / vila
                     p.add_(torch.randn_like(p) * 0.2 * p.float().std())
-        engine.update_weights(((n, p.detach()) for n, p in model.state_dict().items()))
+        engine.load_weights(((n, p.detach()) for n, p in model.state_dict().items()))
+        engine.wake()
         again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress,
                                 embeds=rollout.prompt_embeddings(model, prompts))
         summary["samples_changed_after_push"] = [o.response_ids for o in again] != [o.response_ids for o in outs]
