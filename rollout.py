@@ -274,9 +274,13 @@ class VLLMEngine:
         from vllm import SamplingParams  # late: vllm is optional
         if not all(self.awake.values()):
             raise RuntimeError("the vLLM engine is asleep: call engine.wake() before generate()")
-        # the vision/pad tokens can never be sampled (a sampled <|video_pad|> breaks re-scoring): bias them away
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
-                                seed=seed, logit_bias={int(i): -100.0 for i in suppress_ids} or None)
+        # the vision/pad tokens can never be sampled (a sampled <|video_pad|> breaks re-scoring): bias them away.
+        # One seed per prompt: vLLM gives the k-th of n samples seed + k, so with one shared seed the k-th samples
+        # of all prompts would draw the same random numbers (and, while the policy ignores the video, the same
+        # answer); prompt i's samples get seed + i * n ... seed + i * n + n - 1, all distinct, as in the HF engine
+        bias = {int(i): -100.0 for i in suppress_ids} or None
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
+                                 seed=seed + i * n, logit_bias=bias) for i in range(len(prompts))]
         requests = [{"prompt": p.text, "multi_modal_data": {"video": [(p.frames.frames, {
             **p.frames.metadata(), "do_sample_frames": False})]}} if p.frames is not None
             else {"prompt_token_ids": p.input_ids.tolist()} for p in prompts]  # text-only: our token ids

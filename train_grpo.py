@@ -56,6 +56,7 @@ class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pix
     synthetic_flash: int = 4            # synthetic: frames the colour flash lasts
     synthetic_train: int = 1024         # synthetic: training videos
     synthetic_eval: int = 256           # synthetic: held-out videos (balanced answers)
+    synthetic_leak_control: bool = False  # synthetic: flash colour independent of the answer (must stay at chance)
     think: bool = True                  # Long-RL's think/answer prompt; format reward needs <think> too
     embeddings_cache: str = ""          # cache_embeddings.py output (needs freeze_vision): no decoding, no tower
     # model
@@ -726,7 +727,8 @@ def main(cfg: Config):
     data_file, eval_file, model_path = cfg.data, cfg.eval_data, cfg.model
     if cfg.synthetic:  # the CPU demo: the synthetic task and a tiny random model, made once in out_dir
         demo = synthetic_demo(cfg.out_dir, cfg.synthetic_train, cfg.synthetic_eval, cfg.synthetic_frames,
-                              cfg.synthetic_flash, cfg.seed, tiny_model=not cfg.model, make=d.is_main)
+                              cfg.synthetic_flash, cfg.seed, tiny_model=not cfg.model, make=d.is_main,
+                              leak_control=cfg.synthetic_leak_control)
         barrier()
         data_file, eval_file, model_path = data_file or demo[0], eval_file or demo[1], model_path or demo[2]
     spi = sp_lib.init_sp(cfg.sp_size)   # world = dp x sp; the SP peers of a group share their prompts

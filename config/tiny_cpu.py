@@ -1,5 +1,5 @@
 # The CPU demo: GRPO teaches a tiny random Qwen2.5-VL to find an 8-frame colour flash in 64-frame videos.
-#   python train_grpo.py config/tiny_cpu.py            (2 CPU cores, about 5 minutes; --seed=1, --seed=2 alike)
+#   python train_grpo.py config/tiny_cpu.py            (2 CPU cores, about 4 minutes; --seed=1, --seed=2 alike)
 # It makes the synthetic task and the tiny model in out_dir, teaches the answer format with random letters
 # (so held-out accuracy starts at chance, 25%), then runs GRPO and prints held-out accuracy before and after.
 # Batch arithmetic: 16 prompts x 8 responses = 128 rollouts per step, one on-policy update per step.
@@ -8,7 +8,7 @@ synthetic = True
 synthetic_frames = 64          # 64 frames of 28x28 -> 32 video tokens (one per frame pair)
 synthetic_flash = 8            # the flash covers 4 of the 32 video tokens. With a 4-frame flash (2 tokens) seed 0
                                # reached 100% only by step ~175 and a 300-step run ended at 75% on a new user's
-                               # machine; with 8 frames seeds 0, 1, 2 all reached 100% by step 150 (README)
+                               # machine; with 8 frames seeds 0, 1, 2 all reached 100% by step 200 (README)
 num_frames = 64
 max_pixels = 28 * 28
 min_pixels = 28 * 28

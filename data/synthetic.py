@@ -98,14 +98,14 @@ def make_dataset(cfg: SyntheticConfig):
 
 
 def synthetic_demo(out_dir: str, num_train: int, num_eval: int, frames: int, flash_frames: int, seed: int,
-                   tiny_model: bool, make: bool = True) -> tuple:
+                   tiny_model: bool, make: bool = True, leak_control: bool = False) -> tuple:
     """The CPU demo's files in out_dir, made once (by the rank with make=True): the task in synthetic/ and, with
     tiny_model, a tiny random Qwen2.5-VL in tiny-model/. Returns (train jsonl, eval jsonl, model folder)."""
     data_dir, model_dir = os.path.join(out_dir, "synthetic"), os.path.join(out_dir, "tiny-model")
     if make and not os.path.exists(os.path.join(data_dir, "config.json")):
         print(f"making the synthetic task in {data_dir}", flush=True)
         make_dataset(SyntheticConfig(out=data_dir, num_train=num_train, num_eval=num_eval, frames=frames,
-                                     flash_frames=flash_frames, seed=seed))
+                                     flash_frames=flash_frames, seed=seed, leak_control=leak_control))
     if make and tiny_model and not os.path.exists(os.path.join(model_dir, "config.json")):
         print(f"making a tiny random Qwen2.5-VL in {model_dir}", flush=True)
         make_tiny_model(model_dir, "qwen2_5_vl", seed=seed)

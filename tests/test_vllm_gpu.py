@@ -6,7 +6,8 @@ elsewhere; the README says where it ran). One sleep-mode engine per process, so 
     python -m pytest tests/test_vllm_gpu.py -q -s -k "prompt_embeds and vila"    # in its own process
 Checks: vLLM's sampling log-probs equal the training forward's on the same tokens (bf16 tolerance) before and
 after a weight push; a push of changed weights changes the samples (stale weights are the classic bug); sleep
-frees the KV cache and the weights; vLLM tokenizes the prompt exactly as our processor path does.
+frees the KV cache and the weights; vLLM tokenizes the prompt exactly as our processor path does; each prompt
+samples from its own random stream.
 """
 import json
 import os
@@ -57,6 +58,13 @@ def test_vllm_engine_matches_training_forward_and_takes_weight_pushes(tmp_path):
     summary["logprob_maxdiff_before_push"] = float(diff.max())
     summary["logprob_meandiff_before_push"] = float(diff.mean())
     assert diff.max() < 0.1 and diff.mean() < 0.02  # bf16 on both sides
+    # each prompt its own random stream: the same prompt twice in one call gets different samples (with one seed
+    # for the call, vLLM gave the k-th samples of every prompt the same random numbers)
+    twin = engine.generate([prompts[0], prompts[0]], n=4, temperature=1.0, max_new_tokens=24, seed=5,
+                           suppress_ids=suppress)
+    samples = [[o.response_ids for o in twin if o.prompt_index == i] for i in (0, 1)]
+    summary["same_prompt_twice_samples_differ"] = samples[0] != samples[1]
+    assert samples[0] != samples[1]
 
     free0 = torch.cuda.mem_get_info()[0]
     engine.sleep()
