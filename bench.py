@@ -20,7 +20,6 @@ not counted, against the bf16 matmul rate measured on the same GPU in the same r
 """
 import contextlib
 import functools
-import gc
 import importlib.metadata as md
 import inspect
 import json

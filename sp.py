@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from common import all_reduce
 from vlm import (FRAMES, add_audio_features, decoder_hidden, encode_videos, family, media_model, media_token_id,
                  output_head, select_videos, token_logprobs, video_features)
 
@@ -139,6 +140,14 @@ def init_sp(sp_size):
         g = dist.new_group(list(range(s, world, sp_size)))
         dp_group = g if rank % sp_size == s else dp_group
     return SPInfo(sp_group, dp_group, rank % sp_size, sp_size, rank // sp_size, world // sp_size)
+
+
+def dp_all_reduce(t: torch.Tensor, spi=None, op=None):
+    """Sum over data-parallel ranks only: the SP peers of a group hold the same sequences and must not be
+    counted twice."""
+    if spi is None or spi.sp_size == 1:
+        return all_reduce(t, None, op)
+    return all_reduce(t, spi.dp_group, op) if spi.dp_size > 1 else t
 
 
 # ----------------------------------------------------------------------------- stage 2: slicing the sequence

@@ -28,14 +28,15 @@ from tqdm import tqdm
 import rollout
 import sp as sp_lib
 import vlm
-from common import (MetricsLog, Dist, Root, all_reduce, barrier, exit_distributed, finite, gpu_used_gib,
-                    init_distributed, latest_checkpoint, load_checkpoint, plot_curve, print0, save_checkpoint,
-                    wrap_fsdp)
+from common import (MetricsLog, Dist, all_reduce, barrier, exit_distributed, finite, gpu_used_gib, init_distributed,
+                    latest_checkpoint, load_checkpoint, plot_curve, print0, save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
 from data.synthetic import synthetic_demo
 from data.video import FrameSampling
+from policy import Seq, build_policy, fill_logprobs, format_warmup, micro_batches, sequences_logprobs
+from sp import dp_all_reduce
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,73 +302,7 @@ def overlong_shaping(lengths: torch.Tensor, max_len: int, buffer: int, factor: f
 
 
 # ----------------------------------------------------------------------------------------------------------
-# one micro-batch through the policy: vision tower once per video, decoder, log-probs at response tokens only
-
-@dataclass
-class Seq:
-    """One sampled response and everything the update needs for it."""
-    prompt: object                  # vlm.Prompt
-    response_ids: list
-    advantages: torch.Tensor        # [R] per token (GRPO: the sequence's advantage repeated)
-    reward: float = 0.0
-    engine_logprobs: list = None    # what the rollout engine reported
-    logp_old: torch.Tensor = None   # [R] from the rollout policy (computed once, before the first update)
-    logp_ref: torch.Tensor = None   # [R] from the frozen reference
-
-
-def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False, spi=None):
-    """Response log-probs (and entropies) of `seqs` through the FSDP root `policy`, each video encoded once per
-    distinct prompt (the n responses of a group share it). Returns (logp, entropy, split): logp is flat over the
-    response tokens in sequence order, or with SP (sp.py) over the ones this rank holds; split.align / .gather
-    move other per-token values between the two (identities without SP)."""
-    prompts, index, where = [], {}, []
-    for s in seqs:
-        if id(s.prompt) not in index:
-            index[id(s.prompt)] = len(prompts)
-            prompts.append(s.prompt)
-        where.append(index[id(s.prompt)])
-    packed = vlm.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
-    vision_grad = torch.is_grad_enabled() and not cfg.freeze_vision
-    if spi is not None and spi.sp_size > 1:
-        return policy(sp_lib.sp_response_logprobs, prompts, where, packed, spi, suppress_ids, cfg.temperature,
-                      cfg.logprob_chunk, with_entropy, vision_grad)
-
-    def run(model):
-        with torch.set_grad_enabled(vision_grad):
-            feats = vlm.select_videos(vlm.encode_videos(model, prompts), where)
-        return vlm.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
-                                     with_entropy)
-    logp, ent = policy(run)
-    return logp, ent, sp_lib.TokenSplit()
-
-
-def dp_all_reduce(t: torch.Tensor, spi=None, op=None):
-    """Sum over data-parallel ranks only: the SP peers of a group hold the same sequences and must not be
-    counted twice."""
-    if spi is None or spi.sp_size == 1:
-        return all_reduce(t, None, op)
-    return all_reduce(t, spi.dp_group, op) if spi.dp_size > 1 else t
-
-
-def micro_batches(seqs: list, size: int, group=None):
-    """Split into micro-batches; every rank gets the same number (FSDP runs collectives in each forward), the
-    extra ones re-use a sequence with zero loss weight (`None` marks them)."""
-    chunks = [seqs[i:i + size] for i in range(0, len(seqs), size)]
-    count = all_reduce(torch.tensor([len(chunks)]), group, dist.ReduceOp.MAX if dist.is_initialized() else None)
-    return chunks + [None] * (int(count) - len(chunks))
-
-
-@torch.no_grad()
-def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None):
-    """Store no-grad log-probs of `policy` on each Seq (attr = logp_old | logp_ref)."""
-    for chunk in micro_batches(seqs, cfg.micro_batch_size):
-        lp, _, split = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, spi=spi)
-        lp = split.gather(lp)
-        if chunk is None:
-            continue
-        for s, v in zip(chunk, lp.cpu().split([len(s.response_ids) for s in chunk])):
-            setattr(s, attr, v.float())
-
+# the update: one optimizer step on a batch of sampled responses (policy.py runs them through the model)
 
 def correction_mode(cfg) -> str:
     """rollout_correction=auto: truncated IS (token) with vLLM, whose kernels and bf16 differ from the trainer's;
@@ -470,46 +405,7 @@ def training_metrics(results: list) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the format warm-up (CPU demo): a tiny supervised stage before GRPO
-
-
-def format_warmup(policy, processor, loader, cfg: Config, d: Dist, suppress_ids, spi=None):
-    """Teach the answer format only: SFT on '<think> </think> <answer> X </answer>' with X a RANDOM letter,
-    independent of the video, so the model starts GRPO at chance accuracy with a parsable format."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, cfg.beta2))
-    tok, eos = processor.tokenizer, processor.tokenizer.eos_token_id
-    rng = random.Random(cfg.seed + 7 * (spi.dp_rank if spi else d.rank))  # SP peers: the same letters
-    policy.train()
-    for step in range(cfg.sft_steps):
-        samples = loader.next_batch()
-        prompts = rollout.prepare_prompts(policy.model, processor, samples, cfg, cfg.think, [],
-                                          cfg.embeddings_cache)
-        seqs = []
-        for p in prompts:
-            letter = rng.choice("ABCD")
-            text = (f"<think> </think> <answer> {letter} </answer>" if cfg.think else f"<answer> {letter} </answer>")
-            ids = tok.encode(text, add_special_tokens=False) + [eos]
-            seqs.append(Seq(prompt=p, response_ids=ids, advantages=torch.zeros(len(ids))))
-        lengths = [len(s.response_ids) for s in seqs]
-        n_tokens = dp_all_reduce(torch.tensor([float(sum(lengths))]), spi)[0].item()
-        total = 0.0
-        for chunk in micro_batches(seqs, cfg.micro_batch_size * 4):
-            logp, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
-            loss = -logp.sum() * d.world_size / n_tokens * (0.0 if chunk is None else 1.0)  # token-mean NLL
-            loss.backward()
-            total += loss.item() / d.world_size
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 20 == 0 or step == cfg.sft_steps - 1:
-            print0(f"format warm-up {step + 1}/{cfg.sft_steps}: nll {all_reduce(torch.tensor([total]))[0]:.3f}")
-    del optimizer
-
-
-# ----------------------------------------------------------------------------------------------------------
 # one step's phases that are more than a few lines: sampling, scoring, advantages, the step's metrics
-
-
 
 def score_responses(outs: list, prompts: list, cfg: Config, judge, reward_stats, stats: dict) -> torch.Tensor:
     """Reward of each response (data/rewards.py: w_acc * accuracy + w_fmt * format, + DAPO's overlong shaping);
@@ -605,7 +501,7 @@ def check_config(cfg: Config, dp_size: int = 1):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# set-up: the batch arithmetic, the policy and its reference, the step's groups, the step's metrics
+# the step's batch arithmetic, its groups (rollout + reward + DAPO's filter), its update batches, its metrics
 
 @dataclass
 class Plan:
@@ -622,40 +518,6 @@ def batch_plan(cfg: Config, dp_size: int) -> Plan:
     updates_per_epoch = prompts_per_rank // update_prompts
     need_old = cfg.ppo_epochs > 1 or updates_per_epoch > 1 or (cfg.kl_beta > 0 and cfg.kl_in_reward)
     return Plan(prompts_per_rank, update_prompts, updates_per_epoch, need_old)
-
-
-def build_policy(cfg: Config, model_path: str, d: Dist, spi):
-    """The policy as an FSDP2 root (policy(fn, ...) runs fn(model, ...)), the frozen reference when kl_beta > 0,
-    the optimizer, and the attention function of each phase (Ulysses in training under SP)."""
-    model, processor = vlm.load_model(model_path, "float32" if cfg.dtype == "auto" else cfg.dtype,
-                                      cfg.attn_implementation, d.device)
-    if cfg.freeze_vision:
-        for encoder in vlm.media_encoders(model):
-            encoder.requires_grad_(False)
-    if cfg.gradient_checkpointing:  # what the decoder keeps for backward: vlm.set_checkpointing
-        vlm.set_checkpointing(model, cfg.checkpoint_mode, cfg.mlp_chunk, cfg.attention_layers)
-    bf16 = cfg.bf16 and d.device.startswith("cuda")
-    attention = {"rollout": cfg.attn_implementation, "train": cfg.attn_implementation}
-    if cfg.sp_size > 1:  # Ulysses for the language model in training; rollout/eval keep plain attention
-        text = model.config.get_text_config()
-        sp_lib.check_heads(text.num_attention_heads, text.num_key_value_heads, cfg.sp_size)
-        attention["train"] = sp_lib.register_ulysses(spi.sp_group)
-    # with an embeddings cache only the ranks with a cache miss run the frozen tower: keep it out of FSDP (whole on
-    # every rank, no collectives), else a rank without a miss would leave the others waiting in a vision all-gather
-    cached = bool(cfg.embeddings_cache)
-    policy = wrap_fsdp(Root(model), vlm.fsdp_units(model, vision=not cached), d, bf16,
-                       vlm.encoder_params(model) if cached else None)
-    ref = None
-    if cfg.kl_beta > 0:  # a frozen copy of the initial policy; not loaded at all when beta = 0
-        ref, _ = vlm.load_model(model_path, "float32", cfg.attn_implementation, d.device)
-        ref.requires_grad_(False)
-        ref = wrap_fsdp(Root(ref), vlm.fsdp_units(ref, vision=not cached), d, bf16,
-                        vlm.encoder_params(ref) if cached else None).eval()
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
-    print0(f"attention: {model.config.get_text_config()._attn_implementation}; FSDP2: {d.world_size > 1 or bf16}; "
-           f"bf16: {bf16}")
-    return model, processor, policy, ref, optimizer, attention
 
 
 def collect_groups(policy, engine, processor, loader, data_file: str, cfg: Config, plan: Plan, step: int, suppress,
