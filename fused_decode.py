@@ -17,6 +17,7 @@ Tested on CPU against the model's own layers and transformers' DynamicCache (tes
 import functools
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vlm import MROPE, family, text_model
 
@@ -75,7 +76,6 @@ class StaticKV:
         """transformers' attention interface, for decoding through the model's own layers."""
         self.write(module.layer_idx, key, value)
         if key.shape[2] > 1:  # the prompt: plain SDPA over its own keys, with transformers' causal+padding mask
-            from transformers.integrations.sdpa_attention import sdpa_attention_forward
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0)
         return self.decode(module.layer_idx, query, scaling or query.shape[-1] ** -0.5), None
 
