@@ -52,11 +52,17 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
         return policy(sp_lib.sp_response_logprobs, prompts, where, packed, spi, suppress_ids, cfg.temperature,
                       cfg.logprob_chunk, with_entropy, vision_grad)
 
+    groups = vlm.pack_groups([s.response_ids for s in seqs], where, [(p.input_ids, p.positions) for p in prompts],
+                             pad_id=0) if cfg.group_packing else None
+
     def run(model):
         with torch.set_grad_enabled(vision_grad):
-            feats = vlm.select_videos(vlm.encode_videos(model, prompts), where)
-        return vlm.response_logprobs(model, packed, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
-                                     with_entropy)
+            feats = vlm.encode_videos(model, prompts)
+        if groups is not None:  # one row per prompt: the decoder sees each prompt once (vlm.PackedGroups)
+            return vlm.group_logprobs(model, groups, feats, suppress_ids, cfg.temperature, cfg.logprob_chunk,
+                                      with_entropy)
+        return vlm.response_logprobs(model, packed, vlm.select_videos(feats, where), suppress_ids, cfg.temperature,
+                                     cfg.logprob_chunk, with_entropy)
     logp, ent = policy(run)
     return logp, ent, sp_lib.TokenSplit()
 

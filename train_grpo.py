@@ -109,6 +109,7 @@ class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pix
     ppo_epochs: int = 1                 # passes over each rollout batch
     update_batch_size: int = 0          # prompts per optimizer update (0 = the whole rollout: one update)
     micro_batch_size: int = 8           # sequences per forward/backward
+    group_packing: bool = False         # one row per prompt, [prompt | response_1 | ... ]: the prompt once (CPU only yet)
     # optimizer
     lr: float = 1e-6                    # AdamW learning rate (Long-RL: 1e-6)
     weight_decay: float = 1e-2          # AdamW weight decay
@@ -487,6 +488,10 @@ def check_config(cfg: Config, dp_size: int = 1):
         raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
                          "tower would train and the cached features go stale after the first update; set "
                          "--freeze_vision=true (or drop --embeddings_cache)")
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.group_packing and (cfg.sp_size > 1 or on_gpu):  # vlm.group_attention_mask is O(S^2) memory
+        raise ValueError("group_packing runs on the CPU reference path only so far (its mask is O(sequence^2); the "
+                         "GPU block-sparse kernel and SP sharding of packed groups are issue #29's next steps)")
     if cfg.n % cfg.sp_size:
         raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:

@@ -681,6 +681,74 @@ def response_logprobs(model, packed: Packed, feats, suppress_ids, temperature=1.
     return token_logprobs(model, hidden[mask], packed.labels.to(dev)[mask], suppress_ids, temperature, chunk,
                           with_entropy)
 
+@dataclass
+class PackedGroups:
+    """A group's prompt once, then each of its responses: one row [prompt | response_1 | ... | response_k] per
+    distinct prompt. A response sees the whole prompt and itself (never another response) and its positions
+    continue from the prompt's end, as in its own sequence, so every log-prob equals that of `pack`'s
+    prompt+response row while the prompt runs through the decoder once per group instead of once per response.
+        row g:   p p p p p | a a a | b b | pad
+        segment: 0 0 0 0 0 | 1 1 1 | 2 2 | -1        key j is visible to query i iff j <= i and
+                                                     (segment[j] == 0 or segment[j] == segment[i])
+    A response's first token is predicted by the prompt's last position (shared by every response of the row),
+    the others by the response's own previous position: `pred_rows` lists them flat, in the order of the
+    input sequences (so the output lines up with `pack` + `response_logprobs`)."""
+    input_ids: torch.Tensor         # [G, S]
+    positions: torch.Tensor         # [3, G, S]
+    segments: torch.Tensor          # [G, S] 0 = prompt, k = the row's k-th response, -1 = padding
+    pred_rows: torch.Tensor         # [N] index into the [G * S] hidden rows that predict each response token
+    labels: torch.Tensor            # [N] the response tokens, sequence after sequence
+
+
+def pack_groups(sequences: list, where: list, prompts: list, pad_id: int) -> PackedGroups:
+    """sequences: (response ids) per sampled response; where[i]: the index into `prompts` of sequence i's prompt;
+    prompts: (prompt ids [P], prompt positions [3, P]) per distinct prompt, one row each, in that order."""
+    rows = [[(ids, pos)] for ids, pos in prompts]       # each row: the prompt, then its responses in order
+    lengths = [len(ids) for ids, _ in prompts]
+    place = []                                          # (row, offset) of each sequence's response
+    for r, g in zip(sequences, where):
+        place.append((g, lengths[g]))
+        rows[g].append((torch.as_tensor(r, dtype=torch.long), continue_positions(prompts[g][1], len(r))))
+        lengths[g] += len(r)
+    G, S = len(prompts), max(lengths)
+    ids = torch.full((G, S), pad_id, dtype=torch.long)
+    pos = torch.zeros(3, G, S, dtype=torch.long)
+    seg = torch.full((G, S), -1, dtype=torch.long)
+    for g, parts in enumerate(rows):
+        at = 0
+        for k, (part_ids, part_pos) in enumerate(parts):
+            n = len(part_ids)
+            ids[g, at:at + n], pos[:, g, at:at + n], seg[g, at:at + n] = part_ids, part_pos, k
+            at += n
+    pred, labels = [], []
+    for r, (g, at) in zip(sequences, place):
+        P = len(prompts[g][0])
+        pred += [g * S + P - 1] + [g * S + at + j for j in range(len(r) - 1)]   # token 0 from the prompt's end
+        labels += list(r)
+    return PackedGroups(ids, pos, seg, torch.tensor(pred, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
+
+
+def group_attention_mask(segments: torch.Tensor, dtype) -> torch.Tensor:
+    """[G, 1, S, S] additive mask (0 = visible, dtype's min = hidden) of the rule in PackedGroups. O(S^2) memory:
+    the CPU / reference path; padding rows see the prompt (never a row of only hidden keys: no NaN)."""
+    S = segments.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    q, k = segments[:, :, None], segments[:, None, :]                          # [G, S, 1], [G, 1, S]
+    visible = causal & ((k == 0) | (k == q)) & (k >= 0)
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def group_logprobs(model, packed: PackedGroups, feats, suppress_ids, temperature=1.0, chunk=1024,
+                   with_entropy=False):
+    """Flat log-probs (and entropies) of every response token, in the order of pack_groups' sequences. feats: one
+    entry per row (per distinct prompt), not per response."""
+    dev = output_head(model).weight.device
+    mask = group_attention_mask(packed.segments, input_embeddings(model).weight.dtype).to(dev)
+    hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats, attention_mask=mask)
+    rows = hidden.flatten(0, 1)[packed.pred_rows.to(dev)]
+    return token_logprobs(model, rows, packed.labels.to(dev), suppress_ids, temperature, chunk, with_entropy)
+
+
 def use_attention(model, name: str):
     """Set the language model's attention function (the vision tower keeps its own); returns the previous."""
     previous = model.config.get_text_config()._attn_implementation

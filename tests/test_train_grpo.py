@@ -210,6 +210,7 @@ def test_training_metrics_cover_every_update():
     (dict(rollout_batch_size=16, update_batch_size=6), "update_batch_size 6 must divide"),
     (dict(loss_type="ppo2"), "loss_type"), (dict(rollout_correction="always"), "rollout_correction"),
     (dict(rollout_is_cap=1.0), "rollout_is_cap"), (dict(loss_agg="sum"), "loss_agg"),
+    (dict(group_packing=True, device="cuda"), "group_packing"), (dict(group_packing=True, sp_size=2), "group_packing"),
 ])
 def test_config_refused_at_start_up(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -534,6 +535,22 @@ def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
     m = json.loads(open(tmp_path / "nodes" / "metrics.jsonl").readline())
     assert m["step"] == 1 and m["groups_kept"] == 4  # 2 prompts on each node
     assert C.latest_checkpoint(str(tmp_path / "nodes"))
+
+
+
+def test_group_packing_step_equals_separate_rows(tiny_run, tmp_path):
+    """--group_packing=True (each prompt once, its responses after it: vlm.PackedGroups) gives today's step: the
+    same rollouts, reference KL, old log-probs, loss and gradient norm, over two epochs (the second off-policy)."""
+    common = dict(max_steps=1, eval_data="", save_every=100, sft_steps=12, sft_lr=2e-2, sft_batch_size=8, n=8,
+                  temperature=1.5, max_new_tokens=16, ppo_epochs=2, kl_beta=0.1, micro_batch_size=12)
+    T.main(tiny_cfg(tiny_run, tmp_path / "rows", **common))
+    T.main(tiny_cfg(tiny_run, tmp_path / "groups", group_packing=True, **common))
+    rows, groups = [json.loads(open(tmp_path / d / "metrics.jsonl").readline()) for d in ("rows", "groups")]
+    assert rows["reward"] == groups["reward"] and rows["response_len"] == groups["response_len"]
+    assert rows["loss"] != 0.0 and rows["kl"] > 0.0
+    for key in ("loss", "kl", "entropy", "clip_frac"):
+        assert groups[key] == pytest.approx(rows[key], rel=1e-4, abs=1e-7), key
+    assert groups["grad_norm"] == pytest.approx(rows["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.parametrize("algo", [{}, dict(loss_type="gspo", gspo_clip_low=0.2, gspo_clip_high=0.2, ppo_epochs=2,

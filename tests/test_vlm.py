@@ -303,3 +303,53 @@ def test_omni_embeddings_cache_equals_live(models, media, tmp_path):
             with torch.no_grad():
                 logps.append(vlm.response_logprobs(model, packed, vlm.encode_videos(model, [p]), [])[0])
         assert torch.allclose(logps[0], logps[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
+def test_group_packing_equals_separate_sequences(tmp_path, media, fam):
+    """One row per prompt, [prompt | response_1 | ... | response_k], with the group mask (vlm.PackedGroups): every
+    response token's log-prob, entropy and every parameter's gradient equal those of one prompt+response row per
+    response (vlm.pack), with ragged responses given in an order that interleaves the two prompts."""
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(make_tiny_model(str(tmp_path / fam), fam, seed=0))
+    prompts = [vlm.build_prompt(model, processor, q, vlm.load_video(media[m], VideoCfg, fam), think=False)
+               for q, m in (("What colour?", "a440"), ("Which sound?", "a1000"))]
+    where = [0, 1, 0, 0, 1]                                     # the prompt of each response
+    pool = torch.tensor(processor.tokenizer("the flash was red then green then blue <answer> B </answer>").input_ids)
+    responses = [pool[torch.randint(0, len(pool), (n,))] for n in (4, 1, 6, 2, 5)]   # text tokens only
+    weights = torch.rand(sum(len(r) for r in responses))       # a loss that weights every token differently
+
+    def run(grouped: bool):
+        model.zero_grad(set_to_none=True)
+        feats = vlm.encode_videos(model, prompts)
+        if grouped:
+            packed = vlm.pack_groups(responses, where, [(p.input_ids, p.positions) for p in prompts], pad_id=0)
+            lp, ent = vlm.group_logprobs(model, packed, feats, [], with_entropy=True)
+        else:
+            packed = vlm.pack([(prompts[g].input_ids, prompts[g].positions, r) for g, r in zip(where, responses)], 0)
+            lp, ent = vlm.response_logprobs(model, packed, vlm.select_videos(feats, where), [], with_entropy=True)
+        (lp * weights).sum().backward()
+        return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    lp_sep, ent_sep, grad_sep = run(False)
+    lp_grp, ent_grp, grad_grp = run(True)
+    assert lp_grp.shape == (18,)
+    assert torch.allclose(lp_grp, lp_sep, atol=1e-5), (lp_grp - lp_sep).abs().max()
+    assert torch.allclose(ent_grp, ent_sep, atol=1e-5)
+    assert grad_grp.keys() == grad_sep.keys() and len(grad_sep) > 10
+    for name, g in grad_sep.items():
+        assert torch.allclose(grad_grp[name], g, atol=1e-5, rtol=1e-4), name
+
+
+def test_group_mask_hides_other_responses():
+    packed = vlm.pack_groups([[7, 8], [9]], [0, 0], [(torch.tensor([1, 2, 3]), torch.arange(3).expand(3, 3))], 0)
+    assert packed.segments.tolist() == [[0, 0, 0, 1, 1, 2]]
+    assert packed.positions[0, 0].tolist() == [0, 1, 2, 3, 4, 3]    # each response continues from the prompt
+    assert packed.pred_rows.tolist() == [2, 3, 2] and packed.labels.tolist() == [7, 8, 9]
+    visible = vlm.group_attention_mask(packed.segments, torch.float32)[0, 0] == 0
+    assert visible.tolist() == [[1, 0, 0, 0, 0, 0],
+                                [1, 1, 0, 0, 0, 0],
+                                [1, 1, 1, 0, 0, 0],
+                                [1, 1, 1, 1, 0, 0],
+                                [1, 1, 1, 1, 1, 0],
+                                [1, 1, 1, 0, 0, 1]]             # response 2 sees the prompt and itself only
