@@ -75,10 +75,18 @@ def micro_batches(seqs: list, size: int, group=None):
     return chunks + [None] * (int(count) - len(chunks))
 
 
+def micro_size(cfg) -> int:
+    """Sequences per micro-batch: micro_batch_size, with group packing rounded up to whole groups of n (the
+    sequences come group by group), so that a group's prompt goes through the decoder once."""
+    if not cfg.group_packing:
+        return cfg.micro_batch_size
+    return -(-cfg.micro_batch_size // cfg.n) * cfg.n
+
+
 @torch.no_grad()
 def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None):
     """Store no-grad log-probs of `policy` on each Seq (attr = logp_old | logp_ref)."""
-    for chunk in micro_batches(seqs, cfg.micro_batch_size):
+    for chunk in micro_batches(seqs, micro_size(cfg)):
         lp, _, split = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, spi=spi)
         lp = split.gather(lp)
         if chunk is None:
@@ -102,6 +110,8 @@ def build_policy(cfg, model_path: str, d: Dist, spi):
         vlm.set_checkpointing(model, cfg.checkpoint_mode, cfg.mlp_chunk, cfg.attention_layers)
     bf16 = cfg.bf16 and d.device.startswith("cuda")
     attention = {"rollout": cfg.attn_implementation, "train": cfg.attn_implementation}
+    if cfg.group_packing and d.device.startswith("cuda"):  # packed groups: FlexAttention over a block mask
+        attention["train"] = "group_flex"
     if cfg.sp_size > 1:  # Ulysses for the language model in training; rollout/eval keep plain attention
         text = model.config.get_text_config()
         sp_lib.check_heads(text.num_attention_heads, text.num_key_value_heads, cfg.sp_size)

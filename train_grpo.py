@@ -35,7 +35,7 @@ from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
 from data.synthetic import synthetic_demo
 from data.video import FrameSampling
-from policy import Seq, build_policy, fill_logprobs, format_warmup, micro_batches, sequences_logprobs
+from policy import Seq, build_policy, fill_logprobs, format_warmup, micro_batches, micro_size, sequences_logprobs
 from sp import dp_all_reduce
 
 
@@ -108,8 +108,8 @@ class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pix
     overlong_penalty: float = 1.0       # DAPO overlong shaping factor
     ppo_epochs: int = 1                 # passes over each rollout batch
     update_batch_size: int = 0          # prompts per optimizer update (0 = the whole rollout: one update)
-    micro_batch_size: int = 8           # sequences per forward/backward
-    group_packing: bool = False         # one row per prompt, [prompt | response_1 | ... ]: the prompt once (CPU only yet)
+    micro_batch_size: int = 8           # sequences per forward/backward (group_packing: whole groups)
+    group_packing: bool = False         # [prompt | response_1 | ...] a row: each prompt once (CPU only so far)
     # optimizer
     lr: float = 1e-6                    # AdamW learning rate (Long-RL: 1e-6)
     weight_decay: float = 1e-2          # AdamW weight decay
@@ -340,7 +340,7 @@ def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback, 
                             cfg.max_new_tokens).split(lengths)
     weight_of = {id(s): w for s, w in zip(seqs, weights)}
     sums, ratio_max = torch.zeros(len(UPDATE_SUMS), dtype=torch.float64), torch.zeros(1)
-    for chunk in micro_batches(seqs, cfg.micro_batch_size):
+    for chunk in micro_batches(seqs, micro_size(cfg)):
         logp, entropy, split = sequences_logprobs(policy, chunk or [fallback], cfg, suppress_ids, True, spi)
         align, gather = (lambda v: split.align(v, logp.device)), split.gather
         if chunk is None:       # padding micro-batch: forward + backward with zero weight
@@ -490,8 +490,9 @@ def check_config(cfg: Config, dp_size: int = 1):
                          "--freeze_vision=true (or drop --embeddings_cache)")
     on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.group_packing and (cfg.sp_size > 1 or on_gpu):  # vlm.group_attention_mask is O(S^2) memory
-        raise ValueError("group_packing runs on the CPU reference path only so far (its mask is O(sequence^2); the "
-                         "GPU block-sparse kernel and SP sharding of packed groups are issue #29's next steps)")
+        raise ValueError("group_packing runs on the CPU only so far: its GPU attention (FlexAttention over a block "
+                         "mask, vlm.group_flex_attention) is written but not yet run on a GPU, and SP sharding of "
+                         "packed groups is not written (issue #29)")
     if cfg.n % cfg.sp_size:
         raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:

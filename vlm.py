@@ -24,9 +24,11 @@ from functools import partial
 
 import numpy as np
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
-from transformers import (AutoModel, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig,
-                          Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration)
+from transformers import (AttentionInterface, AttentionMaskInterface, AutoModel, AutoModelForImageTextToText,
+                          AutoProcessor, PretrainedConfig, Qwen2_5OmniForConditionalGeneration,
+                          Qwen2_5OmniThinkerForConditionalGeneration)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.video_utils import VideoMetadata
 
@@ -738,12 +740,53 @@ def group_attention_mask(segments: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
+def group_block_mask(segments: torch.Tensor, device):
+    """The same rule as a FlexAttention BlockMask: stored per 128 x 128 block (empty blocks are skipped, not
+    computed), so a 70k-token group costs no O(S^2) memory. Used with the "group_flex" attention function."""
+    seg = segments.to(device)
+
+    def visible(b, h, q, k):
+        return (k <= q) & ((seg[b, k] == 0) | (seg[b, k] == seg[b, q])) & (seg[b, k] >= 0)
+    G, S = seg.shape
+    return create_block_mask(visible, B=G, H=None, Q_LEN=S, KV_LEN=S, device=device)
+
+
+_compiled_flex = None  # torch.compile(flex_attention), made on first GPU use (fused kernel, forward and backward)
+
+
+def group_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function "group_flex": q (B,H,S,D), k/v (B,Hkv,S,D), attention_mask a BlockMask
+    (group_block_mask) -> ((B,S,H,D), None). Compiled on the GPU; on the CPU the unfused reference (forward only
+    in torch 2.14: no backward there)."""
+    global _compiled_flex
+    fn = flex_attention
+    if query.is_cuda:
+        _compiled_flex = _compiled_flex or torch.compile(flex_attention)
+        fn = _compiled_flex
+    out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def group_flex_mask(*args, attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry for "group_flex": a BlockMask goes through untouched (transformers returns a
+    4-D mask as it is before asking this); anything else is an error, never a silently dropped mask."""
+    raise ValueError("group_flex attention takes the BlockMask of vlm.group_block_mask as attention_mask")
+
+
+AttentionInterface.register("group_flex", group_flex_attention)
+AttentionMaskInterface.register("group_flex", group_flex_mask)
+
+
 def group_logprobs(model, packed: PackedGroups, feats, suppress_ids, temperature=1.0, chunk=1024,
                    with_entropy=False):
     """Flat log-probs (and entropies) of every response token, in the order of pack_groups' sequences. feats: one
-    entry per row (per distinct prompt), not per response."""
+    entry per row (per distinct prompt), not per response. The mask follows the language model's attention
+    function: a BlockMask under "group_flex" (the GPU path, vlm.use_attention), else the dense additive mask."""
     dev = output_head(model).weight.device
-    mask = group_attention_mask(packed.segments, input_embeddings(model).weight.dtype).to(dev)
+    if model.config.get_text_config()._attn_implementation == "group_flex":
+        mask = group_block_mask(packed.segments, dev)
+    else:
+        mask = group_attention_mask(packed.segments, input_embeddings(model).weight.dtype).to(dev)
     hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats, attention_mask=mask)
     rows = hidden.flatten(0, 1)[packed.pred_rows.to(dev)]
     return token_logprobs(model, rows, packed.labels.to(dev), suppress_ids, temperature, chunk, with_entropy)

@@ -37,6 +37,16 @@ def test_micro_batches_pad_every_rank_to_the_same_count(tmp_path):
         assert out[1] == [[0], None, None]
 
 
+def test_micro_size_rounds_up_to_whole_groups_with_group_packing():
+    class Cfg:
+        micro_batch_size, n, group_packing = 12, 8, False
+    assert P.micro_size(Cfg) == 12
+    Cfg.group_packing = True
+    assert P.micro_size(Cfg) == 16           # a group's prompt is then never split over two micro-batches
+    Cfg.micro_batch_size = 16
+    assert P.micro_size(Cfg) == 16
+
+
 def test_seq_defaults():
     s = P.Seq(prompt=None, response_ids=[1, 2], advantages=torch.zeros(2))
     assert s.reward == 0.0 and s.engine_logprobs is None and s.logp_old is None and s.logp_ref is None

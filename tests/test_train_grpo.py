@@ -540,7 +540,8 @@ def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
 
 def test_group_packing_step_equals_separate_rows(tiny_run, tmp_path):
     """--group_packing=True (each prompt once, its responses after it: vlm.PackedGroups) gives today's step: the
-    same rollouts, reference KL, old log-probs, loss and gradient norm, over two epochs (the second off-policy)."""
+    same rollouts, reference KL, old log-probs, loss and gradient norm, over two epochs (the second off-policy).
+    micro_batch_size=12 is 1.5 groups of 8: the packed run rounds it up to 16, the other splits groups."""
     common = dict(max_steps=1, eval_data="", save_every=100, sft_steps=12, sft_lr=2e-2, sft_batch_size=8, n=8,
                   temperature=1.5, max_new_tokens=16, ppo_epochs=2, kl_beta=0.1, micro_batch_size=12)
     T.main(tiny_cfg(tiny_run, tmp_path / "rows", **common))

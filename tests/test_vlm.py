@@ -353,3 +353,47 @@ def test_group_mask_hides_other_responses():
                                 [1, 1, 1, 1, 0, 0],
                                 [1, 1, 1, 1, 1, 0],
                                 [1, 1, 1, 0, 0, 1]]             # response 2 sees the prompt and itself only
+
+
+def group_case(tmp_path, media, fam, device="cpu"):
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(make_tiny_model(str(tmp_path / fam), fam, seed=0), device=device)
+    prompts = [vlm.build_prompt(model, processor, q, vlm.load_video(media[m], VideoCfg, fam), think=False)
+               for q, m in (("What colour?", "a440"), ("Which sound?", "a1000"))]
+    pool = torch.tensor(processor.tokenizer("the flash was red then green then blue <answer> B </answer>").input_ids)
+    responses = [pool[torch.randint(0, len(pool), (n,))] for n in (4, 1, 6, 2, 5)]
+    packed = vlm.pack_groups(responses, [0, 1, 0, 0, 1], [(p.input_ids, p.positions) for p in prompts], pad_id=0)
+    return model, prompts, packed
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
+def test_group_flex_attention_equals_dense_mask_forward(tmp_path, media, fam):
+    """The GPU path's attention ("group_flex": FlexAttention over vlm.group_block_mask) gives the dense-mask
+    log-probs; on the CPU FlexAttention runs forward only (its backward is GPU-only in torch 2.14), so the
+    gradients are checked on a GPU (test_group_flex_attention_gradients_on_gpu)."""
+    model, prompts, packed = group_case(tmp_path, media, fam)
+    with torch.no_grad():
+        feats = vlm.encode_videos(model, prompts)
+        dense, _ = vlm.group_logprobs(model, packed, feats, [])
+        previous = vlm.use_attention(model, "group_flex")
+        flex, _ = vlm.group_logprobs(model, packed, feats, [])
+        vlm.use_attention(model, previous)
+    assert torch.allclose(flex, dense, atol=1e-5), (flex - dense).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU in torch 2.14")
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
+def test_group_flex_attention_gradients_on_gpu(tmp_path, media, fam):
+    model, prompts, packed = group_case(tmp_path, media, fam, device="cuda")
+    weights = torch.rand(len(packed.labels), device="cuda")
+    grads = {}
+    for name in ("sdpa", "group_flex"):
+        vlm.use_attention(model, name)
+        model.zero_grad(set_to_none=True)
+        lp, _ = vlm.group_logprobs(model, packed, vlm.encode_videos(model, prompts), [])
+        (lp * weights).sum().backward()
+        grads[name] = (lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (lp_d, g_d), (lp_f, g_f) = grads["sdpa"], grads["group_flex"]
+    assert torch.allclose(lp_f, lp_d, atol=1e-4)
+    for n, g in g_d.items():
+        assert torch.allclose(g_f[n], g, atol=1e-4, rtol=1e-3), n
