@@ -725,7 +725,8 @@ def pack_groups(sequences: list, where: list, prompts: list, pad_id: int) -> Pac
     pred, labels = [], []
     for r, (g, at) in zip(sequences, place):
         P = len(prompts[g][0])
-        pred += [g * S + P - 1] + [g * S + at + j for j in range(len(r) - 1)]   # token 0 from the prompt's end
+        if len(r):  # token 0 from the prompt's end, token j from the response's own position j - 1
+            pred += [g * S + P - 1] + [g * S + at + j for j in range(len(r) - 1)]
         labels += list(r)
     return PackedGroups(ids, pos, seg, torch.tensor(pred, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
 

@@ -353,6 +353,8 @@ def test_group_mask_hides_other_responses():
                                 [1, 1, 1, 1, 0, 0],
                                 [1, 1, 1, 1, 1, 0],
                                 [1, 1, 1, 0, 0, 1]]             # response 2 sees the prompt and itself only
+    empty = vlm.pack_groups([[], [9]], [0, 0], [(torch.tensor([1, 2, 3]), torch.arange(3).expand(3, 3))], 0)
+    assert empty.pred_rows.tolist() == [2] and empty.labels.tolist() == [9]   # an empty response scores nothing
 
 
 def group_case(tmp_path, media, fam, device="cpu"):
