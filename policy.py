@@ -37,9 +37,10 @@ class Seq:
 
 def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False, spi=None):
     """Response log-probs (and entropies) of `seqs` through the FSDP root `policy`, each video encoded once per
-    distinct prompt (the n responses of a group share it). Returns (logp, entropy, split): logp is flat over the
-    response tokens in sequence order, or with SP (sp.py) over the ones this rank holds; split.align / .gather
-    move other per-token values between the two (identities without SP)."""
+    distinct prompt (the n responses of a group share it; with group_packing the decoder sees it once too).
+    Returns (logp, entropy, split): logp is flat over the response tokens in sequence order, or with SP (sp.py)
+    over the ones this rank holds; split.align / .gather move other per-token values between the two
+    (identities without SP)."""
     prompts, index, where = [], {}, []
     for s in seqs:
         if id(s.prompt) not in index:
@@ -47,13 +48,15 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
             prompts.append(s.prompt)
         where.append(index[id(s.prompt)])
     packed = vlm.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
+    groups = vlm.pack_groups([s.response_ids for s in seqs], where, [(p.input_ids, p.positions) for p in prompts],
+                             pad_id=0) if cfg.group_packing else None
     vision_grad = torch.is_grad_enabled() and not cfg.freeze_vision
+    if spi is not None and spi.sp_size > 1 and groups is not None:
+        return policy(sp_lib.sp_group_logprobs, prompts, groups, spi, suppress_ids, cfg.temperature,
+                      cfg.logprob_chunk, with_entropy, vision_grad)
     if spi is not None and spi.sp_size > 1:
         return policy(sp_lib.sp_response_logprobs, prompts, where, packed, spi, suppress_ids, cfg.temperature,
                       cfg.logprob_chunk, with_entropy, vision_grad)
-
-    groups = vlm.pack_groups([s.response_ids for s in seqs], where, [(p.input_ids, p.positions) for p in prompts],
-                             pad_id=0) if cfg.group_packing else None
 
     def run(model):
         with torch.set_grad_enabled(vision_grad):

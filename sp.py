@@ -31,12 +31,14 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from common import all_reduce
-from vlm import (FRAMES, add_audio_features, decoder_hidden, encode_videos, family, media_model, media_token_id,
-                 output_head, select_videos, token_logprobs, video_features)
+from vlm import (FRAMES, add_audio_features, decoder_hidden, encode_videos, family, group_attention_mask,
+                 group_block_mask, group_flex_attention, input_embeddings, media_model, media_token_id, output_head,
+                 select_videos, token_logprobs, video_features)
 
 def _size(group):
     return 1 if group is None else dist.get_world_size(group)
@@ -81,18 +83,27 @@ def check_heads(num_heads, num_kv_heads, sp_size):
 
 
 def ulysses_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, group, **kwargs):
-    """transformers attention function. q (B,H,S/P,D), k/v (B,Hkv,S/P,D) not yet GQA-repeated -> ((B,S/P,H,D), None)."""
-    # No mask ever: training batches are right-padded, so is_causal alone keeps real tokens from seeing pads
-    # (ulysses_mask refuses any mask that would hide something). A mask here would be for the local slice only.
-    assert attention_mask is None, "ulysses attention takes no mask: right-pad and pass attention_mask=None"
+    """transformers attention function. q (B,H,S/P,D), k/v (B,Hkv,S/P,D) not yet GQA-repeated -> ((B,S/P,H,D), None).
+    attention_mask: None (right-padded rows: is_causal alone keeps real tokens from seeing pads; ulysses_mask
+    refuses a 2-D mask that would hide something), or the FULL-length mask of packed groups (B,1,S,S), applied
+    after the all-to-all, where each rank holds the whole sequence for its heads (vlm.PackedGroups)."""
+    full_mask = attention_mask is not None and tuple(attention_mask.shape[-2:]) == (query.shape[2] * _size(group),) * 2
+    assert attention_mask is None or full_mask, "ulysses attention takes no mask or a full-length (B,1,S,S) one"
     assert kwargs.get("sliding_window") is None, "sliding-window attention is not supported under Ulysses"
     rep = check_heads(query.shape[1], key.shape[1], _size(group))
     if rep > 1:  # e.g. 2 kv heads, P=4: copy each kv head twice so that every rank gets one whole GQA group
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     q, k, v = (AllToAll.apply(x, 1, 2, group) for x in (query, key, value))  # (B,H,S/P,D) -> (B,H/P,S,D)
-    # on CUDA in bf16, causal with no mask, SDPA can take its FlashAttention kernel (GQA included, per torch's docs)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                         enable_gqa=k.shape[1] != q.shape[1])  # (B,H/P,S,D)
+    gqa = k.shape[1] != q.shape[1]
+    if isinstance(attention_mask, BlockMask):  # packed groups on the GPU: FlexAttention over the block mask
+        out, _ = group_flex_attention(module, q, k, v, attention_mask, scaling)  # (B,S,H/P,D)
+        out = out.transpose(1, 2)                                                 # (B,H/P,S,D)
+    elif attention_mask is not None:  # packed groups, the dense reference mask (CPU)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                             enable_gqa=gqa)                      # (B,H/P,S,D)
+    else:  # on CUDA in bf16, causal with no mask, SDPA can take its FlashAttention kernel (GQA included)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=gqa)                      # (B,H/P,S,D)
     out = AllToAll.apply(out, 2, 1, group)  # (B,H/P,S,D) -> (B,H,S/P,D)
     return out.transpose(1, 2).contiguous(), None  # (B,S/P,H,D), as transformers expects
 
@@ -367,3 +378,56 @@ def sp_response_logprobs(model, prompts, where, packed, spi, suppress_ids, tempe
     logp, ent = token_logprobs(model, hidden[mask], sh.labels.to(dev)[mask], suppress_ids, temperature, chunk,
                                with_entropy)
     return logp, ent, TokenSplit(packed.response_mask, sh.loss_mask, spi)
+
+
+@dataclass
+class RowSplit:
+    """TokenSplit's counterpart for packed groups (vlm.PackedGroups): response token i is predicted at hidden row
+    pred_rows[i] of the [G, S] rows; this rank holds positions [r * n, (r + 1) * n) of every row, so it scores
+    the tokens `owned` (ascending indices into the N response tokens). Same align / gather interface."""
+    owned: torch.Tensor             # [N_local] indices into the flat N response tokens
+    total: int                      # N
+    spi: SPInfo = None
+
+    def align(self, values, device):
+        """flat per-token values of every response token -> this rank's entries, in its log-probs' order."""
+        return values.cpu()[self.owned].to(device)
+
+    def gather(self, local):
+        """this rank's values -> every response token's (on every SP peer): each token has one owner, so a sum
+        over the SP group assembles them. No gradient (used for stored and logged values)."""
+        full = torch.zeros(self.total, dtype=local.dtype, device=local.device)
+        full[self.owned.to(local.device)] = local.detach()
+        dist.all_reduce(full, group=self.spi.sp_group)
+        return full
+
+
+def sp_group_logprobs(model, prompts, groups, spi, suppress_ids, temperature, chunk, with_entropy, vision_grad):
+    """vlm.group_logprobs under Ulysses SP: the videos encoded as in sp_response_logprobs (one per row, no
+    repeats), each packed row [prompt | responses] sliced over the SP ranks (shard_sequence), the group mask for
+    the FULL row given to ulysses_attention (applied after its all-to-all), and each rank scoring the response
+    tokens whose predicting row it holds. Returns (logp, entropy, RowSplit)."""
+    dev = output_head(model).weight.device
+    with torch.set_grad_enabled(vision_grad):
+        if any(p.video_features is not None for p in prompts) or family(model) in FRAMES:
+            feats = encode_videos(model, prompts)
+        else:
+            pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
+            grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
+            feats = add_audio_features(model, prompts, parallel_video_features(model, pix, grid, spi.sp_group))
+    G, S = groups.input_ids.shape
+    n = -(-S // spi.sp_size)                                                  # S/P, rounded up
+    sh = shard_sequence(groups.input_ids, groups.positions, torch.zeros(G, S, dtype=torch.bool), spi.sp_rank,
+                        spi.sp_size, 0, media_token_id(model), getattr(model.config, "audio_token_id", None))
+    segments = torch.cat([groups.segments, groups.segments.new_full((G, n * spi.sp_size - S), -1)], dim=1)
+    mask = group_block_mask(segments, dev) if dev.type == "cuda" else \
+        group_attention_mask(segments, input_embeddings(model).weight.dtype).to(dev)      # (G,1,S,S): full rows
+    hidden, _ = decoder_hidden(model, sh.input_ids.to(dev), sh.position_ids.to(dev),
+                               slice_video_features(feats, sh.video_rows, sh.audio_rows), attention_mask=mask)
+    row, pos = groups.pred_rows // S, groups.pred_rows % S                   # where each token is predicted
+    owned = (pos // n == spi.sp_rank).nonzero()[:, 0]
+    local = row[owned] * n + pos[owned] - spi.sp_rank * n                    # into this rank's (G, n) rows
+    logp, ent = token_logprobs(model, hidden.flatten(0, 1)[local.to(dev)], groups.labels[owned].to(dev),
+                               suppress_ids, temperature, chunk, with_entropy)
+    return logp, ent, RowSplit(owned, len(groups.labels), spi)
+

@@ -262,3 +262,61 @@ def test_sp1_equals_sdpa(dirs):
     with pytest.raises(ValueError, match="right-padded"):  # a mask that hides a token is refused, not dropped
         model.model(input_ids=b["ids"], attention_mask=torch.ones_like(b["ids"]).index_fill(1, torch.tensor([0]), 0),
                     pixel_values_videos=b["pix"], video_grid_thw=b["grid"], position_ids=b["pos"], use_cache=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packed groups (vlm.PackedGroups) under SP: sp.sp_group_logprobs + RowSplit against vlm.group_logprobs
+
+def _packed_case(root):
+    import vlm
+    from data.video import SampledVideo
+    model, processor = vlm.load_model(f"{root}/model")
+    rng = np.random.default_rng(0)
+    prompts = []
+    for q in ("What colour?", "Which one?"):
+        frames = rng.integers(0, 255, (4, 56, 56, 3), dtype=np.uint8)
+        video = SampledVideo(frames=frames, timestamps=np.arange(4) / 2.0, indices=list(range(4)), fps=2.0,
+                             total_frames=4, duration=2.0)
+        prompts.append(vlm.build_prompt(model, processor, q, video, think=False))
+    pool = torch.tensor(processor.tokenizer("the flash was red then green <answer> B </answer>").input_ids)
+    g = torch.Generator().manual_seed(0)
+    responses = [pool[torch.randint(0, len(pool), (n,), generator=g)] for n in (4, 1, 6, 2, 5)]
+    packed = vlm.pack_groups(responses, [0, 1, 0, 0, 1], [(p.input_ids, p.positions) for p in prompts], PAD)
+    weights = torch.rand(len(packed.labels), generator=g)
+    return model, prompts, packed, weights
+
+
+def _packed_worker(rank, world, root):
+    import vlm
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    info = sp.init_sp(world)
+    model, prompts, packed, weights = _packed_case(root)
+    vlm.use_attention(model, sp.register_ulysses(info.sp_group))
+    logp, ent, split = sp.sp_group_logprobs(model, prompts, packed, info, [], 1.0, 1024, True, True)
+    (-(logp * split.align(weights, logp.device)).sum()).backward()   # each token once, on the rank that holds it
+    grads = {}
+    for n, p in model.named_parameters():
+        grads[n] = torch.zeros_like(p) if p.grad is None else p.grad
+        dist.all_reduce(grads[n], group=info.sp_group)
+    torch.save({"logp": split.gather(logp.detach()), "entropy": split.gather(ent.detach()), "grads": grads},
+               f"{root}/packed{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_packed_groups_under_sp2_equal_one_process(tmp_path):
+    """Packed groups sliced over 2 SP ranks (the group mask applied after Ulysses' all-to-all, each rank scoring
+    the tokens whose predicting row it holds) give one process's log-probs, entropies and gradients."""
+    import vlm
+    make_tiny_model(str(tmp_path / "model"), "qwen2_5_vl", TinySize(heads=4, kv_heads=2))
+    model, prompts, packed, weights = _packed_case(str(tmp_path))
+    logp, ent = vlm.group_logprobs(model, packed, vlm.encode_videos(model, prompts), [], with_entropy=True)
+    (-(logp * weights).sum()).backward()
+    mp.spawn(_packed_worker, args=(2, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"packed{rank}.pt")
+        torch.testing.assert_close(got["logp"], logp.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["entropy"], ent.detach(), rtol=1e-5, atol=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -210,7 +210,7 @@ def test_training_metrics_cover_every_update():
     (dict(rollout_batch_size=16, update_batch_size=6), "update_batch_size 6 must divide"),
     (dict(loss_type="ppo2"), "loss_type"), (dict(rollout_correction="always"), "rollout_correction"),
     (dict(rollout_is_cap=1.0), "rollout_is_cap"), (dict(loss_agg="sum"), "loss_agg"),
-    (dict(group_packing=True, device="cuda"), "group_packing"), (dict(group_packing=True, sp_size=2), "group_packing"),
+    (dict(group_packing=True, device="cuda"), "group_packing"),
 ])
 def test_config_refused_at_start_up(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -555,7 +555,8 @@ def test_group_packing_step_equals_separate_rows(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("algo", [{}, dict(loss_type="gspo", gspo_clip_low=0.2, gspo_clip_high=0.2, ppo_epochs=2,
-                                           rollout_correction="sequence")])
+                                           rollout_correction="sequence"),
+                                  dict(group_packing=True, ppo_epochs=2, kl_beta=0.1)])
 def test_sp2_first_step_loss_equals_sp1(tiny_run, tmp_path, algo):
     """--sp_size=2 on 2 gloo processes (Ulysses + parallel vision encoding) gives the sp_size=1 loss; also for
     GSPO's sequence ratio and the sequence-level rollout mask, which need every token of a sequence (gathered
@@ -573,3 +574,4 @@ def test_sp2_first_step_loss_equals_sp1(tiny_run, tmp_path, algo):
     assert one["loss"] != 0.0
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
+    assert two["entropy"] == pytest.approx(one["entropy"], rel=1e-3)  # the log-prob distributions themselves
