@@ -352,6 +352,18 @@ class TokenSplit:
         return full[self.response_mask.to(full.device)]
 
 
+def sp_video_features(model, prompts, spi):
+    """Stage 1: the media features of `prompts` (one entry each), the video tower split over the SP ranks.
+    Embeddings cache: no tower to split (SP peers share prompts, so all take this branch); LLaVA's and VILA's image
+    towers run whole on every SP rank; Omni's audio encoder too, beside the split video tower."""
+    if any(p.video_features is not None for p in prompts) or family(model) in FRAMES:
+        return encode_videos(model, prompts)
+    dev = output_head(model).weight.device
+    pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
+    grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
+    return add_audio_features(model, prompts, parallel_video_features(model, pix, grid, spi.sp_group))
+
+
 def sp_response_logprobs(model, prompts, where, packed, spi, suppress_ids, temperature, chunk, with_entropy,
                          vision_grad):
     """vlm.response_logprobs under Ulysses SP: stage 1 encodes 1/P of every video here (parallel_video_features),
@@ -359,15 +371,7 @@ def sp_response_logprobs(model, prompts, where, packed, spi, suppress_ids, tempe
     tokens it holds. Returns (logp, entropy, TokenSplit) for those tokens."""
     dev = output_head(model).weight.device
     with torch.set_grad_enabled(vision_grad):
-        # embeddings cache: no tower to split (SP peers share prompts, so all take this branch); LLaVA's and VILA's
-        # image towers run whole on every SP rank; Omni's audio encoder too, beside the split video tower
-        if any(p.video_features is not None for p in prompts) or family(model) in FRAMES:
-            feats = encode_videos(model, prompts)
-        else:
-            pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
-            grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
-            feats = add_audio_features(model, prompts, parallel_video_features(model, pix, grid, spi.sp_group))
-        feats = select_videos(feats, where)
+        feats = select_videos(sp_video_features(model, prompts, spi), where)
     tokens_mask = torch.zeros_like(packed.response_mask)  # token-aligned: the response tokens themselves
     tokens_mask[:, 1:] = packed.response_mask[:, :-1]
     sh = shard_sequence(packed.input_ids, packed.positions, tokens_mask, spi.sp_rank, spi.sp_size, 0,
@@ -403,18 +407,13 @@ class RowSplit:
 
 
 def sp_group_logprobs(model, prompts, groups, spi, suppress_ids, temperature, chunk, with_entropy, vision_grad):
-    """vlm.group_logprobs under Ulysses SP: the videos encoded as in sp_response_logprobs (one per row, no
-    repeats), each packed row [prompt | responses] sliced over the SP ranks (shard_sequence), the group mask for
-    the FULL row given to ulysses_attention (applied after its all-to-all), and each rank scoring the response
-    tokens whose predicting row it holds. Returns (logp, entropy, RowSplit)."""
+    """vlm.group_logprobs under Ulysses SP: the videos encoded once per row (sp_video_features), each packed row
+    [prompt | responses] sliced over the SP ranks (shard_sequence), the group mask for the FULL row given to
+    ulysses_attention (applied after its all-to-all), and each rank scoring the response tokens whose predicting
+    row it holds. Returns (logp, entropy, RowSplit)."""
     dev = output_head(model).weight.device
     with torch.set_grad_enabled(vision_grad):
-        if any(p.video_features is not None for p in prompts) or family(model) in FRAMES:
-            feats = encode_videos(model, prompts)
-        else:
-            pix = torch.cat([p.pixel_values_videos for p in prompts]).to(dev)
-            grid = torch.cat([p.video_grid_thw for p in prompts]).to(dev)
-            feats = add_audio_features(model, prompts, parallel_video_features(model, pix, grid, spi.sp_group))
+        feats = sp_video_features(model, prompts, spi)                        # one per row: no repeats
     G, S = groups.input_ids.shape
     n = -(-S // spi.sp_size)                                                  # S/P, rounded up
     sh = shard_sequence(groups.input_ids, groups.positions, torch.zeros(G, S, dtype=torch.bool), spi.sp_rank,
