@@ -47,9 +47,11 @@ def sequences_logprobs(policy, seqs: list, cfg, suppress_ids, with_entropy=False
             index[id(s.prompt)] = len(prompts)
             prompts.append(s.prompt)
         where.append(index[id(s.prompt)])
-    packed = vlm.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], pad_id=0)
-    groups = vlm.pack_groups([s.response_ids for s in seqs], where, [(p.input_ids, p.positions) for p in prompts],
-                             pad_id=0) if cfg.group_packing else None
+    if cfg.group_packing:  # one row per prompt (vlm.PackedGroups), else one prompt+response row per sequence
+        groups, packed = vlm.pack_groups([s.response_ids for s in seqs], where,
+                                         [(p.input_ids, p.positions) for p in prompts], pad_id=0), None
+    else:
+        groups, packed = None, vlm.pack([(s.prompt.input_ids, s.prompt.positions, s.response_ids) for s in seqs], 0)
     vision_grad = torch.is_grad_enabled() and not cfg.freeze_vision
     if spi is not None and spi.sp_size > 1 and groups is not None:
         return policy(sp_lib.sp_group_logprobs, prompts, groups, spi, suppress_ids, cfg.temperature,

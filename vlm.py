@@ -731,25 +731,27 @@ def pack_groups(sequences: list, where: list, prompts: list, pad_id: int) -> Pac
     return PackedGroups(ids, pos, seg, torch.tensor(pred, dtype=torch.long), torch.tensor(labels, dtype=torch.long))
 
 
+def group_visible(q, k, seg_q, seg_k):
+    """The rule of PackedGroups, written once for both masks below: key position k is visible to query position q
+    iff k <= q and the key is in the prompt (segment 0) or in the query's own response; padding keys never."""
+    return (k <= q) & ((seg_k == 0) | (seg_k == seg_q)) & (seg_k >= 0)
+
+
 def group_attention_mask(segments: torch.Tensor, dtype) -> torch.Tensor:
-    """[G, 1, S, S] additive mask (0 = visible, dtype's min = hidden) of the rule in PackedGroups. O(S^2) memory:
-    the CPU / reference path; padding rows see the prompt (never a row of only hidden keys: no NaN)."""
-    S = segments.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    q, k = segments[:, :, None], segments[:, None, :]                          # [G, S, 1], [G, 1, S]
-    visible = causal & ((k == 0) | (k == q)) & (k >= 0)
+    """[G, 1, S, S] additive mask (0 = visible, dtype's min = hidden) of group_visible. O(S^2) memory: the CPU /
+    reference path; padding rows see the prompt (never a row of only hidden keys: no NaN)."""
+    pos = torch.arange(segments.shape[1])
+    visible = group_visible(pos[:, None], pos[None, :], segments[:, :, None], segments[:, None, :])   # [G, S, S]
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
 def group_block_mask(segments: torch.Tensor, device):
-    """The same rule as a FlexAttention BlockMask: stored per 128 x 128 block (empty blocks are skipped, not
+    """group_visible as a FlexAttention BlockMask: stored per 128 x 128 block (empty blocks are skipped, not
     computed), so a 70k-token group costs no O(S^2) memory. Used with the "group_flex" attention function."""
     seg = segments.to(device)
-
-    def visible(b, h, q, k):
-        return (k <= q) & ((seg[b, k] == 0) | (seg[b, k] == seg[b, q])) & (seg[b, k] >= 0)
     G, S = seg.shape
-    return create_block_mask(visible, B=G, H=None, Q_LEN=S, KV_LEN=S, device=device)
+    return create_block_mask(lambda b, h, q, k: group_visible(q, k, seg[b, q], seg[b, k]), B=G, H=None, Q_LEN=S,
+                             KV_LEN=S, device=device)
 
 
 _compiled_flex = None  # torch.compile(flex_attention), made on first GPU use (fused kernel, forward and backward)

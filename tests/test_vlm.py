@@ -305,29 +305,37 @@ def test_omni_embeddings_cache_equals_live(models, media, tmp_path):
         assert torch.allclose(logps[0], logps[1], atol=1e-5)
 
 
+WHERE = [0, 1, 0, 0, 1]  # the prompt of each response: the two prompts' responses interleaved
+
+
+def group_case(tmp_path, media, fam, device="cpu"):
+    """A tiny model of `fam`, two video prompts and five ragged text-only responses, packed as groups."""
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(make_tiny_model(str(tmp_path / fam), fam, seed=0), device=device)
+    prompts = [vlm.build_prompt(model, processor, q, vlm.load_video(media[m], VideoCfg, fam), think=False)
+               for q, m in (("What colour?", "a440"), ("Which sound?", "a1000"))]
+    pool = torch.tensor(processor.tokenizer("the flash was red then green then blue <answer> B </answer>").input_ids)
+    responses = [pool[torch.randint(0, len(pool), (n,))] for n in (4, 1, 6, 2, 5)]
+    packed = vlm.pack_groups(responses, WHERE, [(p.input_ids, p.positions) for p in prompts], pad_id=0)
+    return model, prompts, packed, responses
+
+
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
 def test_group_packing_equals_separate_sequences(tmp_path, media, fam):
     """One row per prompt, [prompt | response_1 | ... | response_k], with the group mask (vlm.PackedGroups): every
     response token's log-prob, entropy and every parameter's gradient equal those of one prompt+response row per
     response (vlm.pack), with ragged responses given in an order that interleaves the two prompts."""
-    torch.manual_seed(0)
-    model, processor = vlm.load_model(make_tiny_model(str(tmp_path / fam), fam, seed=0))
-    prompts = [vlm.build_prompt(model, processor, q, vlm.load_video(media[m], VideoCfg, fam), think=False)
-               for q, m in (("What colour?", "a440"), ("Which sound?", "a1000"))]
-    where = [0, 1, 0, 0, 1]                                     # the prompt of each response
-    pool = torch.tensor(processor.tokenizer("the flash was red then green then blue <answer> B </answer>").input_ids)
-    responses = [pool[torch.randint(0, len(pool), (n,))] for n in (4, 1, 6, 2, 5)]   # text tokens only
+    model, prompts, packed, responses = group_case(tmp_path, media, fam)
     weights = torch.rand(sum(len(r) for r in responses))       # a loss that weights every token differently
 
     def run(grouped: bool):
         model.zero_grad(set_to_none=True)
         feats = vlm.encode_videos(model, prompts)
         if grouped:
-            packed = vlm.pack_groups(responses, where, [(p.input_ids, p.positions) for p in prompts], pad_id=0)
             lp, ent = vlm.group_logprobs(model, packed, feats, [], with_entropy=True)
         else:
-            packed = vlm.pack([(prompts[g].input_ids, prompts[g].positions, r) for g, r in zip(where, responses)], 0)
-            lp, ent = vlm.response_logprobs(model, packed, vlm.select_videos(feats, where), [], with_entropy=True)
+            rows = vlm.pack([(prompts[g].input_ids, prompts[g].positions, r) for g, r in zip(WHERE, responses)], 0)
+            lp, ent = vlm.response_logprobs(model, rows, vlm.select_videos(feats, WHERE), [], with_entropy=True)
         (lp * weights).sum().backward()
         return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -357,23 +365,12 @@ def test_group_mask_hides_other_responses():
     assert empty.pred_rows.tolist() == [2] and empty.labels.tolist() == [9]   # an empty response scores nothing
 
 
-def group_case(tmp_path, media, fam, device="cpu"):
-    torch.manual_seed(0)
-    model, processor = vlm.load_model(make_tiny_model(str(tmp_path / fam), fam, seed=0), device=device)
-    prompts = [vlm.build_prompt(model, processor, q, vlm.load_video(media[m], VideoCfg, fam), think=False)
-               for q, m in (("What colour?", "a440"), ("Which sound?", "a1000"))]
-    pool = torch.tensor(processor.tokenizer("the flash was red then green then blue <answer> B </answer>").input_ids)
-    responses = [pool[torch.randint(0, len(pool), (n,))] for n in (4, 1, 6, 2, 5)]
-    packed = vlm.pack_groups(responses, [0, 1, 0, 0, 1], [(p.input_ids, p.positions) for p in prompts], pad_id=0)
-    return model, prompts, packed
-
-
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
 def test_group_flex_attention_equals_dense_mask_forward(tmp_path, media, fam):
     """The GPU path's attention ("group_flex": FlexAttention over vlm.group_block_mask) gives the dense-mask
     log-probs; on the CPU FlexAttention runs forward only (its backward is GPU-only in torch 2.14), so the
     gradients are checked on a GPU (test_group_flex_attention_gradients_on_gpu)."""
-    model, prompts, packed = group_case(tmp_path, media, fam)
+    model, prompts, packed, _ = group_case(tmp_path, media, fam)
     with torch.no_grad():
         feats = vlm.encode_videos(model, prompts)
         dense, _ = vlm.group_logprobs(model, packed, feats, [])
@@ -386,7 +383,7 @@ def test_group_flex_attention_equals_dense_mask_forward(tmp_path, media, fam):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU in torch 2.14")
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
 def test_group_flex_attention_gradients_on_gpu(tmp_path, media, fam):
-    model, prompts, packed = group_case(tmp_path, media, fam, device="cuda")
+    model, prompts, packed, _ = group_case(tmp_path, media, fam, device="cuda")
     weights = torch.rand(len(packed.labels), device="cuda")
     grads = {}
     for name in ("sdpa", "group_flex"):
