@@ -82,7 +82,8 @@ class BenchConfig:
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
     steps: int = 0                  # GRPO steps per run (0: train 3, cache 5 (3 with --tiny), trl 100 (4 with --tiny))
-    n: int = 4                      # train, cache: responses per prompt (2 prompts a step)
+    n: int = 4                      # train, cache: responses per prompt
+    prompts: int = 2                # train: prompts per step (1 fits 1,024 frames x 8 responses unpacked)
     packing: list = None            # train: group_packing values side by side (default [False]; e.g. [False,True])
 
 
@@ -405,12 +406,12 @@ def bench_train(cfg: BenchConfig):
         for packing in cfg.packing or [False]:  # micro-batches: one sequence, or one packed group (one row)
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
-                                    rollout_batch_size=2, n=cfg.n, max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
+                                    rollout_batch_size=cfg.prompts, n=cfg.n, max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
                                     micro_batch_size=1, group_packing=packing, max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
                                     seed=cfg.seed),
                                os.path.join(root, f"run{frames}"))
-            rows.append({"frames": frames, "sequences": 2 * cfg.n, "group_packing": packing,
+            rows.append({"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing,
                          **phase_medians(metrics)})
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))

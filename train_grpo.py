@@ -109,7 +109,7 @@ class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pix
     ppo_epochs: int = 1                 # passes over each rollout batch
     update_batch_size: int = 0          # prompts per optimizer update (0 = the whole rollout: one update)
     micro_batch_size: int = 8           # sequences per forward/backward (group_packing: whole groups)
-    group_packing: bool = False         # [prompt | response_1 | ...] a row: each prompt once (CPU only so far)
+    group_packing: bool = False         # [prompt | response_1 | ...] a row: each prompt once in the decoder
     # optimizer
     lr: float = 1e-6                    # AdamW learning rate (Long-RL: 1e-6)
     weight_decay: float = 1e-2          # AdamW weight decay
@@ -488,10 +488,6 @@ def check_config(cfg: Config, dp_size: int = 1):
         raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
                          "tower would train and the cached features go stale after the first update; set "
                          "--freeze_vision=true (or drop --embeddings_cache)")
-    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.group_packing and on_gpu:  # the CPU path's mask (vlm.group_attention_mask) is O(S^2) memory
-        raise ValueError("group_packing runs on the CPU only so far: its GPU attention (FlexAttention over a block "
-                         "mask, vlm.group_flex_attention) is written but not yet run on a GPU (issue #29)")
     if cfg.n % cfg.sp_size:
         raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:

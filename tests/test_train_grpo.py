@@ -210,7 +210,6 @@ def test_training_metrics_cover_every_update():
     (dict(rollout_batch_size=16, update_batch_size=6), "update_batch_size 6 must divide"),
     (dict(loss_type="ppo2"), "loss_type"), (dict(rollout_correction="always"), "rollout_correction"),
     (dict(rollout_is_cap=1.0), "rollout_is_cap"), (dict(loss_agg="sum"), "loss_agg"),
-    (dict(group_packing=True, device="cuda"), "group_packing"),
 ])
 def test_config_refused_at_start_up(bad, message):
     with pytest.raises(ValueError, match=message):

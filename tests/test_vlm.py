@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vlm
-from data.tiny import make_tiny_model
+from data.tiny import TinySize, make_tiny_model
 from data.video import write_video
 
 
@@ -308,10 +308,11 @@ def test_omni_embeddings_cache_equals_live(models, media, tmp_path):
 WHERE = [0, 1, 0, 0, 1]  # the prompt of each response: the two prompts' responses interleaved
 
 
-def group_case(tmp_path, media, fam, device="cpu"):
-    """A tiny model of `fam`, two video prompts and five ragged text-only responses, packed as groups."""
+def group_case(tmp_path, media, fam, device="cpu", size=TinySize()):
+    """A tiny model of `fam` (fp32), two video prompts and five ragged text-only responses, packed as groups."""
     torch.manual_seed(0)
-    model, processor = vlm.load_model(make_tiny_model(str(tmp_path / fam), fam, seed=0), device=device)
+    model, processor = vlm.load_model(make_tiny_model(str(tmp_path / fam), fam, size, seed=0), "float32",
+                                      device=device)
     prompts = [vlm.build_prompt(model, processor, q, vlm.load_video(media[m], VideoCfg, fam), think=False)
                for q, m in (("What colour?", "a440"), ("Which sound?", "a1000"))]
     pool = torch.tensor(processor.tokenizer("the flash was red then green then blue <answer> B </answer>").input_ids)
@@ -383,7 +384,10 @@ def test_group_flex_attention_equals_dense_mask_forward(tmp_path, media, fam):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU in torch 2.14")
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
 def test_group_flex_attention_gradients_on_gpu(tmp_path, media, fam):
-    model, prompts, packed, _ = group_case(tmp_path, media, fam, device="cuda")
+    """FlexAttention's forward and backward on the GPU equal the dense-mask SDPA path's, in fp32 (head_dim 64: the
+    GPU kernel's tiles; real models have 64-128)."""
+    model, prompts, packed, _ = group_case(tmp_path, media, fam, device="cuda",
+                                           size=TinySize(hidden=128, heads=2, kv_heads=1))
     weights = torch.rand(len(packed.labels), device="cuda")
     grads = {}
     for name in ("sdpa", "group_flex"):
