@@ -387,6 +387,7 @@ def phase_medians(rows: list) -> dict:
     out = {k[5:] + "_s": float(np.median([r[k] for r in timed])) for k in rows[0] if k.startswith("time_")}
     out["step_s"] = float(np.median([sum(v for k, v in r.items() if k.startswith("time_")) for r in timed]))
     out["update_tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in timed]))
+    out["update_useful_tokens_per_s"] = float(np.median([r["useful_tokens_per_s"] for r in timed]))
     out["peak_GiB"] = max(r.get("peak_alloc_GiB", float("nan")) for r in timed)
     return out
 

@@ -451,17 +451,20 @@ def assign_advantages(seqs: list, num_groups: int, cfg: Config, spi):
 
 def rollout_metrics(stats: dict, num_groups: int, seqs: list, spi) -> dict:
     """The step's rollout statistics over all data-parallel ranks (sums all-reduced, then divided)."""
-    r = stats["reward"]
+    r, n = stats["reward"], len(seqs) // max(num_groups, 1)   # seqs come group by group, n per group
     local = torch.tensor([sum(r), sum(x * x for x in r), sum(stats["accuracy"]), sum(stats["format"]),
                           sum(stats["length"]), float(len(r)), float(stats["truncated"]), float(num_groups),
-                          float(sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs))], dtype=torch.float64)
+                          float(sum(len(s.prompt.input_ids) + len(s.response_ids) for s in seqs)),
+                          float(sum(len(s.prompt.input_ids) * (k % n == 0) + len(s.response_ids)  # prompt once a group
+                                    for k, s in enumerate(seqs)))], dtype=torch.float64)
     tot = dp_all_reduce(local, spi)
     count = tot[5].clamp(min=1)
     mean = tot[0] / count
     return {"reward": mean.item(), "reward_std": (tot[1] / count - mean ** 2).clamp(min=0).sqrt().item(),
             "accuracy": (tot[2] / count).item(), "format": (tot[3] / count).item(),
             "response_len": (tot[4] / count).item(), "response_len_max": max(stats["length"] or [0]),
-            "truncated_frac": (tot[6] / count).item(), "groups_kept": int(tot[7]), "tokens": tot[8].item()}
+            "truncated_frac": (tot[6] / count).item(), "groups_kept": int(tot[7]), "tokens": tot[8].item(),
+            "useful_tokens": tot[9].item()}
 
 
 def check_config(cfg: Config, dp_size: int = 1):
@@ -567,7 +570,10 @@ def step_metrics(step: int, stats: dict, groups: list, seqs: list, results: list
     """One metrics.jsonl row: rollout statistics and training metrics over all ranks, timings, memory."""
     metrics = {**training_metrics(results), "step": step, **rollout_metrics(stats, len(groups), seqs, spi),
                "sampling_tries": stats["tries"], "lr": lr, **{f"time_{k}": round(v, 4) for k, v in timing.items()}}
+    # the update's rate on prompt+response sequences (what one row per response computes), and on useful tokens:
+    # each group's prompt counted once (what group packing computes)
     metrics["tokens_per_s"] = metrics.pop("tokens") / max(timing["update"], 1e-9)
+    metrics["useful_tokens_per_s"] = metrics.pop("useful_tokens") / max(timing["update"], 1e-9)
     if torch.cuda.is_available():  # torch's allocator peak, and the whole GPU in use (vLLM's memory too)
         metrics.update(peak_alloc_GiB=torch.cuda.max_memory_allocated() / 2**30, gpu_used_GiB=gpu_used_gib(),
                        gpu_used_rollout_GiB=stats["gpu_used_GiB"])

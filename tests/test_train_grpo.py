@@ -192,6 +192,19 @@ def test_rollout_weights_by_hand():
     assert torch.equal(T.rollout_weights(old, rollout_lp, [3, 2], "off")[0], torch.ones(5))
 
 
+def test_rollout_metrics_count_each_groups_prompt_once_in_useful_tokens():
+    """Two groups of n = 2, prompts of 10 and 20 tokens, responses of 1, 2, 3, 4 tokens: the sequences hold
+    (10+1) + (10+2) + (20+3) + (20+4) = 70 tokens (one row per response computes them all); the useful tokens count
+    each prompt once, 10 + 20 + 1 + 2 + 3 + 4 = 40 (what group packing computes)."""
+    from types import SimpleNamespace
+    prompts = [SimpleNamespace(input_ids=torch.zeros(10)), SimpleNamespace(input_ids=torch.zeros(20))]
+    seqs = [T.Seq(prompt=prompts[k // 2], response_ids=[7] * (k + 1), advantages=None) for k in range(4)]
+    stats = {"reward": [1.0, 0.0, 1.0, 0.0], "accuracy": [1, 0, 1, 0], "format": [1] * 4, "length": [1, 2, 3, 4],
+             "truncated": 0}
+    m = T.rollout_metrics(stats, 2, seqs, spi=None)
+    assert m["tokens"] == 70 and m["useful_tokens"] == 40
+
+
 def test_training_metrics_cover_every_update():
     """Two updates: token means over both updates' tokens, loss averaged over updates, skipped counted."""
     a = {**dict.fromkeys(T.UPDATE_SUMS, 0.0), "loss": 1.0, "clipped": 2.0, "entropy": 10.0, "tokens": 10.0,
@@ -379,7 +392,7 @@ def tiny_cfg(run_dir, out, **kw):
 
 def metrics_without_time(path):
     rows = [json.loads(line) for line in open(path)]
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "tokens_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and not k.endswith("tokens_per_s")} for r in rows]
 
 
 def final_params(out_dir):
