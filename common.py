@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -200,6 +201,20 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
             torch.cuda.set_rng_state(rng["cuda"])
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
+
+
+def load_model_weights(path: str, model) -> str:
+    """The weights alone of a checkpoint (a step_* folder, or a run folder: its newest) into `model`, e.g. an SFT
+    run's into a fresh GRPO policy (train_grpo.py --init_from): fp32 master weights as trained, no optimizer state,
+    no RNG. Every weight of `model` must be in the checkpoint. Returns the step folder read."""
+    step_dir = path if os.path.exists(os.path.join(path, ".metadata")) else latest_checkpoint(path)
+    if step_dir is None:
+        raise ValueError(f"{path}: neither a checkpoint folder (with .metadata) nor a run folder with a complete "
+                         "step_* checkpoint")
+    sd = {"model": get_model_state_dict(model)}
+    dcp.load(sd, checkpoint_id=step_dir)
+    set_model_state_dict(model, sd["model"])
+    return step_dir
 
 
 # ----------------------------------------------------------------------------------------------------------

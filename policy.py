@@ -1,12 +1,12 @@
 """
-The policy as a trainer holds it: built (loaded, frozen parts, activation checkpointing, FSDP2, the frozen
-reference, the optimizer) and run over sampled responses: `Seq` (one response and what the update needs for it),
-`sequences_logprobs` (response log-probs of a batch, with or without sequence parallelism), the micro-batches every
-rank steps through together, and the format warm-up (supervised steps on fixed target texts).
-
-train_grpo.py reads its `cfg` fields (model, dtype, attention, checkpointing, SP, micro-batch size, learning rates);
-they live here, not in train_grpo.py, because nothing imports a training script and the SFT stage will share them.
+The policy as a trainer holds it, shared by train_grpo.py and train_sft.py (nothing imports a training script):
+the config fields both read (`PolicyConfig`), the policy built (loaded, frozen parts, activation checkpointing,
+FSDP2, the frozen reference, the optimizer) and run over responses: `Seq` (one response and what the update needs
+for it), `sequences_logprobs` (response log-probs of a batch, with or without sequence parallelism), the
+micro-batches every rank steps through together, and supervised steps on target responses (`sft_step`: the SFT
+stage, and the format warm-up before GRPO as its special case with random letters).
 """
+import math
 import random
 from dataclasses import dataclass
 
@@ -17,7 +17,41 @@ import rollout
 import sp as sp_lib
 import vlm
 from common import Dist, Root, all_reduce, print0, wrap_fsdp
+from data.video import FrameSampling
 from sp import dp_all_reduce
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fields every training script shares (train_grpo.Config and train_sft.Config inherit them)
+
+@dataclass
+class PolicyConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: data/video.py
+    # the model and how it is held
+    model: str = ""                     # checkpoint folder / hub id; empty with synthetic=True: a tiny model
+    dtype: str = "auto"                 # parameters' dtype: auto = float32 (FSDP2 mixed precision computes bf16)
+    bf16: bool = True                   # on GPU: bf16 compute with fp32 master weights and fp32 grad reduction
+    attn_implementation: str = "sdpa"   # sdpa | flash_attention_2 (when installed) | eager
+    gradient_checkpointing: bool = True  # recompute decoder layers in backward (activation memory ~ 1 layer)
+    checkpoint_mode: str = "full"       # full | attention (keep attention: faster) | offload (inputs to host memory)
+    attention_layers: int = 0           # checkpoint_mode=attention: only the first this-many layers keep it (0: all)
+    mlp_chunk: int = 0                  # > 0: MLPs over the sequence in chunks of this many tokens (longest sequences)
+    freeze_vision: bool = False         # train the language model only
+    sp_size: int = 1                    # Ulysses sequence-parallel group size (divides the world size)
+    # prompts and log-probs
+    think: bool = True                  # Long-RL's think/answer prompt; format reward needs <think> too
+    embeddings_cache: str = ""          # cache_embeddings.py output (needs freeze_vision): no decoding, no tower
+    temperature: float = 1.0            # log-probs are of log_softmax(logits / T): the sampling temperature (SFT: 1)
+    micro_batch_size: int = 8           # sequences per forward/backward (group_packing: whole groups)
+    group_packing: bool = False         # [prompt | response_1 | ...] a row: each prompt once in the decoder
+    logprob_chunk: int = 1024           # response tokens per lm_head chunk
+    # optimizer
+    lr: float = 1e-6                    # AdamW learning rate (Long-RL: 1e-6)
+    weight_decay: float = 1e-2          # AdamW weight decay
+    beta2: float = 0.999                # AdamW beta2
+    grad_clip: float = 1.0              # max global gradient norm
+    # system
+    device: str = "auto"                # auto | cpu | cuda
+    seed: int = 0                       # data order, sampling, initialisation
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,9 +137,10 @@ def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None
 # ----------------------------------------------------------------------------------------------------------
 # building the policy, and the format warm-up (CPU demo): a tiny supervised stage before GRPO
 
-def build_policy(cfg, model_path: str, d: Dist, spi):
-    """The policy as an FSDP2 root (policy(fn, ...) runs fn(model, ...)), the frozen reference when kl_beta > 0,
-    the optimizer, and the attention function of each phase (Ulysses in training under SP)."""
+def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bool = False):
+    """The policy as an FSDP2 root (policy(fn, ...) runs fn(model, ...)), a frozen copy of it as the reference
+    (with reference=True; else None), the optimizer, and the attention function of each phase (Ulysses in
+    training under SP)."""
     model, processor = vlm.load_model(model_path, "float32" if cfg.dtype == "auto" else cfg.dtype,
                                       cfg.attn_implementation, d.device)
     if cfg.freeze_vision:
@@ -127,7 +162,7 @@ def build_policy(cfg, model_path: str, d: Dist, spi):
     policy = wrap_fsdp(Root(model), vlm.fsdp_units(model, vision=not cached), d, bf16,
                        vlm.encoder_params(model) if cached else None)
     ref = None
-    if cfg.kl_beta > 0:  # a frozen copy of the initial policy; not loaded at all when beta = 0
+    if reference:  # a frozen copy of the initial policy (GRPO with kl_beta > 0), else not loaded at all
         ref, _ = vlm.load_model(model_path, "float32", cfg.attn_implementation, d.device)
         ref.requires_grad_(False)
         ref = wrap_fsdp(Root(ref), vlm.fsdp_units(ref, vision=not cached), d, bf16,
@@ -142,34 +177,86 @@ def build_policy(cfg, model_path: str, d: Dist, spi):
     return model, processor, policy, ref, optimizer, attention
 
 
+# ----------------------------------------------------------------------------------------------------------
+# supervised steps (train_sft.py, and the format warm-up before GRPO): token-mean NLL of target responses
+
+def target_text(sample, target: str, think: bool, rng: random.Random = None) -> str:
+    """The response taught for one row (data/datasets.Sample):
+        cot            <think> {reasoning} </think> <answer> {answer} </answer>     (CoT rows: the SFT stage)
+        answer         <think> </think> <answer> {answer} </answer>   (think=False: no think block)
+        random_letter  as `answer` with a random letter A-D: the format alone (the format warm-up)"""
+    answer = rng.choice("ABCD") if target == "random_letter" else sample.answer
+    if target == "cot":
+        return f"<think> {sample.reasoning.strip()} </think> <answer> {answer} </answer>"
+    return f"<think> </think> <answer> {answer} </answer>" if think else f"<answer> {answer} </answer>"
+
+
+def target_seqs(prompts: list, texts: list, tokenizer) -> list:
+    """One Seq per prompt whose response is its target text, tokenized as the model would write it, + eos."""
+    seqs = []
+    for p, text in zip(prompts, texts):
+        ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+        seqs.append(Seq(prompt=p, response_ids=ids, advantages=torch.zeros(len(ids))))
+    return seqs
+
+
+def clip_and_step(policy, optimizer, grad_clip: float) -> tuple:
+    """Clip the global gradient norm, then step, unless the norm is not finite: a NaN / inf anywhere would reach
+    every weight through the step, so the step is skipped (with a warning) and the gradients dropped.
+    Returns (grad_norm, skipped); the norm is the same on every rank."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    skipped = not math.isfinite(grad_norm)
+    if skipped:
+        print0(f"warning: non-finite gradient norm ({grad_norm}): optimizer step skipped, gradients dropped")
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
+def sft_step(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, spi=None, micro: int = 0) -> dict:
+    """One optimizer step of the token-mean negative log-likelihood of the target responses `seqs`:
+        loss = -(1/N) sum_i sum_t log pi(y_i,t | prompt_i, y_i,<t),   N = target tokens on all data-parallel ranks
+    Rank r backpropagates W * (its part of the sum) / N; FSDP averages gradients over the W = dp * sp ranks, so
+    each token counts once, on the (SP) rank that holds it. Returns the loss (over all ranks), N, the gradient
+    norm and whether the step was skipped (clip_and_step)."""
+    n_tokens = dp_all_reduce(torch.tensor([float(sum(len(s.response_ids) for s in seqs))]), spi)[0].item()
+    total = 0.0
+    for chunk in micro_batches(seqs, micro or cfg.micro_batch_size):
+        logp, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
+        loss = -logp.sum() * d.world_size / max(n_tokens, 1.0) * (0.0 if chunk is None else 1.0)
+        loss.backward()
+        total += loss.item() / d.world_size
+    grad_norm, skipped = clip_and_step(policy, optimizer, cfg.grad_clip)
+    return {"loss": all_reduce(torch.tensor([total]))[0].item(), "tokens": n_tokens, "grad_norm": grad_norm,
+            "skipped": int(skipped)}
+
+
+@torch.no_grad()
+def sft_nll(policy, seqs: list, cfg, suppress_ids, spi=None, micro: int = 0) -> float:
+    """Token-mean negative log-likelihood of the targets `seqs` over all ranks (the held-out loss)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for chunk in micro_batches(seqs, micro or cfg.micro_batch_size):
+        logp, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
+        if chunk is not None:
+            total += torch.tensor([-logp.sum().item(), float(logp.numel())], dtype=torch.float64)
+    total = all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
 def format_warmup(policy, processor, loader, cfg, d: Dist, suppress_ids, spi=None):
-    """Teach the answer format only: SFT on '<think> </think> <answer> X </answer>' with X a RANDOM letter,
-    independent of the video, so the model starts GRPO at chance accuracy with a parsable format."""
+    """Teach the answer format only: supervised steps (sft_step) on target_text(..., "random_letter"), a letter
+    independent of the video, so that the model starts GRPO at chance accuracy with a parsable format."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, cfg.beta2))
-    tok, eos = processor.tokenizer, processor.tokenizer.eos_token_id
     rng = random.Random(cfg.seed + 7 * (spi.dp_rank if spi else d.rank))  # SP peers: the same letters
     policy.train()
     for step in range(cfg.sft_steps):
-        samples = loader.next_batch()
-        prompts = rollout.prepare_prompts(policy.model, processor, samples, cfg, cfg.think, [],
+        prompts = rollout.prepare_prompts(policy.model, processor, loader.next_batch(), cfg, cfg.think, [],
                                           cfg.embeddings_cache)
-        seqs = []
-        for p in prompts:
-            letter = rng.choice("ABCD")
-            text = (f"<think> </think> <answer> {letter} </answer>" if cfg.think else f"<answer> {letter} </answer>")
-            ids = tok.encode(text, add_special_tokens=False) + [eos]
-            seqs.append(Seq(prompt=p, response_ids=ids, advantages=torch.zeros(len(ids))))
-        lengths = [len(s.response_ids) for s in seqs]
-        n_tokens = dp_all_reduce(torch.tensor([float(sum(lengths))]), spi)[0].item()
-        total = 0.0
-        for chunk in micro_batches(seqs, cfg.micro_batch_size * 4):
-            logp, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
-            loss = -logp.sum() * d.world_size / n_tokens * (0.0 if chunk is None else 1.0)  # token-mean NLL
-            loss.backward()
-            total += loss.item() / d.world_size
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        texts = [target_text(p.sample, "random_letter", cfg.think, rng) for p in prompts]
+        res = sft_step(policy, optimizer, target_seqs(prompts, texts, processor.tokenizer), cfg, d, suppress_ids,
+                       spi, micro=cfg.micro_batch_size * 4)
         if step % 20 == 0 or step == cfg.sft_steps - 1:
-            print0(f"format warm-up {step + 1}/{cfg.sft_steps}: nll {all_reduce(torch.tensor([total]))[0]:.3f}")
+            print0(f"format warm-up {step + 1}/{cfg.sft_steps}: nll {res['loss']:.3f}")
     del optimizer

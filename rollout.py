@@ -27,7 +27,7 @@ from cache_embeddings import load_cached
 from common import all_reduce, barrier
 from configurator import parse_config
 from data.datasets import format_question, load_jsonl
-from data.rewards import compute_rewards
+from data.rewards import compute_rewards, eval_correct, read_answer
 from data.video import FrameSampling
 from fused_decode import StaticKV, fused_decoding, fused_forward, graphed_step, padded_prompt_mask, unshard_layers
 from sp import chunked_all_gather_object
@@ -445,12 +445,19 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
                                  think=cfg.think)
         for o, acc, fmt in zip(outs, scores["accuracy"], scores["format"]):
             s = prompts[o.prompt_index].sample
-            preds.append({**s.to_dict(), "response": o.text, "correct": float(acc), "format": float(fmt)})
+            read, how = read_answer(o.text, s.to_dict())  # any answer shape, and which shape it was
+            preds.append({**s.to_dict(), "response": o.text, "correct": float(acc), "format": float(fmt),
+                          "read": read, "read_as": how, "correct_any_shape": eval_correct(read, s.to_dict())})
     by_cat = {}
     for p in preds:
         by_cat.setdefault(p["category"] or "all", []).append(p["correct"])
     acc = sum(p["correct"] for p in preds) / max(len(preds), 1)
-    return {"accuracy": acc, "format": sum(p["format"] for p in preds) / max(len(preds), 1),
+    shaped = [p["correct_any_shape"] for p in preds if p["correct_any_shape"] is not None]
+    read_as = {}
+    for p in preds:
+        read_as[p["read_as"]] = read_as.get(p["read_as"], 0) + 1
+    return {"accuracy": acc, "accuracy_any_shape": sum(shaped) / len(shaped) if shaped else float("nan"),
+            "read_as": dict(sorted(read_as.items(), key=lambda kv: -kv[1])), "format": sum(p["format"] for p in preds) / max(len(preds), 1),
             "per_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())}, "num_scored": len(preds),
             "skipped": skipped, "predictions": preds, "cache_misses": len(misses)}
 
@@ -495,6 +502,14 @@ class RolloutConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, 
     embeddings_cache: str = ""      # --eval: cache_embeddings.py output; cached videos skip decoding and the tower
 
 
+def eval_settings(cfg: RolloutConfig, model) -> dict:
+    """What an evaluation's score depends on besides the weights: written first into the predictions file."""
+    return {"model": cfg.model, "family": family(model), "engine": cfg.engine, "num_frames": cfg.num_frames,
+            "fps": cfg.fps, "max_frames": cfg.max_frames, "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels,
+            "think": cfg.think, "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d")}
+
+
 def main(cfg: RolloutConfig):
     if not cfg.model or not (cfg.eval or (cfg.video and cfg.question)):
         raise SystemExit("give --model and either --eval=FILE or --video=FILE --question=TEXT (see --help)")
@@ -518,12 +533,17 @@ def main(cfg: RolloutConfig):
         t0 = time.time()
         res = evaluate(model, processor, load_jsonl(cfg.eval), cfg, engine, cache_dir=cfg.embeddings_cache)
         out = cfg.out or cfg.eval.rsplit(".", 1)[0] + ".predictions.jsonl"
-        with open(out, "w") as f:
+        settings = eval_settings(cfg, model)
+        with open(out, "w") as f:  # line 1: the settings that produced these answers; then one line per answer
+            f.write(json.dumps({"settings": settings}) + "\n")
             f.writelines(json.dumps(p) + "\n" for p in res["predictions"])
         for line in res["skipped"]:
             print(f"skipped: {line}")
+        print("settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
         print(f"accuracy {res['accuracy']:.3f} on {res['num_scored']} samples ({len(res['skipped'])} skipped), "
               f"format {res['format']:.3f}, {time.time() - t0:.1f} s; predictions: {out}")
+        print(f"answers read in any shape (data/rewards.read_answer): accuracy {res['accuracy_any_shape']:.3f}; "
+              "read as " + ", ".join(f"{how} {count}" for how, count in res["read_as"].items()))
         if cfg.embeddings_cache:
             print(f"embeddings cache: {res['cache_misses']} videos were not in it (decoded live)")
         for cat, acc in res["per_category"].items():

@@ -14,7 +14,6 @@ sequences are right-padded so causal attention needs no mask; each token is coun
 normalisation, on the rank that holds it (see `token_weights`).
 """
 import json
-import math
 import os
 import random
 import time
@@ -29,13 +28,13 @@ import rollout
 import sp as sp_lib
 import vlm
 from common import (MetricsLog, Dist, all_reduce, barrier, exit_distributed, finite, gpu_used_gib, init_distributed,
-                    latest_checkpoint, load_checkpoint, plot_curve, print0, save_checkpoint)
+                    latest_checkpoint, load_checkpoint, load_model_weights, plot_curve, print0, save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
 from data.synthetic import synthetic_demo
-from data.video import FrameSampling
-from policy import Seq, build_policy, fill_logprobs, format_warmup, micro_batches, micro_size, sequences_logprobs
+from policy import (PolicyConfig, Seq, build_policy, clip_and_step, fill_logprobs, format_warmup, micro_batches,
+                    micro_size, sequences_logprobs)
 from sp import dp_all_reduce
 
 
@@ -43,7 +42,7 @@ from sp import dp_all_reduce
 # config: every field overridable as --key=value or from a preset in config/ (python train_grpo.py --help)
 
 @dataclass
-class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: data/video.py
+class Config(PolicyConfig):  # the model and how it is held: policy.py; frames: data/video.py
     # I/O
     out_dir: str = "runs/grpo"          # checkpoints, metrics.jsonl, eval predictions, learning curve
     resume: bool = False                # continue from the newest complete checkpoint in out_dir
@@ -58,23 +57,11 @@ class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pix
     synthetic_train: int = 1024         # synthetic: training videos
     synthetic_eval: int = 256           # synthetic: held-out videos (balanced answers)
     synthetic_leak_control: bool = False  # synthetic: flash colour independent of the answer (must stay at chance)
-    think: bool = True                  # Long-RL's think/answer prompt; format reward needs <think> too
-    embeddings_cache: str = ""          # cache_embeddings.py output (needs freeze_vision): no decoding, no tower
-    # model
-    model: str = ""                     # checkpoint folder / hub id; empty with synthetic=True: a tiny model
-    dtype: str = "auto"                 # parameters' dtype: auto = float32 (FSDP2 mixed precision computes bf16)
-    bf16: bool = True                   # on GPU: bf16 compute with fp32 master weights and fp32 grad reduction
-    attn_implementation: str = "sdpa"   # sdpa | flash_attention_2 (when installed) | eager
-    gradient_checkpointing: bool = True  # recompute decoder layers in backward (activation memory ~ 1 layer)
-    checkpoint_mode: str = "full"       # full | attention (keep attention: faster) | offload (inputs to host memory)
-    attention_layers: int = 0           # checkpoint_mode=attention: only the first this-many layers keep it (0: all)
-    mlp_chunk: int = 0                  # > 0: MLPs over the sequence in chunks of this many tokens (longest sequences)
-    freeze_vision: bool = False         # train the language model only
-    # rollout
+    init_from: str = ""                 # start from this run's weights (train_sft.py's out_dir, or a step_* folder)
+    # rollout (the sampling temperature: policy.PolicyConfig)
     engine: str = "hf"                  # hf (any machine) | vllm (colocated, GPU)
     rollout_batch_size: int = 16        # prompts per step, over all data-parallel ranks
     n: int = 8                          # responses per prompt (the group)
-    temperature: float = 1.0            # sampling temperature (log-probs are of log_softmax(logits / T))
     top_p: float = 1.0                  # keep 1.0 for exact importance ratios
     max_new_tokens: int = 256           # response length cap
     gpu_memory_utilization: float = 0.4  # vLLM: fraction of the GPU for its weights + KV cache
@@ -108,29 +95,19 @@ class Config(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pix
     overlong_penalty: float = 1.0       # DAPO overlong shaping factor
     ppo_epochs: int = 1                 # passes over each rollout batch
     update_batch_size: int = 0          # prompts per optimizer update (0 = the whole rollout: one update)
-    micro_batch_size: int = 8           # sequences per forward/backward (group_packing: whole groups)
-    group_packing: bool = False         # [prompt | response_1 | ...] a row: each prompt once in the decoder
-    # optimizer
-    lr: float = 1e-6                    # AdamW learning rate (Long-RL: 1e-6)
-    weight_decay: float = 1e-2          # AdamW weight decay
-    beta2: float = 0.999                # AdamW beta2
+    # optimizer (lr, weight decay, beta2, clipping: policy.PolicyConfig)
     warmup_steps: int = 0               # linear learning-rate warm-up (optimizer updates)
-    grad_clip: float = 1.0              # max global gradient norm
     max_steps: int = 100                # GRPO steps (one rollout batch each)
     # format warm-up (CPU demo): teach only the answer format with random letters, so accuracy starts at chance
     sft_steps: int = 0                  # supervised steps on "<think> </think> <answer> X </answer>", X random
     sft_lr: float = 1e-3                # learning rate of the format warm-up
     sft_batch_size: int = 32            # prompts per warm-up step
-    # sequence parallelism
-    sp_size: int = 1                    # Ulysses sequence-parallel group size (divides the world size)
+    # sequence parallelism (sp_size: policy.PolicyConfig)
     sp_split_rollout: bool = True       # SP peers sample n/sp responses each (False: rank 0's n, copied to peers)
     # system
-    device: str = "auto"                # auto | cpu | cuda
-    seed: int = 0                       # data order, sampling, initialisation
     eval_every: int = 25                # steps between held-out evaluations (0 = only before and after)
     eval_batch_size: int = 64           # prompts per eval generation batch
     eval_max_samples: int = 0           # evaluate on at most this many held-out rows (0 = all)
-    logprob_chunk: int = 1024           # response tokens per lm_head chunk
     progress: bool = True               # tqdm bars
     tensorboard: bool = False           # also log to out_dir/tb
     wandb_project: str = ""             # also log to Weights & Biases
@@ -374,14 +351,7 @@ def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback, 
         loss.backward()
         sums[[0, 1, 3, 4]] += torch.tensor([loss.item() / d.world_size, clipped.sum().item(),
                                             entropy.detach().sum().item(), float(logp.numel())], dtype=torch.float64)
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # same on all ranks
-    skipped = not math.isfinite(grad_norm)
-    if skipped:  # a NaN / inf anywhere would reach every weight through the step: never take it
-        print0(f"warning: non-finite gradient norm ({grad_norm}): optimizer step skipped, gradients dropped")
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, skipped = clip_and_step(policy, optimizer, cfg.grad_clip)
     all_reduce(sums)
     all_reduce(ratio_max, op=dist.ReduceOp.MAX if dist.is_initialized() else None)
     return {**dict(zip(UPDATE_SUMS, sums.tolist())), "is_ratio_max": ratio_max.item(), "grad_norm": grad_norm,
@@ -491,6 +461,10 @@ def check_config(cfg: Config, dp_size: int = 1):
         raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
                          "tower would train and the cached features go stale after the first update; set "
                          "--freeze_vision=true (or drop --embeddings_cache)")
+    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.group_packing and on_gpu:  # the CPU path's mask (vlm.group_attention_mask) is O(S^2) memory
+        raise ValueError("group_packing runs on the CPU only so far: its GPU attention (FlexAttention over a block "
+                         "mask, vlm.group_flex_attention) has not yet passed its gradient test on a GPU (issue #29)")
     if cfg.n % cfg.sp_size:
         raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:
@@ -611,7 +585,7 @@ def main(cfg: Config):
         json.dump({**cfg.__dict__, "resolved": {"data": data_file, "eval_data": eval_file, "model": model_path}},
                   f, indent=1)
 
-    model, processor, policy, ref, optimizer, attention = build_policy(cfg, model_path, d, spi)
+    model, processor, policy, ref, optimizer, attention = build_policy(cfg, model_path, d, spi, cfg.kl_beta > 0)
     suppress = vlm.suppress_ids(model, processor)
     judge = JudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model) if cfg.open_ended == "judge" else None
     engine = rollout.make_engine(cfg, model, processor, model_path, os.path.join(cfg.out_dir, "vllm_lm"),
@@ -630,7 +604,11 @@ def main(cfg: Config):
         loader.restore(state["loader"])
         start_step, curve, skipped_total = state["step"], state["curve"], state["skipped"]
         print0(f"resumed from {last} at step {start_step}")
-    elif cfg.sft_steps:
+    elif cfg.init_from:  # the SFT stage's weights (the reference, if any, starts from them too: it is pi_init)
+        print0(f"weights from {load_model_weights(cfg.init_from, model)}")
+        if ref is not None:
+            load_model_weights(cfg.init_from, ref.model)
+    if not last and cfg.sft_steps:
         vlm.use_attention(model, attention["train"])
         format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // spi.dp_size, spi.dp_rank, spi.dp_size,
                                                cfg.seed + 1), cfg, d, suppress, spi)

@@ -152,6 +152,63 @@ def numerical_accuracy(answer: str | None, key, rtol: float = 1e-2) -> float:
 
 
 # -----------------------------------------------------------------------------
+# evaluation: read an answer in whatever shape a model wrote it, and say which shape it was
+
+NUMBER_WORDS = {w: float(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+# "the answer is B", "Answer: (B)", "correct option is B. green", "choice: D"
+ANSWER_PHRASE_RE = re.compile(r"(?i:answer|option|choice)\s*(?i:is|:|=)?\s*[\(\[]?([A-Z])(?![A-Za-z])")
+EVAL_SHAPES = ("letter", "letter + text", "option text", "phrase", "number", "number word", "text", "unparsable")
+
+
+def read_answer(response: str, sample: dict) -> tuple:
+    """(answer, how it was read) for evaluation, where the reward (compute_rewards) reads only <answer>...</answer>.
+    The text read is the last <answer> block, or without one the response after its last </think>; `how` is
+    "<answer>: SHAPE" or "no tags: SHAPE", SHAPE one of EVAL_SHAPES:
+        multiple choice  letter ("B", "(B)"), letter + text ("B.", "B) green", "B: green"), option text ("green"),
+                         phrase ("The answer is B", "Answer: (B)") -> the option letter
+        numerical        number ("3", "3.0", "1,024") or number word ("three", only when it is the one number)
+        open-ended       text (as written)
+    and (None, "... unparsable") when nothing can be read. Scoring the result against the key is eval_correct."""
+    block = extract_answer(response)
+    where = "<answer>" if block is not None else "no tags"
+    text = block if block is not None else response.rsplit("</think>", 1)[-1].strip()
+    pt, options = sample["problem_type"], sample.get("options")
+    if pt == "multiple_choice":
+        letters = {letter for letter, _ in option_table(options)} or set("ABCDEFGH")
+        if LONE_LETTER_RE.fullmatch(text.strip()) and parse_choice(text, options):
+            return parse_choice(text, options), f"{where}: letter"
+        if LETTER_DELIM_RE.fullmatch(text.strip()) and parse_choice(text, options):
+            return parse_choice(text, options), f"{where}: letter + text"
+        if parse_choice(text, options):
+            return parse_choice(text, options), f"{where}: option text"
+        found = [m.group(1) for m in ANSWER_PHRASE_RE.finditer(text) if m.group(1) in letters]
+        if found:
+            return found[-1], f"{where}: phrase"
+    elif pt == "numerical":
+        if parse_number(text) is not None:
+            return parse_number(text), f"{where}: number"
+        words = [NUMBER_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in NUMBER_WORDS]
+        if len(words) == 1 and not re.search(r"\d", text):
+            return words[0], f"{where}: number word"
+    elif text:
+        return text, f"{where}: text"
+    return None, f"{where}: unparsable"
+
+
+def eval_correct(answer, sample: dict, num_rtol: float = 1e-2) -> float | None:
+    """1/0 for a read_answer result against the key (multiple choice, numerical); None for open-ended rows, which
+    only the reward's similarity or judge can score."""
+    pt, key = sample["problem_type"], sample["answer"]
+    if pt == "multiple_choice":
+        return float(answer is not None and answer == parse_choice(key, sample.get("options")))
+    if pt == "numerical":
+        return numerical_accuracy(None if answer is None else str(answer), key, num_rtol)
+    return None
+
+
+# -----------------------------------------------------------------------------
 # open-ended, offline: sentence-embedding similarity
 
 _EMBEDDER = None  # (tokenizer, model), loaded on first use

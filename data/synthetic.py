@@ -66,7 +66,9 @@ def write_split(out_dir: str, split: str, count: int, rng, cfg, balanced: bool) 
         write_video(os.path.join(out_dir, rel), frames, fps=cfg.fps, audio=audio)
         rows.append({"video": rel, "problem": QUESTION, "options": OPTIONS, "answer": "ABCD"[answer],
                      "problem_type": "multiple_choice", "category": "flash",
-                     "flash_start_s": start / cfg.fps})
+                     "flash_start_s": start / cfg.fps,
+                     # a chain of thought for the SFT stage (train_sft.py): where the flash is, what it shows
+                     "reasoning": f"the flash was {names[shown]} at {start / cfg.fps:.0f} seconds"})
     path = os.path.join(out_dir, f"{split}.jsonl")
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)

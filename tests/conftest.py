@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -20,3 +22,15 @@ def torchrun(script: str, args: list, nproc: int = 2, timeout: int = 300) -> str
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny Qwen2.5-VL (model/) and a small synthetic task (data/: 16 train and 8 eval videos of 8 frames, rows
+    with a reasoning line), for the training scripts' tests."""
+    from data.synthetic import SyntheticConfig, make_dataset
+    from data.tiny import make_tiny_model
+    d = tmp_path_factory.mktemp("run")
+    make_dataset(SyntheticConfig(out=str(d / "data"), num_train=16, num_eval=8, frames=8, fps=4.0, seed=0))
+    make_tiny_model(str(d / "model"), "qwen2_5_vl", seed=0)
+    return d

@@ -455,3 +455,38 @@ def test_judge_concurrency_limit(judge_server, concurrency):
         assert srv.max_inflight == 1
     else:
         assert srv.max_inflight >= 2
+
+
+MC = {"problem_type": "multiple_choice", "options": ["A. red", "B. green", "C. blue", "D. yellow"], "answer": "B"}
+
+
+@pytest.mark.parametrize("response, read, how", [
+    ("<answer> B </answer>", "B", "<answer>: letter"), ("B", "B", "no tags: letter"), ("(B)", "B", "no tags: letter"),
+    ("B.", "B", "no tags: letter + text"), ("B. green", "B", "no tags: letter + text"),
+    ("green", "B", "no tags: option text"), ("The answer is B", "B", "no tags: phrase"),
+    ("<answer>The answer is (B)</answer>", "B", "<answer>: phrase"),
+    ("<think> red or green </think> Answer: B", "B", "no tags: phrase"),
+    ("<answer> C </answer>", "C", "<answer>: letter"),
+    ("I am not sure", None, "no tags: unparsable"), ("A dog ran", None, "no tags: unparsable"),
+    ("<answer></answer>", None, "<answer>: unparsable"), ("The answer is E", None, "no tags: unparsable"),
+])
+def test_read_answer_multiple_choice_shapes(response, read, how):
+    assert rewards.read_answer(response, MC) == (read, how)
+    assert rewards.eval_correct(read, MC) == float(read == "B")
+
+
+@pytest.mark.parametrize("response, read, how", [
+    ("3", 3.0, "no tags: number"), ("3.0", 3.0, "no tags: number"), ("<answer> 3 </answer>", 3.0, "<answer>: number"),
+    ("three", 3.0, "no tags: number word"), ("<answer> three cars </answer>", 3.0, "<answer>: number word"),
+    ("two or three", None, "no tags: unparsable"), ("2 or 3", None, "no tags: unparsable"),
+])
+def test_read_answer_numbers(response, read, how):
+    sample = {"problem_type": "numerical", "answer": "3"}
+    assert rewards.read_answer(response, sample) == (read, how)
+    assert rewards.eval_correct(read, sample) == float(read == 3.0)
+
+
+def test_read_answer_open_ended_is_not_scored_here():
+    sample = {"problem_type": "open_ended", "answer": "a cat"}
+    assert rewards.read_answer("<answer> a cat </answer>", sample) == ("a cat", "<answer>: text")
+    assert rewards.eval_correct("a cat", sample) is None

@@ -162,7 +162,11 @@ def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
     assert res["num_scored"] == 3 and len(res["skipped"]) == 2
     assert any("missing.mp4" in s for s in res["skipped"]) and any("corrupt.mp4" in s for s in res["skipped"])
     assert set(res["per_category"]) == {"Temporal", "Spatial"}
-    preds = [json.loads(line) for line in open(tmp_path / "eval.predictions.jsonl")]
-    assert len(preds) == 3 and all("response" in p for p in preds)
+    header, *preds = [json.loads(line) for line in open(tmp_path / "eval.predictions.jsonl")]
+    assert len(preds) == 3 and all("response" in p and "read_as" in p for p in preds)
+    assert header["settings"]["num_frames"] == 8 and header["settings"]["think"] is True and \
+        header["settings"]["temperature"] == 0.0 and header["settings"]["max_new_tokens"] == 8
+    assert sum(res["read_as"].values()) == 3   # every answer is counted under the shape it was read in
     printed = capsys.readouterr().out
     assert "2 skipped" in printed and "engine: HF" in printed
+    assert "settings: model" in printed and "read as " in printed

@@ -223,6 +223,7 @@ def test_training_metrics_cover_every_update():
     (dict(rollout_batch_size=16, update_batch_size=6), "update_batch_size 6 must divide"),
     (dict(loss_type="ppo2"), "loss_type"), (dict(rollout_correction="always"), "rollout_correction"),
     (dict(rollout_is_cap=1.0), "rollout_is_cap"), (dict(loss_agg="sum"), "loss_agg"),
+    (dict(group_packing=True, device="cuda"), "group_packing"),
 ])
 def test_config_refused_at_start_up(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -242,17 +243,6 @@ def test_token_weights_and_overlong_by_hand():
 
 
 # ---- the update across ranks and micro-batches -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A tiny model and a small synthetic task, shared by the tests below."""
-    from data.synthetic import SyntheticConfig, make_dataset
-    from data.tiny import make_tiny_model
-    d = tmp_path_factory.mktemp("grpo")
-    make_dataset(SyntheticConfig(out=str(d / "data"), num_train=16, num_eval=8, frames=8, fps=4.0, seed=0))
-    make_tiny_model(str(d / "model"), "qwen2_5_vl", seed=0)
-    return d
-
 
 MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -486,6 +476,7 @@ def test_engine_gets_the_warmed_up_weights_before_the_first_eval(tiny_run, tmp_p
     pushed bf16 weights, a small real mismatch, which rollout_correction=auto measures and corrects."""
     import rollout
     monkeypatch.setattr(rollout, "VLLMEngine", PushedWeightsEngine)
+    PushedWeightsEngine.pushes = 0
     common = dict(max_steps=1, sft_steps=20, sft_lr=2e-2, sft_batch_size=8, save_every=100, eval_max_samples=8,
                   think=False)
     hf = T.main(tiny_cfg(tiny_run, tmp_path / "hf", rollout_correction="token", **common))

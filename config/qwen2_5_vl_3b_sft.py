@@ -1,0 +1,27 @@
+# The recipe's SFT stage for Qwen2.5-VL-3B on one 8-GPU node, before config/qwen2_5_vl_3b_grpo.py:
+#   torchrun --standalone --nproc_per_node=8 train_sft.py config/qwen2_5_vl_3b_sft.py \
+#       --model=Qwen/Qwen2.5-VL-3B-Instruct --data=reason/cot.jsonl --eval_data=reason/eval.jsonl
+#   torchrun --standalone --nproc_per_node=8 train_grpo.py config/qwen2_5_vl_3b_grpo.py \
+#       --model=Qwen/Qwen2.5-VL-3B-Instruct --init_from=runs/sft_3b --data=reason/train.jsonl
+# Long-RL's repository ships no SFT stage (its README points elsewhere), so these are our choices, each with its
+# reason: the RL preset's frames and pixels (the SFT model should see videos as RL will); lr 1e-5, ten times the
+# RL rate, with a short warm-up, the usual for full fine-tuning of a 3B VLM; one pass over the data.
+# Batch arithmetic: 64 rows per step = 8 per GPU, micro-batches of 2 (4 forward/backward per step per GPU);
+# one pass over an N-row CoT file is N / 64 steps (set max_steps to it).
+# Memory: the same policy forward + backward as GRPO's update (bench.py memory; README "Memory plan"): 32 frames
+# of 448x448 are ~4k video tokens a row (256 per frame pair), far inside an 80 GB GPU with full checkpointing;
+# no reference model and no vLLM engine in this stage.
+out_dir = "runs/sft_3b"
+target = "cot"
+think = True                # Long-RL's think/answer prompt, as in RL
+num_frames = 32
+max_pixels = 448 * 448
+batch_size = 64
+micro_batch_size = 2
+lr = 1e-5
+warmup_steps = 20
+max_steps = 500
+max_new_tokens = 2048       # eval answers: the reasoning must fit
+eval_every = 100
+eval_max_samples = 512
+save_every = 100

@@ -1,0 +1,149 @@
+"""
+train_sft.py, the SFT stage: the targets it teaches, rows without reasoning, the loss normalisation (by hand,
+and its gradient), 2 gloo ranks == 1 rank, exact --resume, and train_grpo.py --init_from continuing from it.
+"""
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import common as C
+import policy as P
+import train_grpo as T
+import train_sft as S
+import vlm
+from conftest import torchrun, write_preset
+from data.datasets import Sample
+
+
+def sft_cfg(run_dir, out, **kw):
+    base = dict(out_dir=str(out), data=os.path.join(run_dir, "data", "train.jsonl"),
+                eval_data=os.path.join(run_dir, "data", "eval.jsonl"), model=os.path.join(run_dir, "model"),
+                num_frames=8, max_pixels=28 * 28, min_pixels=28 * 28, think=False, batch_size=4, micro_batch_size=2,
+                lr=1e-3, max_steps=4, eval_every=0, save_every=2, progress=False, gradient_checkpointing=False,
+                max_new_tokens=24, eval_batch_size=8)
+    base.update(kw)
+    return S.Config(**base)
+
+
+def final_params(out_dir):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(C.latest_checkpoint(out_dir), os.path.join(out_dir, "flat.pt"))
+    return torch.load(os.path.join(out_dir, "flat.pt"), weights_only=False)["model"]
+
+
+def test_targets_by_hand():
+    s = Sample(video="v.mp4", problem="What colour?", answer="B", problem_type="multiple_choice",
+               reasoning=" the flash was green at 3 seconds\n")
+    assert P.target_text(s, "cot", think=True) == \
+        "<think> the flash was green at 3 seconds </think> <answer> B </answer>"
+    assert P.target_text(s, "cot", think=False) == P.target_text(s, "cot", think=True)  # CoT always reasons
+    assert P.target_text(s, "answer", think=True) == "<think> </think> <answer> B </answer>"
+    assert P.target_text(s, "answer", think=False) == "<answer> B </answer>"
+    letters = {P.target_text(s, "random_letter", False, random.Random(k)) for k in range(40)}
+    assert letters == {f"<answer> {x} </answer>" for x in "ABCD"}   # the format warm-up: any letter
+
+
+def test_rows_without_reasoning_are_skipped_and_a_file_without_any_is_refused():
+    rows = [Sample(video="a", problem="q", answer="A", problem_type="multiple_choice", reasoning=r)
+            for r in ("because", "", "  ")]
+    kept, skipped = S.usable_rows(rows, "cot", "cot.jsonl")
+    assert len(kept) == 1 and skipped == 2
+    assert S.usable_rows(rows, "answer", "x.jsonl") == (rows, 0)
+    with pytest.raises(ValueError, match="x.jsonl: no row has a 'reasoning'"):
+        S.usable_rows(rows[1:], "cot", "x.jsonl")
+    with pytest.raises(ValueError, match="target"):
+        S.check_config(S.Config(target="letters"))
+
+
+def test_sft_loss_is_the_token_mean_nll_and_its_gradient(tiny_run):
+    """Two targets of different lengths: sft_step's loss is -(sum of all target log-probs) / (number of target
+    tokens), not the mean of per-sequence means, and one SGD(lr=1) step moves every weight by exactly minus the
+    gradient of that hand-written loss."""
+    import rollout
+    from data.datasets import load_jsonl
+    cfg = sft_cfg(tiny_run, "unused", micro_batch_size=1, grad_clip=1e9)
+    d = SimpleNamespace(world_size=1, rank=0)
+    model, processor = vlm.load_model(cfg.model, "float32")
+    policy = C.Root(model)
+    samples = load_jsonl(cfg.data)[:2]
+    prompts = rollout.prepare_prompts(model, processor, samples, cfg, cfg.think, [])
+    texts = [P.target_text(prompts[0].sample, "cot", False), P.target_text(prompts[1].sample, "answer", False)]
+    seqs = P.target_seqs(prompts, texts, processor.tokenizer)
+    lengths = [len(s.response_ids) for s in seqs]
+    assert lengths[0] != lengths[1]
+    logp, _, _ = P.sequences_logprobs(policy, seqs, cfg, [])
+    hand = -logp.sum() / sum(lengths)                       # token-mean over both targets
+    per_seq = -(logp[:lengths[0]].mean() + logp[lengths[0]:].mean()) / 2
+    assert abs(hand.item() - per_seq.item()) > 1e-3         # the two normalisations differ here
+    model.zero_grad()
+    hand.backward()
+    expect = {n: p.detach() - p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    res = P.sft_step(policy, torch.optim.SGD(model.parameters(), lr=1.0), seqs, cfg, d, [])
+    assert res["loss"] == pytest.approx(hand.item(), rel=1e-5)
+    assert res["tokens"] == sum(lengths) and not res["skipped"]
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.detach(), expect[n], atol=1e-5), n
+    assert P.sft_nll(policy, seqs, cfg, []) < res["loss"]   # after the step the same targets are likelier
+
+
+def test_sft_learns_the_targets(tiny_run, tmp_path):
+    res = S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=12, lr=1e-2, eval_max_samples=8))
+    first = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert res["curve"][-1]["eval_loss"] < res["curve"][0]["eval_loss"] * 0.6   # held-out targets: 5.96 -> 2.75
+    assert first["tokens"] > 4 * 10                          # reasoning + answer + eos for each of 4 rows
+
+
+def test_sft_resume_continues_exactly(tiny_run, tmp_path):
+    S.main(sft_cfg(tiny_run, tmp_path / "a", max_steps=4, eval_data=""))
+    S.main(sft_cfg(tiny_run, tmp_path / "b", max_steps=2, eval_data=""))
+    S.main(sft_cfg(tiny_run, tmp_path / "b", max_steps=4, eval_data="", resume=True))
+    rows = lambda p: [{k: v for k, v in json.loads(x).items() if k != "time_step"} for x in open(p)]
+    assert rows(tmp_path / "a" / "metrics.jsonl") == rows(tmp_path / "b" / "metrics.jsonl")
+    pa, pb = final_params(str(tmp_path / "a")), final_params(str(tmp_path / "b"))
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+
+
+def test_sft_on_two_gloo_ranks_equals_one_rank(tiny_run, tmp_path):
+    """The same global batch of 4 rows on 1 process and on 2 (2 rows each, FSDP2 over gloo): equal losses and
+    weights (the token count in the normaliser is global, so ragged targets weigh the same on either)."""
+    one = sft_cfg(tiny_run, tmp_path / "one", max_steps=2, eval_data="")
+    S.main(one)
+    two = sft_cfg(tiny_run, tmp_path / "two", max_steps=2, eval_data="")
+    assert "dp 2 x sp 1" in torchrun("train_sft.py", [write_preset(two, tmp_path / "two.py")])
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / "metrics.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert lb == pytest.approx(la, rel=1e-5)
+    pa, pb = final_params(str(tmp_path / "one")), final_params(str(tmp_path / "two"))
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=1e-5), k
+
+
+def test_grpo_init_from_continues_from_the_sft_weights(tiny_run, tmp_path):
+    """train_grpo.py --init_from=<SFT run> starts from the SFT stage's weights: its step-0 held-out answers are
+    the SFT run's final ones, its reference model (kl_beta > 0) starts there too (the first update's KL is 0; from
+    the base model it would not be), and a fresh model given the same checkpoint has its exact weights."""
+    sft = S.main(sft_cfg(tiny_run, tmp_path / "sft", max_steps=6, lr=1e-2, eval_max_samples=8))
+    grpo = T.Config(out_dir=str(tmp_path / "grpo"), data=os.path.join(tiny_run, "data", "train.jsonl"),
+                    eval_data=os.path.join(tiny_run, "data", "eval.jsonl"), model=os.path.join(tiny_run, "model"),
+                    init_from=str(tmp_path / "sft"), num_frames=8, max_pixels=28 * 28, min_pixels=28 * 28,
+                    think=False, rollout_batch_size=4, n=4, max_new_tokens=24, lr=1e-3, max_steps=1, eval_every=0,
+                    save_every=0, progress=False, gradient_checkpointing=False, eval_batch_size=8,
+                    eval_max_samples=8, kl_beta=0.1)
+    res = T.main(grpo)
+    assert json.loads(open(tmp_path / "grpo" / "metrics.jsonl").readline())["kl"] == pytest.approx(0.0, abs=1e-7)
+    before = [json.loads(x)["response"] for x in open(tmp_path / "grpo" / "eval_step0.jsonl")]
+    after_sft = [json.loads(x)["response"] for x in open(tmp_path / "sft" / "eval_step6.jsonl")]
+    assert before == after_sft and res["before"] == sft["after"]
+    model, _ = vlm.load_model(os.path.join(tiny_run, "model"), "float32")
+    C.load_model_weights(str(tmp_path / "sft"), model)
+    saved = final_params(str(tmp_path / "sft"))
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, saved[n]), n
+    with pytest.raises(ValueError, match="neither a checkpoint folder"):
+        C.load_model_weights(str(tmp_path / "grpo"), model)
