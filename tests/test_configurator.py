@@ -49,13 +49,37 @@ def test_unknown_name_in_preset_fails(tmp_path):
         parse_config(Cfg, [str(preset)])
 
 
-@pytest.mark.parametrize("script", ["train_grpo.py", "rollout.py"])
+@pytest.mark.parametrize("script", ["train_grpo.py", "train_sft.py", "rollout.py"])
 def test_help_lists_every_field_with_its_meaning(script):
     import dataclasses
     import importlib
     out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, check=True).stdout
     module = importlib.import_module(script[:-3])
-    cls = {"train_grpo.py": "Config", "rollout.py": "RolloutConfig"}[script]
+    cls = {"train_grpo.py": "Config", "train_sft.py": "Config", "rollout.py": "RolloutConfig"}[script]
     for f in dataclasses.fields(getattr(module, cls)):
         line = next(line for line in out.splitlines() if line.strip().startswith(f"--{f.name}="))
         assert len(line.split("]", 1)[1].strip()) > 5, f"--{f.name} has no help text"
+
+
+def test_every_shipped_preset_parses_and_passes_its_scripts_checks():
+    """config/*.py: each preset's fields exist in its script's Config, and the GRPO / SFT presets pass the
+    start-up checks (the SFT presets, train_sft.py's; the rest of the video ones, train_grpo.py's)."""
+    import glob
+    import os
+    import train_grpo
+    import train_sft
+    from configurator import parse_config
+    from data import make_reason_data
+    import train_diffusion_rl
+    presets = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "config", "*.py")))
+    assert len(presets) >= 15
+    for path in presets:
+        name = os.path.basename(path)
+        if name.startswith(("tiny_image", "tiny_video", "sd3", "wan")):
+            parse_config(train_diffusion_rl.Config, [path])
+        elif name.startswith("reason_data"):
+            parse_config(make_reason_data.Config, [path])
+        elif name.endswith("_sft.py") and not name.endswith("from_sft.py"):
+            train_sft.check_config(parse_config(train_sft.Config, [path]))
+        else:
+            train_grpo.check_config(parse_config(train_grpo.Config, [path]))
