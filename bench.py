@@ -20,6 +20,7 @@ not counted, against the bf16 matmul rate measured on the same GPU in the same r
 """
 import contextlib
 import functools
+import gc
 import importlib.metadata as md
 import inspect
 import json
@@ -398,8 +399,14 @@ def bench_train(cfg: BenchConfig):
     root = os.path.join(tempfile.gettempdir(), "bench_train")  # model, videos, runs (never under $OUT)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     side = 56 if cfg.tiny else 224
-    make_model(cfg.shape, os.path.join(root, "model"), device=dev, dtype=torch.float32 if cfg.tiny else torch.bfloat16,
-                  save=True)
+    model, _ = make_model(cfg.shape, os.path.join(root, "model"), device=dev,
+                          dtype=torch.float32 if cfg.tiny else torch.bfloat16, save=True)
+    n_lm = lm_params(model)
+    del model
+    peak = matmul_tflops()
+    gc.collect()
+    if dev == "cuda":  # the runs are subprocesses: this process's cached copy of the model would sit on their GPU
+        torch.cuda.empty_cache()
     rows = []
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         data = os.path.join(root, f"data{frames}")
@@ -407,13 +414,17 @@ def bench_train(cfg: BenchConfig):
         for packing in cfg.packing or [False]:  # micro-batches: one sequence, or one packed group (one row)
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
-                                    rollout_batch_size=cfg.prompts, n=cfg.n, max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
+                                    rollout_batch_size=cfg.prompts, n=cfg.n,
+                                    max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
                                     micro_batch_size=1, group_packing=packing, max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
                                     seed=cfg.seed),
                                os.path.join(root, f"run{frames}"))
-            rows.append({"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing,
-                         **phase_medians(metrics)})
+            row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing,
+                   **phase_medians(metrics)}
+            # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
+            row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
+            rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
     log({"bench": "train_step", **device_info(), "shape": cfg.shape, "n": cfg.n, "rows": rows}, cfg)

@@ -135,7 +135,7 @@ def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# building the policy, and the format warm-up (CPU demo): a tiny supervised stage before GRPO
+# building the policy: the model loaded and wrapped, the frozen reference, the optimizer
 
 def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bool = False):
     """The policy as an FSDP2 root (policy(fn, ...) runs fn(model, ...)), a frozen copy of it as the reference

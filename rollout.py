@@ -457,7 +457,8 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
     for p in preds:
         read_as[p["read_as"]] = read_as.get(p["read_as"], 0) + 1
     return {"accuracy": acc, "accuracy_any_shape": sum(shaped) / len(shaped) if shaped else float("nan"),
-            "read_as": dict(sorted(read_as.items(), key=lambda kv: -kv[1])), "format": sum(p["format"] for p in preds) / max(len(preds), 1),
+            "read_as": dict(sorted(read_as.items(), key=lambda kv: -kv[1])),
+            "format": sum(p["format"] for p in preds) / max(len(preds), 1),
             "per_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())}, "num_scored": len(preds),
             "skipped": skipped, "predictions": preds, "cache_misses": len(misses)}
 
