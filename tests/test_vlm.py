@@ -381,6 +381,32 @@ def test_group_flex_attention_equals_dense_mask_forward(tmp_path, media, fam):
     assert torch.allclose(flex, dense, atol=1e-5), (flex - dense).abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernel runs on a GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_group_flex_kernel_in_bf16_at_real_head_sizes(head_dim):
+    """The kernel as training runs it: bf16, GQA, the head sizes of real models (Qwen2.5-VL-3B/7B: 128), two
+    packed rows with ragged responses and padding. Forward and backward equal SDPA under the dense group mask to
+    bf16 precision (on the lent H100 a tiny model's head_dim 16 did not compile: NoValidChoicesError)."""
+    torch.manual_seed(0)
+    segments = torch.tensor([[0] * 150 + [1] * 40 + [2] * 30 + [-1] * 36, [0] * 100 + [1] * 60 + [2] * 50 + [3] * 46])
+    G, S = segments.shape
+    q = torch.randn(G, 4, S, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(G, 2, S, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    weight = torch.randn(G, S, 4, head_dim, device="cuda", dtype=torch.bfloat16)
+    flex, _ = vlm.group_flex_attention(None, q, k, v, vlm.group_block_mask(segments, "cuda"), head_dim ** -0.5)
+    (flex.float() * weight).sum().backward()
+    got = [flex.detach().float()] + [t.grad.float() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    dense = vlm.group_attention_mask(segments, torch.bfloat16).cuda()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=head_dim ** -0.5,
+                                                           enable_gqa=True).transpose(1, 2)
+    (ref.float() * weight).sum().backward()
+    want = [ref.detach().float()] + [t.grad.float() for t in (q, k, v)]
+    for name, a, b in zip(("output", "dq", "dk", "dv"), got, want):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3, name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU in torch 2.14")
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
 def test_group_flex_attention_gradients_on_gpu(tmp_path, media, fam):
