@@ -38,7 +38,7 @@ from configurator import parse_config
 from data.datasets import load_jsonl
 from data.video import FrameSampling
 from vlm import (FRAMES, build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video,
-                 video_features)
+                 video_features, video_kwargs)
 
 FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
 WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
@@ -137,7 +137,7 @@ def encode_video(model, processor, video) -> dict:
                            audio_mel_frames=torch.tensor([prompt.input_features.shape[-1]]))
         return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     out = processor(text=[processor.video_token], videos=[video.frames], video_metadata=[video.metadata()],
-                    do_sample_frames=False, return_tensors="pt")
+                    do_sample_frames=False, return_tensors="pt", **video_kwargs(processor))
     dev = model.device
     feats = video_features(model, out["pixel_values_videos"].to(dev), out["video_grid_thw"].to(dev))
     tensors = {"embeds": feats.pooler_output[0], "video_grid_thw": out["video_grid_thw"]}

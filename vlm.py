@@ -224,6 +224,16 @@ def prompt_text(processor, question: str, think: bool, instruction: str = None) 
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def video_kwargs(processor) -> dict:
+    """Processor arguments for frames data/video.py already sampled and sized: cap_pixels_per_frame=False where
+    this transformers has it. Every frame is already within --max_pixels, the per-frame budget the token counts
+    and the memory plan assume; the processor's extra cap on the whole video's pixels (qwen-vl-utils' rule, which
+    transformers announces as its coming default and warns about on every video until told) would shrink frames
+    again behind our back. Versions without the argument have no such cap."""
+    fields = getattr(getattr(getattr(processor, "video_processor", None), "valid_kwargs", None), "__annotations__", {})
+    return {"cap_pixels_per_frame": False} if "cap_pixels_per_frame" in fields else {}
+
+
 def build_prompt(model, processor, question: str, video, think: bool = True, sample=None,
                  instruction: str = None) -> Prompt:
     """`video` is a data.video.SampledVideo (frames already sampled and resized)."""
@@ -233,7 +243,7 @@ def build_prompt(model, processor, question: str, video, think: bool = True, sam
         return build_prompt_omni(model, processor, question, video, think, sample, instruction)
     text = prompt_text(processor, question, think, instruction)
     out = processor(text=[text], videos=[video.frames], video_metadata=[video.metadata()], do_sample_frames=False,
-                    return_tensors="pt")
+                    return_tensors="pt", **video_kwargs(processor))
     ids = out["input_ids"][0]
     sec = out.get("second_per_grid_ts")
     positions = rope_positions(model.config, ids, out["video_grid_thw"], None if sec is None else sec.tolist())
@@ -318,7 +328,8 @@ def build_prompt_omni(model, processor, question: str, video, think: bool = True
     """Qwen2.5-Omni thinker: the frames plus the video's own audio track (video.audio, 16 kHz); see omni_layout.
     A video without audio gets video tokens only."""
     text = prompt_text(processor, question, think, instruction)
-    out = processor.video_processor(videos=[video.frames], do_sample_frames=False, return_tensors="pt")
+    out = processor.video_processor(videos=[video.frames], do_sample_frames=False, return_tensors="pt",
+                                    **video_kwargs(processor))
     feats, mel_frames = None, 0
     if video.audio is not None and len(video.audio) >= 400:  # < 25 ms: not even one audio token
         # as the Omni processor: padded to 30 s (the last frames' STFT windows see zeros), longer tracks kept whole
