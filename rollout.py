@@ -12,6 +12,7 @@ Both return the same `Rollout` records. The script always prints which engine ra
 """
 import json
 import os
+import resource
 import tempfile
 import time
 from contextlib import contextmanager
@@ -550,18 +551,26 @@ def main(cfg: RolloutConfig):
         for cat, acc in res["per_category"].items():
             print(f"  {cat}: {acc:.3f}")
         return res
+    t0 = time.time()
     video = load_video(cfg.video, cfg, family(model))
+    t1 = time.time()
     prompt = build_prompt(model, processor, cfg.question, video, cfg.think)
+    t2 = time.time()
     audio = f", {prompt.num_audio_tokens} audio tokens" if prompt.num_audio_tokens else ""
-    print(f"{len(video.frames)} frames of {video.frames.shape[2]}x{video.frames.shape[1]} -> "
-          f"{prompt.num_video_tokens} video tokens{audio}, prompt {len(prompt.input_ids)} tokens")
+    print(f"{len(video.frames)} frames of {video.frames.shape[2]}x{video.frames.shape[1]} "
+          f"({video.frames.nbytes / 2**20:.0f} MiB decoded) -> {prompt.num_video_tokens} video tokens{audio}, "
+          f"prompt {len(prompt.input_ids)} tokens")
     kw = dict(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     if engine:
         out = engine.generate([prompt], **kw,
                               embeds=prompt_embeddings(model, [prompt]) if engine.prompt_embeds else None)[0]
     else:
         out = hf_generate(model, processor, [prompt], **kw)[0]
+    t3 = time.time()
     print(out.text)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB
+    print(f"seconds: decode + sample {t1 - t0:.1f}, processor {t2 - t1:.1f}, generate {t3 - t2:.1f} (vision tower, "
+          f"prompt pass, {len(out.response_ids)} new tokens); peak RSS {peak:.2f} GiB")
     return out
 
 
