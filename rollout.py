@@ -552,7 +552,7 @@ def main(cfg: RolloutConfig):
             print(f"  {cat}: {acc:.3f}")
         return res
     t0 = time.time()
-    video = load_video(cfg.video, cfg, family(model))
+    video = load_video(cfg.video, cfg, family(model), progress=cfg.progress)
     t1 = time.time()
     prompt = build_prompt(model, processor, cfg.question, video, cfg.think)
     t2 = time.time()

@@ -412,13 +412,14 @@ def build_prompt_cached(model, processor, question: str, entry, think: bool = Tr
                   video_features=(entry.embeds, entry.deepstack))
 
 
-def load_video(path: str, cfg, model_type: str):
+def load_video(path: str, cfg, model_type: str, progress: bool = False):
     """Decode and sample one video for a model family (frame sides a multiple of its patch x merge); for the
-    Omni thinker also its audio track (None, with a message, when it has none: the input is then video only)."""
+    Omni thinker also its audio track (None, with a message, when it has none: the input is then video only).
+    progress: a decoding bar (the CLI's one long video)."""
     fps = cfg.fps or None  # fps, when given, takes precedence over num_frames
     video = sample_frames(path, fps=fps, num_frames=None if fps else (cfg.num_frames or None),
-                          max_frames=cfg.max_frames,
-                          max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels, size_multiple=SUPPORTED[model_type])
+                          max_frames=cfg.max_frames, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
+                          size_multiple=SUPPORTED[model_type], progress=progress)
     if model_type.startswith("qwen2_5_omni"):
         if probe(path).has_audio:
             video.audio = load_audio(path, sr=16000)

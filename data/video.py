@@ -25,6 +25,7 @@ from fractions import Fraction
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
+from tqdm import tqdm
 
 # Default pixel budget per frame. 448*448 = 256 merged visual tokens per frame for Qwen2.5-VL (patch 14 x merge 2
 # = 28 px per token side), before the temporal merge of 2 frames; the floor is 2x2 tokens so tiny videos still
@@ -203,7 +204,7 @@ def _decoded(container, stream, fps):
 
 
 def sample_frames(path, fps=None, num_frames=None, max_frames=768, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS,
-                  size_multiple=28) -> SampledVideo:
+                  size_multiple=28, progress=False) -> SampledVideo:
     """Frames of a video, resized for a Qwen-VL vision tower, sampled either
     - num_frames=N: N indices uniform over the whole video (np.linspace(0, total-1, N).round()), or
     - fps=F: one frame every src_fps/F source frames over the whole video, thinned uniformly to max_frames.
@@ -212,7 +213,8 @@ def sample_frames(path, fps=None, num_frames=None, max_frames=768, max_pixels=MA
 
     Target k is the first frame whose timestamp is >= index_k / src_fps (minus half a frame, so rounding of the
     container's time base cannot shift it); for constant-frame-rate video that is exactly frame index_k.
-    A file that ends (truncated or corrupt) more than END_SLACK_S before a wanted frame raises ValueError."""
+    A file that ends (truncated or corrupt) more than END_SLACK_S before a wanted frame raises ValueError.
+    progress: a bar of the frames found (for one long video on the command line; training decodes quietly)."""
     with _open(path) as container:
         stream = _video_stream(container, path)
         info = _info(container, stream, path)
@@ -226,10 +228,13 @@ def sample_frames(path, fps=None, num_frames=None, max_frames=768, max_pixels=MA
         tol = 0.5 / info.fps
         out = np.empty((len(idx), h, w, 3), np.uint8)  # the only big allocation: one resized frame per target
         stamps = np.empty(len(idx), np.float64)
+        bar = tqdm(total=len(idx), desc=f"decoding {os.path.basename(path)}", unit="frame", disable=not progress)
         try:
-            n, end = _decode_targets(container, stream, info.fps, targets, tol, out, stamps)
+            n, end = _decode_targets(container, stream, info.fps, targets, tol, out, stamps, bar)
         except av.error.FFmpegError as e:  # (with frame threads, FFmpeg often just stops instead: caught below)
             raise ValueError(f"{path}: corrupt video stream ({e})") from e
+        finally:
+            bar.close()
     if n < len(idx):
         if n == 0 or targets[-1] - end > END_SLACK_S:
             reached = "before the first frame" if end is None else f"at t={end:.2f}s"
@@ -276,9 +281,9 @@ def sample_windows(path, spans, num_frames, max_pixels=MAX_PIXELS, min_pixels=MI
     return results
 
 
-def _decode_targets(container, stream, fps, targets, tol, out, stamps) -> tuple:
+def _decode_targets(container, stream, fps, targets, tol, out, stamps, bar=None) -> tuple:
     """Fill out[j] / stamps[j] with the first frame at or after targets[j] - tol, for sorted targets.
-    Decodes forward while the next target is near and seeks when it is far.
+    Decodes forward while the next target is near and seeks when it is far; `bar` (tqdm) counts the filled ones.
     Returns (how many were filled, time of the last frame decoded or None)."""
     h, w = out.shape[1:3]
     # One reformatter for the whole video: it caches the swscale context, which frame.to_ndarray(width=...)
@@ -313,6 +318,8 @@ def _decode_targets(container, stream, fps, targets, tol, out, stamps) -> tuple:
             while j < len(targets) and t >= targets[j] - tol:  # (one frame can serve several in a VFR gap)
                 out[j], stamps[j] = rgb, t
                 j += 1
+                if bar is not None:
+                    bar.update()
             break
         else:
             break  # end of stream

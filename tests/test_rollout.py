@@ -145,15 +145,17 @@ def test_unsupported_model_type_lists_supported(tmp_path):
 
 def test_cli_answers_about_an_hour_long_video_at_8192_frames(tiny, tmp_path, capsys):
     """The long end of the CLI: an hour at 4 fps (14,400 tiny frames) sampled to 8,192 frames -> 4,096 video
-    tokens (one merged 28x28 patch per frame pair); the summary gives the decoded size, the tokens, the seconds
-    per stage and the peak RSS."""
+    tokens (one merged 28x28 patch per frame pair); decoding shows a bar, and the summary gives the decoded size,
+    the tokens, the seconds per stage and the peak RSS."""
     path, _, _ = tiny["qwen2_5_vl"]
     write_video(str(tmp_path / "hour.mp4"), (np.full((28, 28, 3), (7 * i) % 256, np.uint8) for i in range(14400)),
                 fps=4, gop=64)
     out = rollout.main(rollout.RolloutConfig(model=path, video=str(tmp_path / "hour.mp4"), question="What changed?",
                                              num_frames=8192, max_pixels=28 * 28, min_pixels=28 * 28,
-                                             max_new_tokens=4, think=False, progress=False))
-    printed = capsys.readouterr().out
+                                             max_new_tokens=4, think=False, progress=True))
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "decoding hour.mp4" in captured.err and "8192/8192" in captured.err   # the decoding bar
     assert "8192 frames of 28x28 (18 MiB decoded) -> 4096 video tokens" in printed
     assert "seconds: decode + sample" in printed and "peak RSS" in printed and out.response_ids
 
