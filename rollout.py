@@ -15,6 +15,7 @@ import os
 import resource
 import tempfile
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -454,11 +455,9 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
         by_cat.setdefault(p["category"] or "all", []).append(p["correct"])
     acc = sum(p["correct"] for p in preds) / max(len(preds), 1)
     shaped = [p["correct_any_shape"] for p in preds if p["correct_any_shape"] is not None]
-    read_as = {}
-    for p in preds:
-        read_as[p["read_as"]] = read_as.get(p["read_as"], 0) + 1
+    read_as = Counter(p["read_as"] for p in preds)
     return {"accuracy": acc, "accuracy_any_shape": sum(shaped) / len(shaped) if shaped else float("nan"),
-            "read_as": dict(sorted(read_as.items(), key=lambda kv: -kv[1])),
+            "read_as": dict(read_as.most_common()),
             "format": sum(p["format"] for p in preds) / max(len(preds), 1),
             "per_category": {k: sum(v) / len(v) for k, v in sorted(by_cat.items())}, "num_scored": len(preds),
             "skipped": skipped, "predictions": preds, "cache_misses": len(misses)}

@@ -32,7 +32,7 @@ from common import (MetricsLog, Dist, all_reduce, barrier, exit_distributed, fin
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
-from data.synthetic import synthetic_demo
+from data.synthetic import run_inputs
 from policy import (PolicyConfig, Seq, build_policy, clip_and_step, fill_logprobs, format_warmup, micro_batches,
                     micro_size, sequences_logprobs)
 from sp import dp_all_reduce
@@ -567,13 +567,9 @@ def main(cfg: Config):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    data_file, eval_file, model_path = cfg.data, cfg.eval_data, cfg.model
-    if cfg.synthetic:  # the CPU demo: the synthetic task and a tiny random model, made once in out_dir
-        demo = synthetic_demo(cfg.out_dir, cfg.synthetic_train, cfg.synthetic_eval, cfg.synthetic_frames,
-                              cfg.synthetic_flash, cfg.seed, tiny_model=not cfg.model, make=d.is_main,
-                              leak_control=cfg.synthetic_leak_control)
-        barrier()
-        data_file, eval_file, model_path = data_file or demo[0], eval_file or demo[1], model_path or demo[2]
+    # with synthetic=True (the CPU demo) the task and a tiny random model, made once in out_dir
+    data_file, eval_file, model_path = run_inputs(cfg, make=d.is_main)
+    barrier()
     spi = sp_lib.init_sp(cfg.sp_size)   # world = dp x sp; the SP peers of a group share their prompts
     check_config(cfg, spi.dp_size)
     plan = batch_plan(cfg, spi.dp_size)

@@ -36,7 +36,7 @@ from common import (MetricsLog, barrier, exit_distributed, finite, init_distribu
                     load_checkpoint, plot_curve, print0, save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
-from data.synthetic import synthetic_demo
+from data.synthetic import run_inputs
 from policy import PolicyConfig, build_policy, sft_nll, sft_step, target_seqs, target_text
 from sp import dp_all_reduce
 
@@ -101,13 +101,9 @@ def main(cfg: Config):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    data_file, eval_file, model_path = cfg.data, cfg.eval_data, cfg.model
-    if cfg.synthetic:  # the CPU demo: the synthetic task (rows carry a reasoning line) and a tiny random model
-        demo = synthetic_demo(cfg.out_dir, cfg.synthetic_train, cfg.synthetic_eval, cfg.synthetic_frames,
-                              cfg.synthetic_flash, cfg.seed, tiny_model=not cfg.model, make=d.is_main,
-                              leak_control=cfg.synthetic_leak_control)
-        barrier()
-        data_file, eval_file, model_path = data_file or demo[0], eval_file or demo[1], model_path or demo[2]
+    # with synthetic=True (the CPU demo) the task and a tiny random model, made once in out_dir
+    data_file, eval_file, model_path = run_inputs(cfg, make=d.is_main)
+    barrier()
     if not data_file or not model_path:
         raise ValueError("give --data and --model (or --synthetic=true for the CPU demo)")
     spi = sp_lib.init_sp(cfg.sp_size)

@@ -176,13 +176,12 @@ def read_answer(response: str, sample: dict) -> tuple:
     text = block if block is not None else response.rsplit("</think>", 1)[-1].strip()
     pt, options = sample["problem_type"], sample.get("options")
     if pt == "multiple_choice":
+        choice = parse_choice(text, options)  # the reward's reading; the shape says which form it matched
+        if choice:
+            shape = "letter" if LONE_LETTER_RE.fullmatch(text.strip()) else \
+                "letter + text" if LETTER_DELIM_RE.fullmatch(text.strip()) else "option text"
+            return choice, f"{where}: {shape}"
         letters = {letter for letter, _ in option_table(options)} or set("ABCDEFGH")
-        if LONE_LETTER_RE.fullmatch(text.strip()) and parse_choice(text, options):
-            return parse_choice(text, options), f"{where}: letter"
-        if LETTER_DELIM_RE.fullmatch(text.strip()) and parse_choice(text, options):
-            return parse_choice(text, options), f"{where}: letter + text"
-        if parse_choice(text, options):
-            return parse_choice(text, options), f"{where}: option text"
         found = [m.group(1) for m in ANSWER_PHRASE_RE.finditer(text) if m.group(1) in letters]
         if found:
             return found[-1], f"{where}: phrase"

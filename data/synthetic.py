@@ -99,19 +99,24 @@ def make_dataset(cfg: SyntheticConfig):
     return train, held_out
 
 
-def synthetic_demo(out_dir: str, num_train: int, num_eval: int, frames: int, flash_frames: int, seed: int,
-                   tiny_model: bool, make: bool = True, leak_control: bool = False) -> tuple:
-    """The CPU demo's files in out_dir, made once (by the rank with make=True): the task in synthetic/ and, with
-    tiny_model, a tiny random Qwen2.5-VL in tiny-model/. Returns (train jsonl, eval jsonl, model folder)."""
-    data_dir, model_dir = os.path.join(out_dir, "synthetic"), os.path.join(out_dir, "tiny-model")
+def run_inputs(cfg, make: bool = True) -> tuple:
+    """(train jsonl, eval jsonl, model folder) of a training run (train_grpo.py, train_sft.py): cfg.data,
+    cfg.eval_data and cfg.model, and with cfg.synthetic the CPU demo's files in cfg.out_dir for whichever is empty:
+    the task in synthetic/ and a tiny random Qwen2.5-VL in tiny-model/, made once (by the rank with make=True;
+    the caller's barrier holds the others back until they exist)."""
+    if not cfg.synthetic:
+        return cfg.data, cfg.eval_data, cfg.model
+    data_dir, model_dir = os.path.join(cfg.out_dir, "synthetic"), os.path.join(cfg.out_dir, "tiny-model")
     if make and not os.path.exists(os.path.join(data_dir, "config.json")):
         print(f"making the synthetic task in {data_dir}", flush=True)
-        make_dataset(SyntheticConfig(out=data_dir, num_train=num_train, num_eval=num_eval, frames=frames,
-                                     flash_frames=flash_frames, seed=seed, leak_control=leak_control))
-    if make and tiny_model and not os.path.exists(os.path.join(model_dir, "config.json")):
+        make_dataset(SyntheticConfig(out=data_dir, num_train=cfg.synthetic_train, num_eval=cfg.synthetic_eval,
+                                     frames=cfg.synthetic_frames, flash_frames=cfg.synthetic_flash, seed=cfg.seed,
+                                     leak_control=cfg.synthetic_leak_control))
+    if make and not cfg.model and not os.path.exists(os.path.join(model_dir, "config.json")):
         print(f"making a tiny random Qwen2.5-VL in {model_dir}", flush=True)
-        make_tiny_model(model_dir, "qwen2_5_vl", seed=seed)
-    return os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "eval.jsonl"), model_dir
+        make_tiny_model(model_dir, "qwen2_5_vl", seed=cfg.seed)
+    return (cfg.data or os.path.join(data_dir, "train.jsonl"), cfg.eval_data or os.path.join(data_dir, "eval.jsonl"),
+            cfg.model or model_dir)
 
 
 if __name__ == "__main__":
