@@ -23,6 +23,7 @@ import functools
 import gc
 import importlib.metadata as md
 import inspect
+import itertools
 import json
 import os
 import re
@@ -85,7 +86,8 @@ class BenchConfig:
     steps: int = 0                  # GRPO steps per run (0: train 3, cache 5 (3 with --tiny), trl 100 (4 with --tiny))
     n: int = 4                      # train, cache: responses per prompt
     prompts: int = 2                # train: prompts per step (1 fits 1,024 frames x 8 responses unpacked)
-    packing: list = None            # train: group_packing values side by side (default [False]; e.g. [False,True])
+    packing: list = None            # train: group_packing values side by side (default [True]; e.g. [True,False])
+    vision: list = None             # train: vision_attention values side by side (default ["batched"]; or "loop")
 
 
 def log(result: dict, cfg: BenchConfig):
@@ -411,16 +413,18 @@ def bench_train(cfg: BenchConfig):
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         data = os.path.join(root, f"data{frames}")
         make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
-        for packing in cfg.packing or [False]:  # micro-batches: one sequence, or one packed group (one row)
+        for packing, vision in itertools.product(cfg.packing or [True], cfg.vision or ["batched"]):
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
                                     max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
-                                    micro_batch_size=1, group_packing=packing, max_steps=cfg.steps or 3, lr=1e-6,
+                                    micro_batch_size=1, group_packing=packing, vision_attention=vision,
+                                    max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
                                     seed=cfg.seed),
                                os.path.join(root, f"run{frames}"))
-            row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing,
+            # micro-batches: one sequence, or with group_packing one packed group (one row)
+            row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,
                    **phase_medians(metrics)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
@@ -641,18 +645,21 @@ def bench_memory(cfg: BenchConfig):
             check.append({"setup": name, "tokens": S, "predicted_GiB": p, "measured_GiB": m,
                           "pred/meas": p / m if m != "OOM" else "agrees (> 78)" if p > 78 else "DISAGREES"})
     print_table(check, list(check[0]))
-    # the plan: Qwen2.5-VL-7B, FSDP2 over 8 GPUs, one sequence of video + 1,024 response tokens per SP group.
+    # the plan: Qwen2.5-VL-7B, FSDP2 over 8 GPUs, per SP group one sequence of video + 1,024 response tokens, or
+    # one packed group (--group_packing: the prompt once + 8 responses of 256 tokens; same formula, S = P + n R).
     # 64 tokens per frame (e.g. 448x224 px: 128 merged tokens per 2-frame patch): 3,600 frames = 231k tokens.
     s7 = SHAPES["7b"]
     lm, vis, root, layer = count(s7)
     state, grads, gather = 12 * (lm + vis) / world, 4 * (lm + vis) / world, 4 * (root + layer)
     verdict = lambda gib: "fits" if gib < 72 else "tight" if gib < 78 else "OOM"
     rows = []
-    for frames in (256, 1024, 3600):
-        S = frames * tokens_per_frame + 1024
+    for (layout, response_tokens), frames in itertools.product((("one sequence", 1024), ("packed group", 8 * 256)),
+                                                               (256, 1024, 3600)):
+        S = frames * tokens_per_frame + response_tokens
         for sp_size in (1, 2, 4, 8):
             est = [peak(s7, S, sp_size, state, grads, gather, frames * tokens_per_frame, v) for v in (False, True)]
-            rows.append({"frames": frames, "tokens": S, "sp": sp_size, "state+grads_GiB": (state + grads) / GiB,
+            rows.append({"layout": layout, "frames": frames, "tokens": S, "sp": sp_size,
+                         "state+grads_GiB": (state + grads) / GiB,
                          "vision_frozen_GiB": est[0], "vision_trained_GiB": est[1],
                          "80GB (frozen / trained)": f"SP invalid: {s7['heads']} heads % {sp_size}"
                          if s7["heads"] % sp_size else f"{verdict(est[0])} / {verdict(est[1])}"})

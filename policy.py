@@ -31,6 +31,7 @@ class PolicyConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, m
     dtype: str = "auto"                 # parameters' dtype: auto = float32 (FSDP2 mixed precision computes bf16)
     bf16: bool = True                   # on GPU: bf16 compute with fp32 master weights and fp32 grad reduction
     attn_implementation: str = "sdpa"   # sdpa | flash_attention_2 (when installed) | eager
+    vision_attention: str = "batched"   # Qwen vision towers: batched (a layer's windows in one call) | loop
     gradient_checkpointing: bool = True  # recompute decoder layers in backward (activation memory ~ 1 layer)
     checkpoint_mode: str = "full"       # full | attention (keep attention: faster) | offload (inputs to host memory)
     attention_layers: int = 0           # checkpoint_mode=attention: only the first this-many layers keep it (0: all)
@@ -42,7 +43,8 @@ class PolicyConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, m
     embeddings_cache: str = ""          # cache_embeddings.py output (needs freeze_vision): no decoding, no tower
     temperature: float = 1.0            # log-probs are of log_softmax(logits / T): the sampling temperature (SFT: 1)
     micro_batch_size: int = 8           # sequences per forward/backward (group_packing: whole groups)
-    group_packing: bool = False         # [prompt | response_1 | ...] a row: each prompt once in the decoder
+    group_packing: bool = True          # [prompt | response_1 | ...] a row: each prompt once in the decoder
+                                        # (False: one prompt + response row per response, the older path)
     logprob_chunk: int = 1024           # response tokens per lm_head chunk
     # optimizer
     lr: float = 1e-6                    # AdamW learning rate (Long-RL: 1e-6)
@@ -142,7 +144,7 @@ def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bo
     (with reference=True; else None), the optimizer, and the attention function of each phase (Ulysses in
     training under SP)."""
     model, processor = vlm.load_model(model_path, "float32" if cfg.dtype == "auto" else cfg.dtype,
-                                      cfg.attn_implementation, d.device)
+                                      cfg.attn_implementation, d.device, cfg.vision_attention)
     if cfg.freeze_vision:
         for encoder in vlm.media_encoders(model):
             encoder.requires_grad_(False)
@@ -163,7 +165,7 @@ def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bo
                        vlm.encoder_params(model) if cached else None)
     ref = None
     if reference:  # a frozen copy of the initial policy (GRPO with kl_beta > 0), else not loaded at all
-        ref, _ = vlm.load_model(model_path, "float32", cfg.attn_implementation, d.device)
+        ref, _ = vlm.load_model(model_path, "float32", cfg.attn_implementation, d.device, cfg.vision_attention)
         ref.requires_grad_(False)
         ref = wrap_fsdp(Root(ref), vlm.fsdp_units(ref, vision=not cached), d, bf16,
                         vlm.encoder_params(ref) if cached else None).eval()

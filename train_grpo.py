@@ -461,10 +461,6 @@ def check_config(cfg: Config, dp_size: int = 1):
         raise ValueError("--embeddings_cache holds outputs of a frozen vision tower: with freeze_vision=false the "
                          "tower would train and the cached features go stale after the first update; set "
                          "--freeze_vision=true (or drop --embeddings_cache)")
-    on_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.group_packing and on_gpu:  # the CPU path's mask (vlm.group_attention_mask) is O(S^2) memory
-        raise ValueError("group_packing runs on the CPU only so far: its GPU attention (FlexAttention over a block "
-                         "mask, vlm.group_flex_attention) has not yet passed its gradient test on a GPU (issue #29)")
     if cfg.n % cfg.sp_size:
         raise ValueError(f"n={cfg.n} must divide by sp_size={cfg.sp_size}: each SP rank samples n/sp responses")
     if cfg.rollout_batch_size % dp_size:

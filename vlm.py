@@ -55,8 +55,13 @@ SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|visi
 # ----------------------------------------------------------------------------------------------------------
 # loading
 
-def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu"):
-    """(model, processor) for a supported VLM checkpoint folder or hub id."""
+def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu",
+               vision_attention: str = "batched"):
+    """(model, processor) for a supported VLM checkpoint folder or hub id. vision_attention: "batched" runs
+    each layer of a Qwen vision tower as one attention call over all its windows (window_attention below; with
+    sdpa), "loop" keeps transformers' one call per window."""
+    if vision_attention not in ("batched", "loop"):
+        raise ValueError(f"vision_attention {vision_attention!r}: choose batched or loop")
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")  # config.json read, no code run
     if model_type not in SUPPORTED:
         raise ValueError(f"{path}: model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
@@ -78,6 +83,9 @@ def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, **kw)
     model = model.to(device)
+    if vision_attention == "batched" and family(model) in MROPE and model.config.vision_config._attn_implementation == "sdpa":
+        model.set_attn_implementation({"text_config": model.config.get_text_config()._attn_implementation,
+                                       "vision_config": WINDOW_ATTENTION})
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 
@@ -140,6 +148,43 @@ def suppress_ids(model, processor) -> list:
     placeholders = [media_token_id(model), getattr(model.config, "audio_token_id", None)]  # e.g. LLaVA's <image>
     ids = token_ids(processor, SUPPRESS_TOKENS) + placeholders + [processor.tokenizer.pad_token_id]
     return sorted({i for i in ids if i is not None and i not in stop})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the Qwen vision towers' attention: all windows of a layer in one call
+
+def window_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     **kwargs):
+    """A Qwen vision layer attends within windows, given as cumulative lengths s_0 = 0 < s_1 < ... < s_W = N
+    (Qwen2.5-VL: 112 x 112-pixel windows in most layers, one frame pair in the rest; Qwen3-VL and the Omni thinker:
+    one frame pair). transformers' sdpa path calls SDPA once per window from a Python loop (256 frames at 224 x 224:
+    512 windows a layer, in the forward, the recompute and the backward); here the whole layer is one call:
+        q, k, v                 (1, H, N, D)
+        windows all of length L: view as (W, H, L, D), no mask
+        ragged windows:         gather rows into (W, H, L_max, D), mask the padded keys, scatter the rows back
+        -> ((1, N, H, D), None)  what transformers' attention functions return
+    Padded query rows see their window's keys (every window has at least one): no NaN, and they are dropped."""
+    if dropout:
+        raise ValueError("window_attention has no dropout (the Qwen vision towers use none)")
+    H, N, D = query.shape[1:]
+    lengths = cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]
+    W, L = len(lengths), int(lengths.max())
+    if W * L == N:  # equal windows
+        q, k, v = (t[0].view(t.shape[1], W, L, D).transpose(0, 1) for t in (query, key, value))  # [W, H, L, D]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
+        return out.permute(0, 2, 1, 3).reshape(1, N, H, D), None
+    offsets = torch.arange(L, device=query.device)
+    valid = offsets[None, :] < lengths[:, None]                                         # [W, L]
+    rows = torch.where(valid, cu_seq_lens_q[:-1, None] + offsets[None, :], 0)          # [W, L] token index
+    q, k, v = (t[0][:, rows].transpose(0, 1) for t in (query, key, value))              # [W, H, L, D]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=scaling)
+    return out.transpose(1, 2)[valid][None], None                                        # [1, N, H, D] in order
+
+
+# transformers' Qwen vision attention hands the window boundaries (cu_seqlens) only to attention functions whose
+# name says "flash" (transformers.utils.is_flash_attention_requested); the kernel here is PyTorch's SDPA
+WINDOW_ATTENTION = "flash_varlen_sdpa"
+AttentionInterface.register(WINDOW_ATTENTION, window_attention)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -759,11 +804,13 @@ def group_attention_mask(segments: torch.Tensor, dtype) -> torch.Tensor:
 
 def group_block_mask(segments: torch.Tensor, device):
     """group_visible as a FlexAttention BlockMask: stored per 128 x 128 block (empty blocks are skipped, not
-    computed), so a 70k-token group costs no O(S^2) memory. Used with the "group_flex" attention function."""
+    computed), so a 70k-token group costs no O(S^2) memory. Used with the "group_flex" attention function.
+    On the GPU the mask is built by a compiled kernel block by block: uncompiled, create_block_mask first
+    materialises the whole S x S mask (9.1 GiB at 35k tokens: out of memory beside a 3B model's AdamW state)."""
     seg = segments.to(device)
     G, S = seg.shape
     return create_block_mask(lambda b, h, q, k: group_visible(q, k, seg[b, q], seg[b, k]), B=G, H=None, Q_LEN=S,
-                             KV_LEN=S, device=device)
+                             KV_LEN=S, device=device, _compile=str(device).startswith("cuda"))
 
 
 _compiled_flex = None  # torch.compile(flex_attention), made on first GPU use (fused kernel, forward and backward)
@@ -774,11 +821,15 @@ def group_flex_attention(module, query, key, value, attention_mask, scaling=None
     (group_block_mask) -> ((B,S,H,D), None). Compiled on the GPU; on the CPU the unfused reference (forward only
     in torch 2.14: no backward there)."""
     global _compiled_flex
-    fn = flex_attention
+    fn, options = flex_attention, None
     if query.is_cuda:
         _compiled_flex = _compiled_flex or torch.compile(flex_attention)
-        fn = _compiled_flex
-    out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+        # always the training kernel: inductor would pick its decoding kernel (meant for a few new queries against
+        # a long cache) for any query shorter than 128 tokens, and that one found no valid configuration on the
+        # H100 for our GQA shapes (NoValidChoicesError); a packed group is queries = keys, never decoding
+        fn, options = _compiled_flex, {"FORCE_USE_FLEX_ATTENTION": True}
+    out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1],
+             kernel_options=options)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -426,3 +426,73 @@ def test_group_flex_attention_gradients_on_gpu(tmp_path, media, fam):
     assert torch.allclose(lp_f, lp_d, atol=1e-4)
     for n, g in g_d.items():
         assert torch.allclose(g_f[n], g, atol=1e-4, rtol=1e-3), n
+
+
+def vision_gradients(model, pixels, grid):
+    """The tower's per-video outputs and d(sum of squares)/d(pixels and weights) (the training case)."""
+    model.zero_grad(set_to_none=True)
+    pixels = pixels.clone().requires_grad_(True)
+    out = vlm.media_model(model).get_video_features(pixels, grid, return_dict=True).pooler_output
+    sum(o.float().square().sum() for o in out).backward()
+    grads = {n: p.grad.float() for n, p in vlm.media_model(model).visual.named_parameters() if p.grad is not None}
+    return [o.detach().float() for o in out], pixels.grad.float(), grads
+
+
+# grids (t, h, w) in patches: [2, 8, 8] gives Qwen2.5-VL equal 112-pixel windows (4 x 4 merged units); [2, 10, 6]
+# and [1, 12, 14] do not divide into them: ragged windows, and frames of two sizes in one call
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker"])
+@pytest.mark.parametrize("grids", [[[2, 8, 8], [1, 8, 8]], [[2, 10, 6], [1, 12, 14]]])
+def test_batched_window_attention_equals_the_loop(tmp_path, fam, grids):
+    """vlm.window_attention (all of a layer's windows in one SDPA call) gives the vision tower's outputs and every
+    gradient of transformers' own loop (one SDPA call per window), with equal and with ragged windows."""
+    path = make_tiny_model(str(tmp_path), fam, seed=0)
+    (loop, _), (batched, _) = vlm.load_model(path, vision_attention="loop"), vlm.load_model(path)
+    assert loop.config.vision_config._attn_implementation == "sdpa"
+    assert batched.config.vision_config._attn_implementation == vlm.WINDOW_ATTENTION
+    assert batched.config.get_text_config()._attn_implementation == "sdpa"   # the decoder's is left alone
+    vc = loop.config.vision_config
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                         generator=torch.Generator().manual_seed(0))
+    (out_l, dpix_l, g_l), (out_b, dpix_b, g_b) = (vision_gradients(m, pixels, grid) for m in (loop, batched))
+    for a, b in zip(out_b, out_l):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(dpix_b, dpix_l, atol=1e-8, rtol=1e-5)
+    assert g_b.keys() == g_l.keys() and len(g_b) > 10
+    for n, g in g_l.items():
+        assert torch.allclose(g_b[n], g, atol=1e-7, rtol=1e-4), n
+
+
+def test_window_attention_by_hand():
+    """Three windows of lengths 2, 3, 1 over N = 6 tokens: each token's output is softmax attention over its own
+    window's keys only (computed here window by window), ragged and with GQA-free heads."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in "qkv")
+    cu = torch.tensor([0, 2, 5, 6])
+    out, _ = vlm.window_attention(None, q, k, v, scaling=0.5, cu_seq_lens_q=cu)
+    assert out.shape == (1, 6, 2, 4)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        weights = torch.softmax(q[0, :, a:b] @ k[0, :, a:b].transpose(-1, -2) * 0.5, -1)   # [H, len, len]
+        assert torch.allclose(out[0, a:b], (weights @ v[0, :, a:b]).transpose(0, 1), atol=1e-6)
+    equal, _ = vlm.window_attention(None, q, k, v, scaling=0.5, cu_seq_lens_q=torch.tensor([0, 3, 6]))
+    ragged_path, _ = vlm.window_attention(None, q[:, :, :5], k[:, :, :5], v[:, :, :5], scaling=0.5,
+                                          cu_seq_lens_q=torch.tensor([0, 3, 5]))
+    assert torch.allclose(equal[0, :3], ragged_path[0, :3], atol=1e-6)   # the two code paths agree
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's bf16 kernels")
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
+def test_batched_window_attention_in_bf16_on_gpu(tmp_path, fam):
+    """On the GPU in bf16 (the training dtype), with the lent machine's transformers: batched windows equal the
+    loop's outputs and gradients to bf16 precision, ragged windows included."""
+    path = make_tiny_model(str(tmp_path), fam, size=TinySize(hidden=128, heads=2, kv_heads=1), seed=0)
+    (loop, _), (batched, _) = (vlm.load_model(path, "bfloat16", device="cuda", vision_attention=a)
+                               for a in ("loop", "batched"))
+    assert batched.config.vision_config._attn_implementation == vlm.WINDOW_ATTENTION
+    vc = loop.config.vision_config
+    grid = torch.tensor([[4, 8, 8], [2, 10, 6]], device="cuda")
+    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                         device="cuda", dtype=torch.bfloat16)
+    (out_l, dpix_l, g_l), (out_b, dpix_b, g_b) = (vision_gradients(m, pixels, grid) for m in (loop, batched))
+    for a, b in [*zip(out_b, out_l), (dpix_b, dpix_l), *((g_b[n], g) for n, g in g_l.items())]:
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
