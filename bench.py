@@ -88,6 +88,7 @@ class BenchConfig:
     prompts: int = 2                # train: prompts per step (1 fits 1,024 frames x 8 responses unpacked)
     packing: list = None            # train: group_packing values side by side (default [True]; e.g. [True,False])
     vision: list = None             # train: vision_attention values side by side (default ["batched"]; or "loop")
+    freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
 
 
 def log(result: dict, cfg: BenchConfig):
@@ -419,6 +420,7 @@ def bench_train(cfg: BenchConfig):
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
                                     max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
                                     micro_batch_size=1, group_packing=packing, vision_attention=vision,
+                                    freeze_vision=cfg.freeze_vision,
                                     max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
                                     seed=cfg.seed),
@@ -431,7 +433,8 @@ def bench_train(cfg: BenchConfig):
             rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
-    log({"bench": "train_step", **device_info(), "shape": cfg.shape, "n": cfg.n, "rows": rows}, cfg)
+    log({"bench": "train_step", **device_info(), "shape": cfg.shape, "n": cfg.n, "freeze_vision": cfg.freeze_vision,
+         "rows": rows}, cfg)
     bench_longest(cfg)
 
 
@@ -599,7 +602,9 @@ def bench_memory(cfg: BenchConfig):
         vision = 4 x (2 v_depth + 13) x v_hidden per video token, if the vision tower is trained: 4 patches per
                                                            merged token, checkpointed block inputs + the rest (13
                                                            fitted: measured 98.9 KB/patch); held until the LM
-                                                           backward is done; 0 when frozen or cached
+                                                           backward is done, for at most 8,192 tokens (past 32,768
+                                                           patches vlm.encode_videos checkpoints the tower per call
+                                                           of that many); 0 when frozen or cached
     peak = state + gather + vision/sp + max(S/sp x ckpt + max(S/sp x layer, logits),   (start of backward)
                                             grads + S/sp x (4h + layer))               (end of backward)
     Ulysses SP divides every per-token term by sp; its all-to-all buffers are left out. Checked first against
@@ -618,7 +623,7 @@ def bench_memory(cfg: BenchConfig):
     def peak(s, S, sp, state, grads, gather, video=0, vision=False):
         h, L = s["hidden"], s["layers"]
         layer, logits = 14 * s["ffn"] + 10 * h, chunk * s["vocab"] * 12
-        vis = video * 4 * (2 * s["v_depth"] + 13) * s["v_hidden"] if vision else 0
+        vis = min(video, 32768 // 4) * 4 * (2 * s["v_depth"] + 13) * s["v_hidden"] if vision else 0
         start = S / sp * 2 * h * (L + 1) + max(S / sp * layer, logits)
         return (state + gather + vis / sp + max(start, grads + S / sp * (4 * h + layer))) / GiB
 

@@ -522,24 +522,48 @@ def continue_positions(positions: torch.Tensor, n: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # the policy forward: vision tower -> decoder hidden states -> log-probs at response positions only
 
-def encode_videos(model, prompts: list, max_patches: int = 65536):
+def encode_videos(model, prompts: list, max_patches: int = 65536, grad_patches: int = 32768):
     """Run the vision tower over the videos of `prompts` (those with cached video_features skip it), at most
-    `max_patches` patches per call so that the tower's memory stays bounded for long videos; returns an object
+    `max_patches` patch rows per call so that the tower's memory stays bounded for long videos; returns an object
     like get_video_features': pooler_output is a tuple of per-video [tokens, hidden] tensors (Qwen3-VL also
-    carries deepstack_features, one tuple per DeepStack layer)."""
-    rows = [None] * len(prompts)  # per video: (embeds, [deepstack per layer] or None)
-    live = [i for i, p in enumerate(prompts) if p.video_features is None]
-    while live:
-        group, patches = [], 0    # consecutive videos within the patch budget (always at least one)
-        while live and (not group or patches + len(prompts[live[0]].pixel_values_videos) <= max_patches):
-            patches += len(prompts[live[0]].pixel_values_videos)
-            group.append(live.pop(0))
-        pixels = torch.cat([prompts[i].pixel_values_videos for i in group]).to(model.device)
-        grid = torch.cat([prompts[i].video_grid_thw for i in group]).to(model.device)
-        out = tower_features(model, pixels, grid)
+    carries deepstack_features, one tuple per DeepStack layer).
+    With grad enabled (the tower trains) the calls hold at most `grad_patches` rows and, when there is more than
+    one, each is checkpointed: backward recomputes them one at a time, so the tower's activations exist for one
+    call, never for the whole step (1,024 frames at 224 x 224 are 131k patches, ~13 GB of activations in a 3B
+    model's tower, kept until the decoder's backward is done). A video longer than a call is cut between temporal
+    patches (frame pairs; frames for the embedding VLMs): no attention in these towers crosses them, so the
+    pieces' rows, concatenated, are the whole video's. The cost: one more forward of the tower, only past
+    grad_patches (256 frames at 224 x 224 are exactly 32,768 patches: one call, as measured in the README)."""
+    budget = grad_patches if torch.is_grad_enabled() else max_patches
+    pieces = []  # (video, first, last temporal patch) with at most `budget` rows each, in order
+    for i, p in enumerate(prompts):
+        if p.video_features is None:
+            T = int(p.video_grid_thw[0, 0])
+            step = max(1, budget // (len(p.pixel_values_videos) // T))   # temporal patches per piece
+            pieces += [(i, t, min(t + step, T)) for t in range(0, T, step)]
+    calls = []  # consecutive pieces within the budget (always at least one)
+    for piece in pieces:
+        rows = piece_rows(prompts, piece)
+        if calls and sum(piece_rows(prompts, q) for q in calls[-1]) + rows <= budget:
+            calls[-1].append(piece)
+        else:
+            calls.append([piece])
+    checkpointed = torch.is_grad_enabled() and len(calls) > 1
+    parts = [[] for _ in prompts]  # per video: its pieces' (embeds, [deepstack per layer] or None), in order
+    for call in calls:
+        pixels = torch.cat([piece_pixels(prompts, q) for q in call]).to(model.device)
+        grid = torch.tensor([[q[2] - q[1], *prompts[q[0]].video_grid_thw[0, 1:].tolist()] for q in call],
+                            device=model.device)
+        out = checkpoint(tower_features, model, pixels, grid, use_reentrant=False) if checkpointed \
+            else tower_features(model, pixels, grid)
         deep = getattr(out, "deepstack_features", None)
-        for k, i in enumerate(group):
-            rows[i] = (out.pooler_output[k], None if deep is None else [layer[k] for layer in deep])
+        for k, q in enumerate(call):
+            parts[q[0]].append((out.pooler_output[k], None if deep is None else [layer[k] for layer in deep]))
+    rows = [None] * len(prompts)
+    for i, got in enumerate(parts):
+        if got:
+            rows[i] = (torch.cat([e for e, _ in got]), None if got[0][1] is None else
+                       [torch.cat([d[j] for _, d in got]) for j in range(len(got[0][1]))])
     for i, p in enumerate(prompts):
         if p.video_features is not None:  # from the embeddings cache (cache_embeddings.py)
             emb, deep = p.video_features
@@ -552,6 +576,19 @@ def encode_videos(model, prompts: list, max_patches: int = 65536):
     if rows and rows[0][1] is not None:
         out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
     return add_audio_features(model, prompts, out)
+
+
+def piece_rows(prompts: list, piece) -> int:
+    """Pixel rows of a piece (video, first, last temporal patch) of encode_videos."""
+    p = prompts[piece[0]]
+    return len(p.pixel_values_videos) // int(p.video_grid_thw[0, 0]) * (piece[2] - piece[1])
+
+
+def piece_pixels(prompts: list, piece):
+    """The piece's pixel rows: the processors lay a video's rows out temporal patch after temporal patch."""
+    p = prompts[piece[0]]
+    per_t = len(p.pixel_values_videos) // int(p.video_grid_thw[0, 0])
+    return p.pixel_values_videos[piece[1] * per_t:piece[2] * per_t]
 
 
 def add_audio_features(model, prompts: list, feats):

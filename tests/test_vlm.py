@@ -496,3 +496,39 @@ def test_batched_window_attention_in_bf16_on_gpu(tmp_path, fam):
     (out_l, dpix_l, g_l), (out_b, dpix_b, g_b) = (vision_gradients(m, pixels, grid) for m in (loop, batched))
     for a, b in [*zip(out_b, out_l), (dpix_b, dpix_l), *((g_b[n], g) for n, g in g_l.items())]:
         assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
+def test_vision_in_checkpointed_pieces_equals_one_call(tmp_path, media, fam, monkeypatch):
+    """encode_videos with grad: a budget of a few temporal patches cuts each 8-frame video into pieces, each
+    tower call checkpointed; the features (DeepStack rows too), the log-probs and every gradient equal one call
+    over both videos. The tower ran once per piece in the forward and again in the backward (the recompute)."""
+    model, prompts, packed, responses = group_case(tmp_path, media, fam)
+    per_t = len(prompts[0].pixel_values_videos) // int(prompts[0].video_grid_thw[0, 0])
+    weights = torch.rand(sum(len(r) for r in responses))
+    calls = []
+    tower = vlm.tower_features
+    monkeypatch.setattr(vlm, "tower_features", lambda *a: calls.append(len(a[1])) or tower(*a))
+
+    def run(grad_patches):
+        model.zero_grad(set_to_none=True)
+        feats = vlm.encode_videos(model, prompts, grad_patches=grad_patches)
+        lp, _ = vlm.group_logprobs(model, packed, feats, [])
+        (lp * weights).sum().backward()
+        deep = [torch.cat(layer) for layer in getattr(feats, "deepstack_features", [])]
+        return (torch.cat(feats.pooler_output).detach(), [d.detach() for d in deep], lp.detach(),
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    whole = run(10**9)
+    assert calls == [sum(len(p.pixel_values_videos) for p in prompts)]          # one call, no checkpoint
+    calls.clear()
+    pieces = run(3 * per_t)                      # 3 temporal patches a call: each video in pieces of 3, 3, ...
+    T = [int(p.video_grid_thw[0, 0]) for p in prompts]
+    assert max(calls) <= 3 * per_t and len(calls) == 2 * sum(-(-t // 3) for t in T)   # forward + recompute
+    (f1, d1, lp1, g1), (f2, d2, lp2, g2) = whole, pieces
+    assert torch.allclose(f2, f1, atol=1e-6) and torch.allclose(lp2, lp1, atol=1e-6)
+    assert bool(d1) == (fam == "qwen3_vl") and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(d2, d1))
+    vision = [n for n in g1 if "visual" in n or "vision" in n]
+    assert vision and g2.keys() == g1.keys()
+    for n in g1:
+        assert torch.allclose(g2[n], g1[n], atol=1e-7, rtol=1e-4), n
