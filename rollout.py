@@ -143,7 +143,7 @@ def sample_token(logits, temperature: float, top_p: float, gen):
 @torch.no_grad()
 def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                 max_new_tokens: int = 256, seed: int = 0, feats=None, static_cache=None, fused=None,
-                compile_kernels=None, cuda_graph=None, check_every=None) -> list:
+                compile_kernels=None, cuda_graph=None, check_every=None, on_token=None) -> list:
     """n samples for each prompt. temperature 0 = greedy. Returns len(prompts) * n Rollouts, grouped by prompt.
     The returned log-probs are those of log_softmax(logits / T) over the allowed vocabulary (before top-p
     truncation), which is exactly what the training forward recomputes.
@@ -156,7 +156,9 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
                        fused_decode.FUSED_LAYERS)
       otherwise        the model's own layers on transformers' DynamicCache (the default on CPU)
     Whether every sequence has stopped is asked every `check_every` tokens (default: 8 on a GPU, where each ask
-    waits for the GPU to finish; 1 on CPU)."""
+    waits for the GPU to finish; 1 on CPU). on_token(ids): called after every step with the token each row just
+    sampled (a list; pad after a row stopped), so a caller can stream the answer (web_demo.py); it waits for
+    the GPU at every token."""
     dev = output_head(model).weight.device
     static_cache = (dev.type == "cuda") if static_cache is None else static_cache
     fused = (static_cache and fused_decoding(model)) if fused is None else fused
@@ -191,6 +193,8 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
             newly = ~done & torch.isin(tok, stop_t)
             lengths = torch.where(newly, torch.full_like(lengths, t + 1), lengths)
             done |= newly
+            if on_token is not None:
+                on_token(tok.tolist())
             if t == max_new_tokens - 1 or (t + 1) % check_every == 0 and all_ranks_done(done):
                 break
             hidden = step(tok, next_pos.view(1, B, 1).expand(3, B, 1))
@@ -511,11 +515,9 @@ def eval_settings(cfg: RolloutConfig, model) -> dict:
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d")}
 
 
-def main(cfg: RolloutConfig):
-    if not cfg.model or not (cfg.eval or (cfg.video and cfg.question)):
-        raise SystemExit("give --model and either --eval=FILE or --video=FILE --question=TEXT (see --help)")
-    if cfg.embeddings_cache and cfg.engine == "vllm":
-        raise SystemExit("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
+def load_for_inference(cfg):
+    """(model, processor, engine) for the CLI and web_demo.py: the model in eval mode on cfg.device, and a vLLM
+    engine when cfg.engine == "vllm" (else None: the HF engine, hf_generate). Prints which engine runs."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model, processor = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, device)
     model.eval()
@@ -530,6 +532,15 @@ def main(cfg: RolloutConfig):
                             prompt_embeds=embeds_only)
     print(f"engine: {'vLLM' if engine else 'HF (transformers, our KV-cached decode loop)'}; device {device}; "
           f"attention {model.config._attn_implementation}")
+    return model, processor, engine
+
+
+def main(cfg: RolloutConfig):
+    if not cfg.model or not (cfg.eval or (cfg.video and cfg.question)):
+        raise SystemExit("give --model and either --eval=FILE or --video=FILE --question=TEXT (see --help)")
+    if cfg.embeddings_cache and cfg.engine == "vllm":
+        raise SystemExit("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
+    model, processor, engine = load_for_inference(cfg)
     if cfg.eval:
         t0 = time.time()
         res = evaluate(model, processor, load_jsonl(cfg.eval), cfg, engine, cache_dir=cfg.embeddings_cache)

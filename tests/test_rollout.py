@@ -114,6 +114,22 @@ def test_generated_tokens_never_vision_or_pad(tiny, videos):
     assert not banned & {t for o in outs for t in o.response_ids}
 
 
+def test_on_token_streams_every_sampled_token(tiny, videos):
+    """on_token (the web demo's stream) sees each step's tokens, one per row, in order: row b's stream up to its
+    length is its response; after a row stops it gets pad ids."""
+    _, model, processor = tiny["qwen2_5_vl"]
+    prompts = prompts_for(model, processor, videos)
+    steps = []
+    outs = rollout.hf_generate(model, processor, prompts, n=2, temperature=1.0, max_new_tokens=16, seed=3,
+                               on_token=steps.append)
+    again = rollout.hf_generate(model, processor, prompts, n=2, temperature=1.0, max_new_tokens=16, seed=3)
+    assert [o.response_ids for o in outs] == [o.response_ids for o in again]   # streaming changes nothing
+    assert all(len(step) == len(outs) for step in steps)
+    for b, o in enumerate(outs):
+        assert [step[b] for step in steps[:len(o.response_ids)]] == o.response_ids
+        assert all(step[b] == processor.tokenizer.pad_token_id for step in steps[len(o.response_ids):])
+
+
 def test_mixed_length_batch_equals_one_at_a_time(tiny, videos):
     _, model, processor = tiny["qwen2_5_vl"]
     prompts = prompts_for(model, processor, videos)
