@@ -47,6 +47,11 @@ def resolve(checkpoint: str, base: str = "") -> tuple:
         return step_dir, base, "--base", trained
     if not os.path.exists(run_config):
         raise ValueError(f"{run_config} not found: give the base model with --base")
+    if not trained:  # a synthetic run (the CPU demo) names no model: it made its tiny one in tiny-model/
+        tiny = os.path.join(os.path.dirname(run_config), "tiny-model")
+        if not os.path.exists(os.path.join(tiny, "config.json")):
+            raise ValueError(f"{run_config} names no model and there is no {tiny}: give the base model with --base")
+        return step_dir, tiny, f"{run_config} (synthetic run: its tiny-model/)", tiny
     return step_dir, trained, run_config, trained
 
 

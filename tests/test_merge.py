@@ -3,6 +3,7 @@ merge.py: 2 gloo ranks train one GRPO step and save (FSDP2 shards); the merged H
 from_pretrained and gives the training model's logits; a checkpoint of another model fails with a clear error.
     python -m pytest tests/test_merge.py -q
 """
+import json
 import os
 import re
 import subprocess
@@ -83,3 +84,18 @@ def test_cli(trained, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "merged" in run.stdout and "step 1" in run.stdout
     assert os.path.exists(tmp_path / "hf" / "config.json")
+
+
+def test_synthetic_run_merges_onto_its_tiny_model(tmp_path):
+    """A synthetic run (the CPU demo: config.json names no model) resolves to the tiny model it made in tiny-model/;
+    without that folder the error says to pass --base."""
+    step = tmp_path / "run" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": ""}))
+    with pytest.raises(ValueError, match="names no model.*--base"):
+        merge.resolve(str(step))
+    (tmp_path / "run" / "tiny-model").mkdir()
+    (tmp_path / "run" / "tiny-model" / "config.json").write_text("{}")
+    step_dir, base, source, trained = merge.resolve(str(step))
+    assert base == trained == str(tmp_path / "run" / "tiny-model") and "synthetic run" in source
