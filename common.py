@@ -2,6 +2,7 @@
 What every script shares (nanochat keeps the same in its common.py): the torchrun set-up (one process without
 torchrun works too), print0 / barrier / all_reduce, FSDP2 wrapping, atomic sharded checkpoints and the metrics log.
 """
+import contextlib
 import glob
 import json
 import os
@@ -9,6 +10,7 @@ import random
 import shutil
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,6 +156,15 @@ def params_finite(model) -> bool:
 # checkpoints: torch.distributed.checkpoint (sharded, reshardable), written to DIR/step_N.tmp then renamed, so
 # a stopped run never leaves a half-written checkpoint that --resume would pick up.
 
+@contextlib.contextmanager
+def dcp_quietly():
+    """One process without torchrun (the CPU demo): DCP warns at every checkpoint save and load that it assumes
+    exactly that; the message carries nothing, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, keep_last: int = 2):
     """Model + optimizer (sharded), each rank's RNG states, and `state` (data position, step, metrics...)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -163,7 +174,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, keep
         os.makedirs(tmp)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with dcp_quietly():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
@@ -188,7 +200,8 @@ def load_checkpoint(path: str, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG; return the saved `state` dict."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     sd = {"model": model_sd, "optim": optim_sd}
-    dcp.load(sd, checkpoint_id=path)
+    with dcp_quietly():
+        dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
@@ -212,7 +225,8 @@ def load_model_weights(path: str, model) -> str:
         raise ValueError(f"{path}: neither a checkpoint folder (with .metadata) nor a run folder with a complete "
                          "step_* checkpoint")
     sd = {"model": get_model_state_dict(model)}
-    dcp.load(sd, checkpoint_id=step_dir)
+    with dcp_quietly():
+        dcp.load(sd, checkpoint_id=step_dir)
     set_model_state_dict(model, sd["model"])
     return step_dir
 

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -578,3 +579,15 @@ def test_sp2_first_step_loss_equals_sp1(tiny_run, tmp_path, algo):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
     assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
     assert two["entropy"] == pytest.approx(one["entropy"], rel=1e-3)  # the log-prob distributions themselves
+
+
+def test_a_cpu_run_prints_no_warning(tiny_run, tmp_path):
+    """A default CPU run (format warm-up, GRPO steps, an evaluation, a checkpoint and --resume from it) raises no
+    Python warning: the console shows what the run says, not library noise the project could have prevented (e.g.
+    DCP's "assuming the intent is to save in a single process", transformers' cap_pixels_per_frame)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", append=True)  # every warning, except those the project filters itself
+        T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=2, save_every=2, eval_every=2, sft_steps=2,
+                        sft_batch_size=8))
+        T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=3, save_every=2, eval_every=0, resume=True))
+    assert not caught, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]

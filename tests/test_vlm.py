@@ -530,5 +530,5 @@ def test_vision_in_checkpointed_pieces_equals_one_call(tmp_path, media, fam, mon
     assert bool(d1) == (fam == "qwen3_vl") and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(d2, d1))
     vision = [n for n in g1 if "visual" in n or "vision" in n]
     assert vision and g2.keys() == g1.keys()
-    for n in g1:
-        assert torch.allclose(g2[n], g1[n], atol=1e-7, rtol=1e-4), n
+    for n in g1:  # fp32 sums in another order (the pieces' rows enter the decoder's gradients separately)
+        assert torch.allclose(g2[n], g1[n], atol=1e-6, rtol=1e-4), (n, (g2[n] - g1[n]).abs().max())
