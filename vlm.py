@@ -83,7 +83,8 @@ def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, **kw)
     model = model.to(device)
-    if vision_attention == "batched" and family(model) in MROPE and model.config.vision_config._attn_implementation == "sdpa":
+    vision_config = getattr(model.config, "vision_config", None)
+    if vision_attention == "batched" and family(model) in MROPE and vision_config._attn_implementation == "sdpa":
         model.set_attn_implementation({"text_config": model.config.get_text_config()._attn_implementation,
                                        "vision_config": WINDOW_ATTENTION})
     processor = AutoProcessor.from_pretrained(path)
@@ -543,8 +544,8 @@ def encode_videos(model, prompts: list, max_patches: int = 65536, grad_patches: 
             pieces += [(i, t, min(t + step, T)) for t in range(0, T, step)]
     calls = []  # consecutive pieces within the budget (always at least one)
     for piece in pieces:
-        rows = piece_rows(prompts, piece)
-        if calls and sum(piece_rows(prompts, q) for q in calls[-1]) + rows <= budget:
+        size = piece_rows(prompts, piece)
+        if calls and sum(piece_rows(prompts, q) for q in calls[-1]) + size <= budget:
             calls[-1].append(piece)
         else:
             calls.append([piece])

@@ -126,13 +126,13 @@ def answer(model, processor, engine, cfg: WebConfig, video_path, question: str, 
     except Exception as e:  # noqa: BLE001
         yield text, strip, f"{seen}; generation failed: {e}"
         return
-    yield text, strip, f"{seen}; answer {time.time() - t2:.2f} s ({count} tokens, vision tower and prompt pass included)"
+    yield text, strip, f"{seen}; answer {time.time() - t2:.2f} s ({count} tokens, vision tower and prompt pass in it)"
 
 
 def build_page(model, processor, engine, cfg: WebConfig):
     import gradio as gr  # optional dependency: main() says how to install it
     examples = sorted(glob.glob(os.path.join(cfg.examples, "*.mp4"))) if cfg.examples else []
-    with gr.Blocks(title="Long-RL video demo") as page:
+    with gr.Blocks(title="Long-RL video demo", analytics_enabled=False) as page:  # local: no usage reports
         gr.Markdown(f"### Ask about a video\nModel `{cfg.model}` ({family(model)}), engine "
                     f"{'vLLM' if engine else 'HF (streamed)'}")
         with gr.Row():

@@ -128,7 +128,7 @@ def test_in_a_real_browser(demo, tmp_path):
     proc = subprocess.Popen([sys.executable, "web_demo.py", f"--model={cfg.model}", "--port=0", "--num_frames=8",
                              "--max_pixels=3136", "--think=False", "--max_new_tokens=12", f"--examples={cfg.examples}"],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                            stderr=subprocess.STDOUT, text=True)
     try:
         url = wait_for_server(proc)
         with playwright.sync_playwright() as p:
