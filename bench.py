@@ -342,21 +342,23 @@ def bench_vllm_rollout(cfg, processor, model, cases):
         engine = rollout.VLLMEngine("/tmp/bench-model", gpu_memory_utilization=0.35, max_model_len=32768)
     except Exception as e:
         return [{"case": "all", "engine": "vLLM", "error": f"{type(e).__name__}: {e}"[:300]}]
-    def case_prompts(frames, side, seed):
+    def case_prompts(frames, side, seed, count):
         if frames:
             return [vlm.build_prompt(model, processor, "Describe the video.", random_video(frames, side, seed + b))
-                    for b in range(cfg.batch)]
-        return text_prompts(cfg.batch, side, seed)  # the same text prompts as the HF engines get (seed 0)
+                    for b in range(count)]
+        return text_prompts(count, side, seed)  # the same text prompts as the HF engines get (seed 0)
 
     for name, frames, side in cases:
-        prompts = case_prompts(frames, side, 0)
+        n = cfg.batch if "1 prompt x" in name else 1  # the group case: one prompt x batch samples, as the HF rows
+        prompts = case_prompts(frames, side, 0, cfg.batch // n)
         try:
-            # warm up on other prompts of the same shapes (kernels compiled, CUDA graphs captured for this batch
-            # and length), then drop the prefix cache: the timed call must compute its own prompts, as the HF
-            # engines do, not find them cached by a warm-up on the same prompts
-            engine.generate(case_prompts(frames, side, 1000), 1, 1.0, 1.0, cfg.new_tokens, 0)
-            engine.llm.reset_prefix_cache()
-            dt, outs = timed(lambda: engine.generate(prompts, 1, 1.0, 1.0, cfg.new_tokens, 1))
+            # warm up twice on other prompts of the same shapes (kernels compiled, CUDA graphs captured for this
+            # batch and length; the second call as the timed one runs, after a prefix-cache reset), then drop the
+            # prefix cache: the timed call must compute its own prompts, as the HF engines do
+            for seed in (1000, 2000):
+                engine.generate(case_prompts(frames, side, seed, cfg.batch // n), n, 1.0, 1.0, cfg.new_tokens, 0)
+                engine.llm.reset_prefix_cache()
+            dt, outs = timed(lambda: engine.generate(prompts, n, 1.0, 1.0, cfg.new_tokens, 1))
             rows.append({"case": name, "prompt_tokens": len(prompts[0].input_ids), "engine": "vLLM",
                          "tokens_per_s": sum(len(o.response_ids) for o in outs) / dt, "s": dt})
         except Exception as e:
