@@ -80,7 +80,8 @@ class BenchConfig:
     hf: bool = True                 # rollout: time the HF engines (False: only vLLM, with --vllm=True)
     cases: list = None              # rollout: run only the cases whose name starts with one of these (default all)
     engines: list = None            # rollout: run only the engines whose name contains one of these (default all)
-    profile: bool = False           # rollout: after timing, GPU time per kernel of the default engine's decode steps
+    profile: bool = False           # rollout: after timing, GPU time per kernel of the default engine's decode steps;
+                                    # train: torch.profiler over step 2's update (top ops printed, trace in the run)
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
     steps: int = 0                  # GRPO steps per run (0: train 3, cache 5 (3 with --tiny), trl 100 (4 with --tiny))
@@ -425,7 +426,7 @@ def bench_train(cfg: BenchConfig):
                                     freeze_vision=cfg.freeze_vision,
                                     max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
-                                    seed=cfg.seed),
+                                    seed=cfg.seed, profile_step=2 if cfg.profile else 0),
                                os.path.join(root, f"run{frames}"))
             # micro-batches: one sequence, or with group_packing one packed group (one row)
             row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.profiler import ProfilerActivity, profile
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,6 +156,24 @@ def params_finite(model) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints: torch.distributed.checkpoint (sharded, reshardable), written to DIR/step_N.tmp then renamed, so
 # a stopped run never leaves a half-written checkpoint that --resume would pick up.
+
+@contextlib.contextmanager
+def profiled(on: bool, path: str, show: bool, top: int = 25):
+    """torch.profiler around a block when `on` (CPU and, on a GPU, CUDA activity): the `top` ops by device time
+    (CPU time on a CPU) printed when `show`, and a Chrome / Perfetto trace written to `path`."""
+    if not on:
+        yield
+        return
+    gpu = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        yield
+        if gpu:
+            torch.cuda.synchronize()
+    if show:
+        print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=top),
+              flush=True)
+    prof.export_chrome_trace(path)
+
 
 @contextlib.contextmanager
 def dcp_quietly():

@@ -28,7 +28,8 @@ import rollout
 import sp as sp_lib
 import vlm
 from common import (MetricsLog, Dist, all_reduce, barrier, exit_distributed, finite, gpu_used_gib, init_distributed,
-                    latest_checkpoint, load_checkpoint, load_model_weights, plot_curve, print0, save_checkpoint)
+                    latest_checkpoint, load_checkpoint, load_model_weights, plot_curve, print0, profiled,
+                    save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
@@ -109,6 +110,7 @@ class Config(PolicyConfig):  # the model and how it is held: policy.py; frames: 
     eval_batch_size: int = 64           # prompts per eval generation batch
     eval_max_samples: int = 0           # evaluate on at most this many held-out rows (0 = all)
     progress: bool = True               # tqdm bars
+    profile_step: int = 0               # > 0: torch.profiler over this step's update: top ops printed, trace in out_dir
     tensorboard: bool = False           # also log to out_dir/tb
     wandb_project: str = ""             # also log to Weights & Biases
 
@@ -651,8 +653,10 @@ def main(cfg: Config):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        results = [update(policy, optimizer, batch, cfg, d, suppress, fallback, spi)
-                   for batch in update_batches(seqs, len(groups), cfg, plan, step)]
+        with profiled(cfg.profile_step == step + 1, os.path.join(cfg.out_dir, f"profile_update_rank{d.rank}.json"),
+                      d.is_main):
+            results = [update(policy, optimizer, batch, cfg, d, suppress, fallback, spi)
+                       for batch in update_batches(seqs, len(groups), cfg, plan, step)]
         timing["update"] = time.time() - t2
         vlm.use_attention(model, attention["rollout"])
         # ---- the new weights into the sleeping engine -----------------------------------------------------

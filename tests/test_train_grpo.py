@@ -591,3 +591,14 @@ def test_a_cpu_run_prints_no_warning(tiny_run, tmp_path):
                         sft_batch_size=8))
         T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=3, save_every=2, eval_every=0, resume=True))
     assert not caught, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
+
+
+def test_profile_step_writes_a_trace_and_prints_the_top_ops(tiny_run, tmp_path, capsys):
+    """--profile_step=2: torch.profiler over step 2's update only: its table of ops is printed and a Chrome trace
+    of it written (the ops of the update: the optimizer's step among them)."""
+    T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=2, save_every=0, profile_step=2))
+    out = capsys.readouterr().out
+    assert "Self CPU time total" in out and out.count("Self CPU time total") == 1
+    trace = json.load(open(tmp_path / "run" / "profile_update_rank0.json"))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("Optimizer.step" in n for n in names) and any("backward" in n.lower() for n in names)
