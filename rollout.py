@@ -11,6 +11,7 @@ suppressed; on a GPU its decode step is fused_decode.py's static KV cache, fused
 Both return the same `Rollout` records. The script always prints which engine ran.
 """
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -213,6 +214,15 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
 # the vLLM engine (GPU nodes): one colocated engine per torchrun rank, asleep while the trainer works.
 # Written against the API that vLLM 0.24 and 0.33 share (notes/vllm.md); executed with 0.24.0 (README).
 
+def rotary_reload_noise(record: logging.LogRecord) -> bool:
+    """Logging filter for vLLM's layerwise reload (vllm 0.24: vllm.model_executor.model_loader.reload.layerwise):
+    it warns "<Layer>: Failed to load weights" for every module that got no tensor in a weight push. Its rotary
+    embeddings never get one (their cos/sin cache is computed, not trained; vLLM keeps it as it was), so those
+    lines go; the line for any other layer stays, since that would be a weight we failed to push."""
+    message = record.getMessage()
+    return not (message.endswith("Failed to load weights") and "Rotary" in message)
+
+
 class VLLMEngine:
     """One colocated vLLM per torchrun rank. The training loop drives it in the order things happen:
         engine.wake()               weights and KV cache on the GPU
@@ -244,6 +254,7 @@ class VLLMEngine:
                        logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
         self.awake = {"weights": True, "kv_cache": True}
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(rotary_reload_noise)
 
     def wake(self):
         """Whatever sleeps (the KV cache, and the weights unless load_weights woke them) back on the GPU."""

@@ -203,3 +203,17 @@ def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 skipped" in printed and "engine: HF" in printed
     assert "settings: model" in printed and "read as " in printed
+
+
+def test_rotary_reload_noise_drops_only_rotary_lines():
+    """The filter on vLLM's layerwise-reload logger drops its 'Failed to load weights' line for rotary embeddings
+    (nothing to push there) and keeps it for any other layer, and keeps every other message."""
+    import logging
+
+    def record(msg, *args):
+        return logging.LogRecord("vllm.model_executor.model_loader.reload.layerwise", logging.WARNING, __file__, 1,
+                                 msg, args, None)
+    assert not rollout.rotary_reload_noise(record("%s: Failed to load weights", "MRotaryEmbedding"))
+    assert not rollout.rotary_reload_noise(record("%s: Failed to load weights", "RotaryEmbedding"))
+    assert rollout.rotary_reload_noise(record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert rollout.rotary_reload_noise(record("%s: Delayed processing", "MRotaryEmbedding"))
