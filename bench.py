@@ -177,10 +177,12 @@ class RandomVideo:
 
 
 def text_prompts(batch: int, length: int, seed=0):
-    """`batch` copies of a video-free prompt of `length` random allowed token ids (the same for every engine)."""
-    ids = torch.randint(20, 300, (length,), generator=torch.Generator().manual_seed(seed))
-    return [vlm.Prompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(),
-                       pixel_values_videos=None, video_grid_thw=None, num_video_tokens=0) for _ in range(batch)]
+    """`batch` different video-free prompts of `length` random allowed token ids (the same for every engine;
+    different from each other, so that an engine with a prefix cache cannot compute one and reuse it for all)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [vlm.Prompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(), pixel_values_videos=None,
+                       video_grid_thw=None, num_video_tokens=0)
+            for ids in torch.randint(20, 300, (batch, length), generator=gen)]
 
 
 def random_video(frames: int, side: int, seed=0):
