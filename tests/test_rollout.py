@@ -3,6 +3,7 @@ rollout.py: model inputs, our 3-D rope positions, the HF engine, log-prob agreem
     python -m pytest tests/test_rollout.py -q
 """
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -208,8 +209,6 @@ def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
 def test_rotary_reload_noise_drops_only_rotary_lines():
     """The filter on vLLM's layerwise-reload logger drops its 'Failed to load weights' line for rotary embeddings
     (nothing to push there) and keeps it for any other layer, and keeps every other message."""
-    import logging
-
     def record(msg, *args):
         return logging.LogRecord("vllm.model_executor.model_loader.reload.layerwise", logging.WARNING, __file__, 1,
                                  msg, args, None)
