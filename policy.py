@@ -7,16 +7,19 @@ micro-batches every rank steps through together, and supervised steps on target 
 stage, and the format warm-up before GRPO as its special case with random letters).
 """
 import math
+import os
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 import rollout
 import sp as sp_lib
 import vlm
-from common import Dist, Root, all_reduce, print0, wrap_fsdp
+from common import Dist, Root, all_reduce, barrier, init_distributed, print0, wrap_fsdp
+from data.synthetic import run_inputs
 from data.video import FrameSampling
 from sp import dp_all_reduce
 
@@ -138,6 +141,24 @@ def fill_logprobs(policy, seqs, cfg, suppress_ids, attr: str, fallback, spi=None
 
 # ----------------------------------------------------------------------------------------------------------
 # building the policy: the model loaded and wrapped, the frozen reference, the optimizer
+
+def start_run(cfg, check_config):
+    """The opening both training scripts share: the script's start-up checks, torchrun set-up, seeds, out_dir, the
+    run's inputs (with synthetic=True the CPU demo's task and tiny random model, made once by rank 0), the SP
+    groups (world = dp x sp; the SP peers of a group share their prompts), then the checks that need the
+    data-parallel size. Returns (Dist, SP info, train jsonl, eval jsonl, model path)."""
+    check_config(cfg)
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    data_file, eval_file, model_path = run_inputs(cfg, make=d.is_main)
+    barrier()
+    spi = sp_lib.init_sp(cfg.sp_size)
+    check_config(cfg, spi.dp_size)
+    return d, spi, data_file, eval_file, model_path
+
 
 def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bool = False):
     """The policy as an FSDP2 root (policy(fn, ...) runs fn(model, ...)), a frozen copy of it as the reference

@@ -19,23 +19,19 @@ import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import rollout
-import sp as sp_lib
 import vlm
-from common import (MetricsLog, Dist, all_reduce, barrier, exit_distributed, finite, gpu_used_gib, init_distributed,
-                    latest_checkpoint, load_checkpoint, load_model_weights, plot_curve, print0, profiled,
-                    save_checkpoint)
+from common import (MetricsLog, Dist, all_reduce, exit_distributed, finite, gpu_used_gib, latest_checkpoint,
+                    load_checkpoint, load_model_weights, plot_curve, print0, profiled, save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
-from data.synthetic import run_inputs
 from policy import (PolicyConfig, Seq, build_policy, clip_and_step, fill_logprobs, format_warmup, micro_batches,
-                    micro_size, sequences_logprobs)
+                    micro_size, sequences_logprobs, start_run)
 from sp import dp_all_reduce
 
 
@@ -559,17 +555,8 @@ def step_metrics(step: int, stats: dict, groups: list, seqs: list, results: list
 # the loop
 
 def main(cfg: Config):
-    check_config(cfg)
-    d = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    # with synthetic=True (the CPU demo) the task and a tiny random model, made once in out_dir
-    data_file, eval_file, model_path = run_inputs(cfg, make=d.is_main)
-    barrier()
-    spi = sp_lib.init_sp(cfg.sp_size)   # world = dp x sp; the SP peers of a group share their prompts
-    check_config(cfg, spi.dp_size)
+    # checks, torchrun, seeds, out_dir, the inputs (synthetic=True: the CPU demo's, made in out_dir), SP groups
+    d, spi, data_file, eval_file, model_path = start_run(cfg, check_config)
     plan = batch_plan(cfg, spi.dp_size)
     print0(f"world {d.world_size} ({d.device}) = dp {spi.dp_size} x sp {cfg.sp_size}, {plan.prompts_per_rank} "
            f"prompts x {cfg.n} responses per data-parallel rank per step, {plan.updates_per_epoch * cfg.ppo_epochs} "

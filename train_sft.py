@@ -21,23 +21,19 @@ Hugging Face folder.
 """
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import rollout
-import sp as sp_lib
 import vlm
-from common import (MetricsLog, barrier, exit_distributed, finite, init_distributed, latest_checkpoint,
-                    load_checkpoint, plot_curve, print0, save_checkpoint)
+from common import (MetricsLog, exit_distributed, finite, latest_checkpoint, load_checkpoint, plot_curve, print0,
+                    save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
-from data.synthetic import run_inputs
-from policy import PolicyConfig, build_policy, sft_nll, sft_step, target_seqs, target_text
+from policy import PolicyConfig, build_policy, sft_nll, sft_step, start_run, target_seqs, target_text
 from sp import dp_all_reduce
 
 
@@ -95,19 +91,10 @@ def usable_rows(samples: list, target: str, path: str) -> tuple:
 
 
 def main(cfg: Config):
-    check_config(cfg)
-    d = init_distributed(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    # with synthetic=True (the CPU demo) the task and a tiny random model, made once in out_dir
-    data_file, eval_file, model_path = run_inputs(cfg, make=d.is_main)
-    barrier()
+    # checks, torchrun, seeds, out_dir, the inputs (synthetic=True: the CPU demo's, made in out_dir), SP groups
+    d, spi, data_file, eval_file, model_path = start_run(cfg, check_config)
     if not data_file or not model_path:
         raise ValueError("give --data and --model (or --synthetic=true for the CPU demo)")
-    spi = sp_lib.init_sp(cfg.sp_size)
-    check_config(cfg, spi.dp_size)
     per_rank = cfg.batch_size // spi.dp_size
     print0(f"world {d.world_size} ({d.device}) = dp {spi.dp_size} x sp {cfg.sp_size}, {per_rank} rows per "
            f"data-parallel rank per step, target {cfg.target}")
