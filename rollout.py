@@ -496,24 +496,30 @@ def evaluate_all(policy, processor, samples: list, cfg, engine, tag: str, out_di
 
 
 @dataclass
-class RolloutConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: data/video.py
+class InferenceConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: data/video.py
+    """What answering needs (load_for_inference and the sampling settings): the CLI's RolloutConfig and the web
+    demo's WebConfig add their own fields to it."""
     model: str = ""                 # checkpoint folder or hub id (Qwen2.5-VL, Qwen3-VL, Qwen2.5-Omni, LLaVA-format)
-    video: str = ""                 # a video to ask one question about
-    question: str = ""              # the question for --video
-    eval: str = ""                  # an eval jsonl (data/datasets.py format): accuracy per category
-    out: str = ""                   # predictions jsonl for --eval (default: <eval>.predictions.jsonl)
     engine: str = "hf"              # hf (any machine) | vllm (GPU node with vllm installed)
     think: bool = True              # Long-RL's think/answer system prompt (use_thinking)
     temperature: float = 0.0        # 0 = greedy
     top_p: float = 1.0              # nucleus sampling mass
     max_new_tokens: int = 1024      # response length cap
-    eval_batch_size: int = 8        # prompts per generation batch
     dtype: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (if installed) | eager
     device: str = "auto"            # auto | cpu | cuda
     gpu_memory_utilization: float = 0.6  # vLLM: fraction of the whole GPU for weights + KV cache
     max_model_len: int = 32768      # vLLM: longest prompt + response
     seed: int = 0                   # sampling seed
+
+
+@dataclass
+class RolloutConfig(InferenceConfig):
+    video: str = ""                 # a video to ask one question about
+    question: str = ""              # the question for --video
+    eval: str = ""                  # an eval jsonl (data/datasets.py format): accuracy per category
+    out: str = ""                   # predictions jsonl for --eval (default: <eval>.predictions.jsonl)
+    eval_batch_size: int = 8        # prompts per generation batch
     progress: bool = True           # tqdm progress bars
     embeddings_cache: str = ""      # --eval: cache_embeddings.py output; cached videos skip decoding and the tower
 
@@ -526,7 +532,7 @@ def eval_settings(cfg: RolloutConfig, model) -> dict:
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d")}
 
 
-def load_for_inference(cfg):
+def load_for_inference(cfg: InferenceConfig):
     """(model, processor, engine) for the CLI and web_demo.py: the model in eval mode on cfg.device, and a vLLM
     engine when cfg.engine == "vllm" (else None: the HF engine, hf_generate). Prints which engine runs."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

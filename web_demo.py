@@ -23,8 +23,7 @@ import time
 from dataclasses import dataclass
 
 from configurator import parse_config
-from data.video import FrameSampling
-from rollout import hf_generate, load_for_inference, prompt_embeddings
+from rollout import InferenceConfig, hf_generate, load_for_inference, prompt_embeddings
 from vlm import build_prompt, eos_ids, family, load_video
 
 MAX_FRAMES = 8192   # the longest sampling the project runs (README: an hour-long video at 8,192 frames)
@@ -32,22 +31,11 @@ STRIP = 12          # frames shown under the answer, evenly spaced over the samp
 
 
 @dataclass
-class WebConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, min_pixels: the page's starting values
-    model: str = ""                 # checkpoint folder or hub id (any family rollout.py loads)
+class WebConfig(InferenceConfig):  # model, engine, sampling, device, frame sampling: rollout.py; here the page's
     examples: str = ""              # a folder whose .mp4 files the page offers as examples
     host: str = "127.0.0.1"         # where the server listens (0.0.0.0 to reach it from other machines)
     port: int = 7860                # 0: any free port (printed)
-    engine: str = "hf"              # hf (any machine, answers streamed) | vllm (GPU node with vllm installed)
-    think: bool = True              # the page's starting value: Long-RL's think/answer prompt
-    temperature: float = 0.0        # the page's starting value (0 = greedy)
-    top_p: float = 1.0              # nucleus sampling mass
     max_new_tokens: int = 512       # the page's starting value for the answer's length cap
-    dtype: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (if installed) | eager
-    device: str = "auto"            # auto | cpu | cuda
-    gpu_memory_utilization: float = 0.6  # vLLM: fraction of the whole GPU for weights + KV cache
-    max_model_len: int = 32768      # vLLM: longest prompt + response
-    seed: int = 0                   # sampling seed
 
 
 def frame_strip(video, count: int = STRIP) -> list:
