@@ -81,7 +81,8 @@ class BenchConfig:
     cases: list = None              # rollout: run only the cases whose name starts with one of these (default all)
     engines: list = None            # rollout: run only the engines whose name contains one of these (default all)
     profile: bool = False           # rollout: after timing, GPU time per kernel of the default engine's decode steps;
-                                    # train: torch.profiler over step 2's update (top ops printed, trace in the run)
+                                    # train: torch.profiler over step 2's update (top ops printed, trace in the run;
+                                    # the times are then the steps after it: --steps=3 or more)
     out: str = ""                   # also write the JSON result here
     seed: int = 0                   # random init / data seed
     steps: int = 0                  # GRPO steps per run (0: train 3, cache 5 (3 with --tiny), trl 100 (4 with --tiny))
@@ -374,25 +375,36 @@ def bench_vllm_rollout(cfg, processor, model, cases):
 
 # the GRPO step as users run it: train_grpo.py itself, in a subprocess on a preset, timed by its metrics.jsonl
 
+# "fits on an 80 GB GPU" whatever the card (an H200 has 141 GB): train_grpo.py run with its CUDA allocator capped at
+# 78 GiB, what an H100 80GB gives a process
+CAP_80GB = ("import runpy, sys, torch\n"
+            "if torch.cuda.is_available():\n"
+            "    torch.cuda.set_per_process_memory_fraction(min(1.0, 78 * 2**30 / "
+            "torch.cuda.get_device_properties(0).total_memory))\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
 def run_grpo(fields: dict, out_dir: str) -> list:
-    """Run `python train_grpo.py PRESET` (PRESET = these fields, written to out_dir/preset.py) and return its
-    metrics.jsonl rows. One process: on a GPU it acts as a one-rank torchrun (common.single_process_env)."""
+    """Run `python train_grpo.py PRESET` (PRESET = these fields, written to out_dir/preset.py; CAP_80GB) and
+    return its metrics.jsonl rows. One process: on a GPU it acts as a one-rank torchrun (common.single_process_env)."""
     shutil.rmtree(out_dir, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     os.makedirs(out_dir)
     preset = os.path.join(out_dir, "preset.py")
     with open(preset, "w") as f:
         f.writelines(f"{k} = {v!r}\n" for k, v in {**fields, "out_dir": out_dir}.items())
     here = os.path.dirname(os.path.abspath(__file__))
-    subprocess.run([sys.executable, os.path.join(here, "train_grpo.py"), preset], check=True, cwd=here,
-                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    subprocess.run([sys.executable, "-c", CAP_80GB, os.path.join(here, "train_grpo.py"), preset], check=True,
+                   cwd=here, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def phase_medians(rows: list) -> dict:
-    """Median over the steps after the first (which compiles kernels and warms the allocator) of every time_*
-    phase, their sum (step_s), the update's tokens/s and the peak memory."""
-    timed = rows[1:] or rows
+def phase_medians(rows: list, skip: int = 1) -> dict:
+    """Median over the steps after the first `skip` (the first compiles kernels and warms the allocator; a
+    profiled step is slowed by the profiler) of every time_* phase, their sum (step_s), the update's tokens/s and
+    the peak memory."""
+    timed = rows[skip:] or rows
     out = {k[5:] + "_s": float(np.median([r[k] for r in timed])) for k in rows[0] if k.startswith("time_")}
     out["step_s"] = float(np.median([sum(v for k, v in r.items() if k.startswith("time_")) for r in timed]))
     out["update_tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in timed]))
@@ -432,7 +444,7 @@ def bench_train(cfg: BenchConfig):
                                os.path.join(root, f"run{frames}"))
             # micro-batches: one sequence, or with group_packing one packed group (one row)
             row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,
-                   **phase_medians(metrics)}
+                   **phase_medians(metrics, skip=2 if cfg.profile else 1)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
             rows.append(row)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
+from transformers import (AttentionInterface, AutoModelForCausalLM, AutoProcessor, DynamicCache,
+                          Qwen2_5OmniConfig)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cache_embeddings import load_cached
@@ -35,8 +36,8 @@ from data.video import FrameSampling
 from fused_decode import StaticKV, fused_decoding, fused_forward, graphed_step, padded_prompt_mask, unshard_layers
 from sp import chunked_all_gather_object
 from vlm import (MROPE, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
-                 family, load_model, load_video, masked_logits, output_head, select_videos, suppress_ids,
-                 text_model, use_attention)
+                 family, load_model, load_video, masked_logits, omni_positions, output_head, sampled_fps,
+                 select_videos, suppress_ids, text_model, use_attention, video_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,13 +215,14 @@ def hf_generate(model, processor, prompts: list, n: int = 1, temperature: float 
 # the vLLM engine (GPU nodes): one colocated engine per torchrun rank, asleep while the trainer works.
 # Written against the API that vLLM 0.24 and 0.33 share (notes/vllm.md); executed with 0.24.0 (README).
 
-def rotary_reload_noise(record: logging.LogRecord) -> bool:
+def position_table_reload_noise(record: logging.LogRecord) -> bool:
     """Logging filter for vLLM's layerwise reload (vllm 0.24: vllm.model_executor.model_loader.reload.layerwise):
-    it warns "<Layer>: Failed to load weights" for every module that got no tensor in a weight push. Its rotary
-    embeddings never get one (their cos/sin cache is computed, not trained; vLLM keeps it as it was), so those
-    lines go; the line for any other layer stays, since that would be a weight we failed to push."""
+    it warns "<Layer>: Failed to load weights" for every module that got no tensor in a weight push. Position
+    tables never get one: the decoders' rotary cos/sin caches and the Omni audio encoder's sinusoids are computed,
+    not trained, and are no state_dict entries (vLLM keeps them as they were), so those lines go; the line for
+    any other layer stays, since that would be a weight we failed to push."""
     message = record.getMessage()
-    return not (message.endswith("Failed to load weights") and "Rotary" in message)
+    return not (message.endswith("Failed to load weights") and ("Rotary" in message or "Sinusoids" in message))
 
 
 class VLLMEngine:
@@ -232,9 +234,12 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, gpu_memory_utilization: float = 0.5, max_model_len: int = 32768,
                  seed: int = 0, max_frames: int = 768, enforce_eager: bool = False, sleep_level: int = 1,
-                 prompt_embeds: bool = False):
+                 prompt_embeds: bool = False, omni: bool = False):
         """prompt_embeds: model_path is an embedding VLM's language model alone (export_language_model), fed
-        the prompts' inputs_embeds computed by the trainer (Long-RL's LongVILA-R1 llm/ folder works the same)."""
+        the prompts' inputs_embeds computed by the trainer (Long-RL's LongVILA-R1 llm/ folder works the same).
+        omni: model_path is a Qwen2.5-Omni thinker's vLLM folder (export_omni_config): config and processor, no
+        weights; the engine starts from random weights and load_weights must push the thinker's before
+        generate."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights by reference
         try:
             from vllm import LLM  # late: vllm is optional (GPU nodes only)
@@ -244,7 +249,15 @@ class VLLMEngine:
         self.prompt_mismatches = 0      # prompts that vLLM tokenized differently from our processor path
         self.sleep_level = sleep_level  # 1 keeps weights in CPU memory; 2 leaves garbage in any weight not pushed
         self.prompt_embeds = prompt_embeds
-        media = {"enable_prompt_embeds": True} if prompt_embeds else {"limit_mm_per_prompt": {"video": 1, "image": 0}}
+        self.omni = omni
+        self.weights_pushed = not omni  # an Omni engine holds random weights until the first load_weights
+        self.processor_kwargs = {} if prompt_embeds else \
+            engine_processor_kwargs(AutoProcessor.from_pretrained(model_path), omni)
+        media = {"enable_prompt_embeds": True} if prompt_embeds else \
+            {"limit_mm_per_prompt": {"video": 1, "image": 0, **({"audio": 1} if omni else {})}}
+        if omni:
+            media["load_format"] = "dummy"  # the folder has no weights: the first push brings them
+            register_omni_thinker()
         self.llm = LLM(model=model_path, enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
                        max_model_len=max_model_len, seed=seed, dtype="bfloat16", enforce_eager=enforce_eager,
                        **media,
@@ -254,7 +267,7 @@ class VLLMEngine:
                        logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
         self.awake = {"weights": True, "kv_cache": True}
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(rotary_reload_noise)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(position_table_reload_noise)
 
     def wake(self):
         """Whatever sleeps (the KV cache, and the weights unless load_weights woke them) back on the GPU."""
@@ -276,8 +289,11 @@ class VLLMEngine:
             self.awake["weights"] = True
         if self.prompt_embeds:  # the language model only, under a causal LM's names
             named_tensors = language_model_weights(named_tensors)
+        if self.omni:  # the whole Omni's checkpoint names, which vLLM's thinker maps (thinker.model. -> ...)
+            named_tensors = (("thinker." + name, t) for name, t in named_tensors)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors,
                                                           "is_checkpoint_format": True})
+        self.weights_pushed = True
         self.llm.reset_prefix_cache()
         # vision features computed by the old vision tower, and processed inputs (whichever this version has)
         for reset in (getattr(self.llm.llm_engine, "reset_encoder_cache", None),
@@ -291,6 +307,8 @@ class VLLMEngine:
         from vllm import SamplingParams  # late: vllm is optional
         if not all(self.awake.values()):
             raise RuntimeError("the vLLM engine is asleep: call engine.wake() before generate()")
+        if not self.weights_pushed:
+            raise RuntimeError("this Omni engine holds random weights: call engine.load_weights(full_tensors(model))")
         # the vision/pad tokens can never be sampled (a sampled <|video_pad|> breaks re-scoring): bias them away.
         # One seed per prompt: vLLM gives the k-th of n samples seed + k, so with one shared seed the k-th samples
         # of all prompts would draw the same random numbers (and, while the policy ignores the video, the same
@@ -298,9 +316,7 @@ class VLLMEngine:
         bias = {int(i): -100.0 for i in suppress_ids} or None
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
                                  seed=seed + i * n, logit_bias=bias) for i in range(len(prompts))]
-        requests = [{"prompt": p.text, "multi_modal_data": {"video": [(p.frames.frames, {
-            **p.frames.metadata(), "do_sample_frames": False})]}} if p.frames is not None
-            else {"prompt_token_ids": p.input_ids.tolist()} for p in prompts]  # text-only: our token ids
+        requests = [vllm_request(p, self.processor_kwargs, self.omni) for p in prompts]
         if self.prompt_embeds:
             if embeds is None or len(embeds) != len(prompts):
                 raise ValueError("this engine runs an embedding VLM's language model: pass "
@@ -319,23 +335,106 @@ class VLLMEngine:
         return results
 
 
+def engine_processor_kwargs(processor, omni: bool) -> dict:
+    """The processor arguments every video request to vLLM carries, so that vLLM's processing is ours:
+    vlm.video_kwargs (no second pixel cap: frames are already sized, and transformers warns on every video
+    until told) and, for Qwen2.5-Omni, its video processor's own size (else the Omni processor's class default
+    would resize the frames again)."""
+    kwargs = video_kwargs(processor)
+    if omni:
+        kwargs["size"] = {k: v for k, v in dict(processor.video_processor.size).items() if v is not None}
+    return kwargs
+
+
+def vllm_request(p, processor_kwargs: dict, omni: bool = False) -> dict:
+    """One prompt as vLLM takes it: our prompt text and the decoded frames (vLLM's processor expands the
+    placeholder as ours does: VLLMEngine.generate counts any difference in prompt_mismatches), with
+    engine_processor_kwargs; text-only: our ids. Qwen2.5-Omni: the frames' real spacing (the processor assumes
+    2 fps unless told, and the time positions follow it) and, when our prompt heard it, the video's own audio
+    track in the interleaved layout (use_audio_in_video: the 2-second chunks vlm.omni_layout writes), never cut
+    at 30 s (truncation=False)."""
+    if p.frames is None:
+        return {"prompt_token_ids": p.input_ids.tolist()}
+    video = (p.frames.frames, {**p.frames.metadata(), "do_sample_frames": False})
+    request = {"prompt": p.text, "multi_modal_data": {"video": [video]}}
+    kwargs = dict(processor_kwargs)
+    if omni:
+        kwargs.update(fps=sampled_fps(p.frames.metadata()), do_sample_frames=False)
+        if p.num_audio_tokens:
+            request["multi_modal_data"]["audio"] = [(p.frames.audio, 16000)]
+            kwargs.update(use_audio_in_video=True, truncation=False)
+    if kwargs:
+        request["mm_processor_kwargs"] = kwargs
+    return request
+
+
+OMNI_ARCHITECTURE = "LongRLQwen2_5OmniThinker"  # vLLM's thinker with our positions (register_omni_thinker)
+
+
+def omni_request_positions(config, input_tokens, mm_features):
+    """(positions [3, L], decode offset) of one vLLM request from its prompt ids and multimodal features (vLLM's
+    MultiModalFeatureSpec: .modality, .data[name].data), by vlm.omni_positions, for the requests we send (one
+    video, with or without its audio); None for anything else (vLLM's own rule then). The offset puts answer
+    token i at max + 1 + i, as transformers' generate() and vlm.continue_positions do."""
+    videos = [f for f in mm_features if f.modality == "video"]
+    if len(videos) != 1 or any(f.modality not in ("video", "audio") for f in mm_features):
+        return None
+    data = videos[0].data
+    sec = data.get("second_per_grid_ts")
+    positions = omni_positions(config, list(input_tokens), data["video_grid_thw"].data.tolist(),
+                               float(sec.data) if sec is not None else 1.0)
+    return positions, int(positions.max()) + 1 - len(input_tokens)
+
+
+def register_omni_thinker():
+    """Register OMNI_ARCHITECTURE with vLLM (its public ModelRegistry; nothing in vLLM is changed): vLLM's own
+    Qwen2.5-Omni thinker (weights, processor, encoders, kernels) with one method replaced, the 3-D positions of a
+    prompt. vllm 0.24 lays the interleaved <video chunk><audio chunk> block out exactly as we do (the prompt ids
+    are equal) but places its positions one token late: its placeholder starts at <|audio_bos|>, and its rule
+    starts the block there (measured on an H100: log-probs 0.07 apart on average, 0.25 at most, against 0.01 for
+    Qwen2.5-VL). A request that is not one video (+ its audio) keeps vLLM's rule."""
+    from vllm import ModelRegistry  # late: vllm is optional (GPU nodes only)
+    from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerForConditionalGeneration
+
+    class Thinker(Qwen2_5OmniThinkerForConditionalGeneration):
+        def get_mrope_input_positions(self, input_tokens, mm_features):
+            ours = omni_request_positions(self.config, input_tokens, mm_features)
+            return ours if ours is not None else super().get_mrope_input_positions(input_tokens, mm_features)
+
+    ModelRegistry.register_model(OMNI_ARCHITECTURE, Thinker)
+
+
+def export_omni_config(model, processor, out_dir: str) -> str:
+    """A Qwen2.5-Omni thinker as vLLM loads one, into out_dir: vLLM builds Omni from the whole model's config
+    (Qwen2_5OmniConfig; its thinker class only, the talker never, here under OMNI_ARCHITECTURE: the thinker with
+    our positions) and reads the thinker's weights under thinker.*. The folder holds that config around our thinker's and the processor, no
+    weights (a 7B thinker is not written to disk again): VLLMEngine(omni=True) starts from random weights and
+    takes the policy's by the same push as after every update."""
+    config = Qwen2_5OmniConfig(thinker_config=model.config.to_dict(), enable_audio_output=False)
+    config.architectures = [OMNI_ARCHITECTURE]  # vLLM's Qwen2_5OmniModel with our positions (register_omni_thinker)
+    config.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def make_engine(cfg, model, processor, model_path: str, lm_dir: str, seed: int, sleep_level: int = 1):
     """The rollout engine that cfg.engine names: None = the HF engine (hf_generate on the policy itself), or a
     colocated VLLMEngine. Embedding VLMs (LLaVA, VILA): vLLM runs their language model alone, exported to
-    lm_dir by rank 0, on the prompt embeddings the trainer computes (prompt_embeddings)."""
+    lm_dir by rank 0, on the prompt embeddings the trainer computes (prompt_embeddings). Qwen2.5-Omni: vLLM's
+    own thinker from a config-only folder in lm_dir (export_omni_config): the caller pushes the weights before
+    the first generate, as train_grpo.py does for every engine."""
     if cfg.engine == "hf":
         return None
-    if cfg.embeddings_cache:
+    if getattr(cfg, "embeddings_cache", ""):
         raise ValueError("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
-    if family(model).startswith("qwen2_5_omni"):
-        raise ValueError("--engine=vllm does not pass Qwen2.5-Omni's audio track to vLLM yet: use --engine=hf")
-    embeds_only = family(model) not in MROPE
-    if embeds_only:
+    omni, embeds_only = family(model).startswith("qwen2_5_omni"), family(model) not in MROPE
+    if omni or embeds_only:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            export_language_model(model, processor, lm_dir)
+            (export_omni_config if omni else export_language_model)(model, processor, lm_dir)
         barrier()
-    return VLLMEngine(lm_dir if embeds_only else model_path, cfg.gpu_memory_utilization, cfg.max_model_len,
-                      seed=seed, max_frames=cfg.max_frames, sleep_level=sleep_level, prompt_embeds=embeds_only)
+    return VLLMEngine(lm_dir if omni or embeds_only else model_path, cfg.gpu_memory_utilization, cfg.max_model_len,
+                      seed=seed, max_frames=cfg.max_frames, sleep_level=sleep_level, prompt_embeds=embeds_only,
+                      omni=omni)
 
 
 def full_tensors(model, dtype=torch.bfloat16):
@@ -539,14 +638,10 @@ def load_for_inference(cfg: InferenceConfig):
     model, processor = load_model(cfg.model, cfg.dtype, cfg.attn_implementation, device)
     model.eval()
     engine = None
-    if cfg.engine == "vllm":
-        if family(model).startswith("qwen2_5_omni"):
-            raise SystemExit("--engine=vllm does not pass Qwen2.5-Omni's audio track to vLLM yet: use --engine=hf")
-        embeds_only = family(model) not in MROPE  # embedding VLMs: vLLM runs the language model on prompt_embeds
-        path = export_language_model(model, processor, tempfile.mkdtemp(prefix="longrl_lm_")) \
-            if embeds_only else cfg.model
-        engine = VLLMEngine(path, cfg.gpu_memory_utilization, cfg.max_model_len, cfg.seed, cfg.max_frames,
-                            prompt_embeds=embeds_only)
+    if cfg.engine == "vllm":  # the folder for an Omni config or an embedding VLM's language model: a temporary one
+        engine = make_engine(cfg, model, processor, cfg.model, tempfile.mkdtemp(prefix="longrl_vllm_"), cfg.seed)
+    if engine and not engine.weights_pushed:  # Omni: the engine's folder has no weights
+        engine.load_weights(full_tensors(model))
     print(f"engine: {'vLLM' if engine else 'HF (transformers, our KV-cached decode loop)'}; device {device}; "
           f"attention {model.config._attn_implementation}")
     return model, processor, engine

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from tqdm import tqdm
 
 import rollout
@@ -346,10 +347,12 @@ def update(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, fallback, 
                 per_token = per_token + cfg.kl_beta * kl
             sums[2] += kl.detach().sum().item()
         loss = d.world_size * (align(torch.cat([weight_of[id(s)] for s in chunk])) * per_token).sum()
-        loss.backward()
+        with record_function("backward"):
+            loss.backward()
         sums[[0, 1, 3, 4]] += torch.tensor([loss.item() / d.world_size, clipped.sum().item(),
                                             entropy.detach().sum().item(), float(logp.numel())], dtype=torch.float64)
-    grad_norm, skipped = clip_and_step(policy, optimizer, cfg.grad_clip)
+    with record_function("clip + optimizer step"):
+        grad_norm, skipped = clip_and_step(policy, optimizer, cfg.grad_clip)
     all_reduce(sums)
     all_reduce(ratio_max, op=dist.ReduceOp.MAX if dist.is_initialized() else None)
     return {**dict(zip(UPDATE_SUMS, sums.tolist())), "is_ratio_max": ratio_max.item(), "grad_norm": grad_norm,

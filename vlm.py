@@ -25,6 +25,7 @@ from functools import partial
 import numpy as np
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.profiler import record_function
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoModel, AutoModelForImageTextToText,
                           AutoProcessor, PretrainedConfig, Qwen2_5OmniForConditionalGeneration,
@@ -391,11 +392,15 @@ def build_prompt_omni(model, processor, question: str, video, think: bool = True
                   sample=sample, input_features=feats, num_audio_tokens=n_audio)
 
 
+def sampled_fps(frames_meta: dict) -> float:
+    """Frames per second of the frames actually sampled (SampledVideo.metadata()): source fps x sampled / total."""
+    return len(frames_meta["frames_indices"]) / max(frames_meta["total_num_frames"], 1) * frames_meta["fps"]
+
+
 def omni_seconds_per_group(model, frames_meta: dict) -> float:
     """Seconds covered by one temporal patch group: temporal_patch_size / sampled fps (Qwen2.5-VL's rule, from
     the frames actually sampled; the Omni processor assumes 2 fps unless told)."""
-    sampled_fps = len(frames_meta["frames_indices"]) / max(frames_meta["total_num_frames"], 1) * frames_meta["fps"]
-    return model.config.vision_config.temporal_patch_size / sampled_fps
+    return model.config.vision_config.temporal_patch_size / sampled_fps(frames_meta)
 
 
 def omni_layout(model, ids, grid, sec: float, mel_frames: int = 0):
@@ -425,6 +430,47 @@ def omni_layout(model, ids, grid, sec: float, mel_frames: int = 0):
                                                audio_seqlens=torch.tensor([mel_frames]) if n_audio else None,
                                                second_per_grids=torch.tensor([sec]))
     return ids, pos[:, 0], t * per_group, n_audio
+
+
+def omni_positions(config, ids: list, grid: list, sec: float) -> torch.Tensor:
+    """The Qwen2.5-Omni thinker's 3-D positions [3, L] for a prompt of ours (omni_layout's ids: one video, with or
+    without its audio interleaved), by the rule of transformers' get_rope_index, token by token:
+        text                     one position each, the same on all three axes, counting on from the last maximum
+        <|vision_bos|><|audio_bos|>   one shared position p; the block's positions start at base = p + 1
+        k-th video token         base + (t_k, h_k, w_k): t_k = floor(group * sec * position_id_per_seconds)
+        j-th audio token         base + j on all three axes (25 a second, so it lines up with the video's t)
+        <|audio_eos|><|vision_eos|>   one shared position: 1 + the maximum of the block's last run (its last
+                                 chunk of video or of audio tokens: get_rope_index counts on from the last piece it
+                                 placed, which may sit below the video's latest time)
+    Our vLLM engine gives vLLM these positions (rollout.register_omni_thinker): vllm 0.24's own rule for this
+    layout is off by one token inside the block (its placeholder offset includes <|audio_bos|>). Tested equal to
+    get_rope_index (tests/test_vlm.py)."""
+    t, h, w = [int(x) for x in grid]
+    gh, gw = h // config.vision_config.spatial_merge_size, w // config.vision_config.spatial_merge_size
+    # float32 as get_rope_index computes it (a different rounding would move a group across a second)
+    t_index = (torch.arange(t) * torch.tensor(sec, dtype=torch.float32) * config.position_id_per_seconds).long()
+    video = torch.stack([t_index.repeat_interleave(gh * gw), torch.arange(gh).repeat_interleave(gw).repeat(t),
+                         torch.arange(gw).repeat(t * gh)])
+    out = torch.zeros(3, len(ids), dtype=torch.long)
+    nxt, base, run, k, j = 0, None, 0, 0, 0  # next text position; the block's base; its last run's start; counts
+    for i, tok in enumerate(ids):
+        if tok in (config.video_token_id, config.audio_token_id):  # the block (audio only ever inside it here)
+            base = nxt if base is None else base
+            run = i if i == 0 or ids[i - 1] != tok else run
+            if tok == config.video_token_id:
+                out[:, i], k = base + video[:, k], k + 1
+            else:
+                out[:, i], j = base + j, j + 1
+            continue
+        if base is not None:  # the block just ended
+            nxt, base = int(out[:, run:i].max()) + 1, None
+        shared = i > 0 and ((tok == config.audio_start_token_id and ids[i - 1] == config.vision_start_token_id) or
+                            ids[i - 1] == config.audio_end_token_id)
+        if shared:
+            out[:, i] = out[:, i - 1]
+        else:
+            out[:, i], nxt = nxt, nxt + 1
+    return out
 
 
 def build_prompt_cached(model, processor, question: str, entry, think: bool = True, sample=None) -> Prompt:
@@ -555,8 +601,9 @@ def encode_videos(model, prompts: list, max_patches: int = 65536, grad_patches: 
         pixels = torch.cat([piece_pixels(prompts, q) for q in call]).to(model.device)
         grid = torch.tensor([[q[2] - q[1], *prompts[q[0]].video_grid_thw[0, 1:].tolist()] for q in call],
                             device=model.device)
-        out = checkpoint(tower_features, model, pixels, grid, use_reentrant=False) if checkpointed \
-            else tower_features(model, pixels, grid)
+        with record_function("vision tower"):  # a named range in train_grpo.py --profile_step's trace
+            out = checkpoint(tower_features, model, pixels, grid, use_reentrant=False) if checkpointed \
+                else tower_features(model, pixels, grid)
         deep = getattr(out, "deepstack_features", None)
         for k, q in enumerate(call):
             parts[q[0]].append((out.pooler_output[k], None if deep is None else [layer[k] for layer in deep]))
@@ -773,10 +820,12 @@ def pack(sequences: list, pad_id: int) -> Packed:
 def response_logprobs(model, packed: Packed, feats, suppress_ids, temperature=1.0, chunk=1024, with_entropy=False):
     """Flat log-probs (and entropies) of all response tokens of a packed batch, in row-major order."""
     dev = output_head(model).weight.device
-    hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats)
+    with record_function("decoder"):
+        hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats)
     mask = packed.response_mask.to(dev)
-    return token_logprobs(model, hidden[mask], packed.labels.to(dev)[mask], suppress_ids, temperature, chunk,
-                          with_entropy)
+    with record_function("log-probs"):
+        return token_logprobs(model, hidden[mask], packed.labels.to(dev)[mask], suppress_ids, temperature, chunk,
+                              with_entropy)
 
 @dataclass
 class PackedGroups:
@@ -891,9 +940,12 @@ def group_logprobs(model, packed: PackedGroups, feats, suppress_ids, temperature
         mask = group_block_mask(packed.segments, dev)
     else:
         mask = group_attention_mask(packed.segments, input_embeddings(model).weight.dtype).to(dev)
-    hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats, attention_mask=mask)
+    with record_function("decoder"):
+        hidden, _ = decoder_hidden(model, packed.input_ids.to(dev), packed.positions.to(dev), feats,
+                                   attention_mask=mask)
     rows = hidden.flatten(0, 1)[packed.pred_rows.to(dev)]
-    return token_logprobs(model, rows, packed.labels.to(dev), suppress_ids, temperature, chunk, with_entropy)
+    with record_function("log-probs"):
+        return token_logprobs(model, rows, packed.labels.to(dev), suppress_ids, temperature, chunk, with_entropy)
 
 
 def use_attention(model, name: str):

@@ -3,6 +3,8 @@ rollout.py: model inputs, our 3-D rope positions, the HF engine, log-prob agreem
     python -m pytest tests/test_rollout.py -q
 """
 import json
+import os
+from types import SimpleNamespace
 import logging
 
 import numpy as np
@@ -206,13 +208,106 @@ def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
     assert "settings: model" in printed and "read as " in printed
 
 
-def test_rotary_reload_noise_drops_only_rotary_lines():
+def test_reload_noise_filter_drops_only_position_table_lines():
     """The filter on vLLM's layerwise-reload logger drops its 'Failed to load weights' line for rotary embeddings
-    (nothing to push there) and keeps it for any other layer, and keeps every other message."""
+    and the Omni audio encoder's sinusoids (computed tables, nothing to push there; both seen on an H100) and keeps
+    it for any other layer, and keeps every other message."""
     def record(msg, *args):
         return logging.LogRecord("vllm.model_executor.model_loader.reload.layerwise", logging.WARNING, __file__, 1,
                                  msg, args, None)
-    assert not rollout.rotary_reload_noise(record("%s: Failed to load weights", "MRotaryEmbedding"))
-    assert not rollout.rotary_reload_noise(record("%s: Failed to load weights", "RotaryEmbedding"))
-    assert rollout.rotary_reload_noise(record("%s: Failed to load weights", "QKVParallelLinear"))
-    assert rollout.rotary_reload_noise(record("%s: Delayed processing", "MRotaryEmbedding"))
+    assert not rollout.position_table_reload_noise(record("%s: Failed to load weights", "MRotaryEmbedding"))
+    assert not rollout.position_table_reload_noise(record("%s: Failed to load weights", "RotaryEmbedding"))
+    assert not rollout.position_table_reload_noise(record("%s: Failed to load weights", "SinusoidsPositionEmbedding"))
+    assert rollout.position_table_reload_noise(record("%s: Failed to load weights", "QKVParallelLinear"))
+    assert rollout.position_table_reload_noise(record("%s: Delayed processing", "MRotaryEmbedding"))
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
+def test_vllm_request_gives_our_prompt_through_the_processor(tiny, videos, fam):
+    """What VLLMEngine hands vLLM for a Qwen-VL prompt (rollout.vllm_request with the engine's processor
+    arguments), through the model's processor as vLLM's processing calls it: our ids and pixels, and the argument
+    that keeps transformers from warning about its per-frame pixel cap on every video."""
+    path, model, processor = tiny[fam]
+    prompt = prompts_for(model, processor, videos[:1])[0]
+    request = rollout.vllm_request(prompt, rollout.engine_processor_kwargs(processor, omni=False))
+    assert request["mm_processor_kwargs"] == {"cap_pixels_per_frame": False}
+    video, meta = request["multi_modal_data"]["video"][0]
+    assert meta.pop("do_sample_frames") is False  # vLLM takes it from the metadata
+    out = processor(text=[request["prompt"]], videos=[video], video_metadata=[meta], do_sample_frames=False,
+                    return_tensors="pt", **request["mm_processor_kwargs"])
+    assert out["input_ids"][0].tolist() == prompt.input_ids.tolist()
+    assert torch.equal(out["pixel_values_videos"], prompt.pixel_values_videos)
+
+
+def test_omni_vllm_request_gives_our_prompt_through_the_processor(tmp_path):
+    """What VLLMEngine hands vLLM for a Qwen2.5-Omni thinker (rollout.vllm_request), passed through transformers'
+    Omni processor as vLLM's own processing calls it (text + videos + audio, the request's mm_processor_kwargs):
+    the same prompt ids as our path (vlm.omni_layout: interleaved 2-second chunks of video and audio), the same
+    pixels, the same audio features (not cut at 30 s) and the same seconds per temporal patch. A silent video:
+    no audio item, no interleaving. On the GPU, tests/test_vllm_gpu.py checks vLLM itself."""
+    path = make_tiny_model(str(tmp_path / "omni"), "qwen2_5_omni_thinker", seed=0)
+    model, processor = vlm.load_model(path)
+    frames = np.random.default_rng(0).integers(0, 255, (36 * 8, 56, 56, 3), dtype=np.uint8)
+    beep = (0.3 * np.sin(2 * np.pi * 440 * np.arange(36 * 16000) / 16000)).astype(np.float32)  # 36 s > 30 s
+    write_video(str(tmp_path / "beep.mp4"), frames, fps=8, audio=beep)
+    write_video(str(tmp_path / "silent.mp4"), frames[:40], fps=8)
+
+    class Cfg:
+        fps, num_frames, max_frames, max_pixels, min_pixels = 0.0, 24, 64, 56 * 56, 28 * 28
+    engine_kwargs = rollout.engine_processor_kwargs(processor, omni=True)
+    for name, heard in (("beep", True), ("silent", False)):
+        video = vlm.load_video(str(tmp_path / f"{name}.mp4"), Cfg, "qwen2_5_omni_thinker")
+        prompt = vlm.build_prompt(model, processor, "What sound?", video, think=False)
+        assert (prompt.num_audio_tokens > 36 * 25 - 2) == heard  # 25 audio tokens a second, all 36 s of them
+        request = rollout.vllm_request(prompt, engine_kwargs, omni=True)
+        data, kwargs = request["multi_modal_data"], request["mm_processor_kwargs"]
+        assert ("audio" in data) == heard and kwargs.get("use_audio_in_video", False) == heard
+        assert kwargs["fps"] == pytest.approx(24 / 36) if heard else True
+        if heard:  # the processor of transformers >= 5.24 reads use_audio_in_video as load_audio_from_video
+            kwargs = {**kwargs, "audio_from_video_indices": [0]}
+        out = processor(text=[request["prompt"]], videos=[v for v, _ in data["video"]],
+                        audio=[a for a, _ in data.get("audio", [])] or None, return_tensors="pt", **kwargs)
+        assert out["input_ids"][0].tolist() == prompt.input_ids.tolist()
+        assert torch.equal(out["pixel_values_videos"], prompt.pixel_values_videos)
+        assert out["video_second_per_grid"][0] == pytest.approx(vlm.omni_seconds_per_group(model, video.metadata()))
+        if heard:
+            mel = int(out["feature_attention_mask"][0].sum())
+            assert torch.equal(out["input_features"][0, :, :mel], prompt.input_features)
+
+        # the positions our vLLM thinker gives this request, from what vLLM hands it (the prompt ids and its
+        # multimodal features, here stand-ins with vLLM's attribute names): the training forward's positions
+        def field(x):
+            return SimpleNamespace(data=torch.as_tensor(x))
+        features = [SimpleNamespace(modality="video", data={"video_grid_thw": field(out["video_grid_thw"][0]),
+                                                             "second_per_grid_ts": field(out["video_second_per_grid"][0]),
+                                                             "use_audio_in_video": field(heard)})]
+        if heard:
+            features.append(SimpleNamespace(modality="audio", data={"audio_feature_lengths": field(mel)}))
+        positions, delta = rollout.omni_request_positions(model.config, prompt.input_ids.tolist(), features)
+        assert torch.equal(positions, prompt.positions)
+        assert len(prompt.input_ids) + delta == int(vlm.continue_positions(prompt.positions, 1)[0, 0])
+        # not one of our requests (an image beside the video, or two videos): vLLM's own rule
+        for extra in ("image", "video"):
+            assert rollout.omni_request_positions(model.config, prompt.input_ids.tolist(),
+                                                  features + [SimpleNamespace(modality=extra, data={})]) is None
+
+
+def test_export_omni_config_is_the_whole_models_config_around_our_thinker(tmp_path):
+    """vLLM builds Qwen2.5-Omni from the whole model's config: the exported folder holds Qwen2_5OmniConfig
+    (our registered architecture: vLLM's thinker with our positions; no audio output) whose thinker is ours field
+    for field, and our processor;
+    no weights (the engine takes them by a push, under thinker.*)."""
+    from transformers import AutoConfig, AutoProcessor
+    path = make_tiny_model(str(tmp_path / "omni"), "qwen2_5_omni_thinker", seed=0)
+    model, processor = vlm.load_model(path)
+    out = rollout.export_omni_config(model, processor, str(tmp_path / "vllm"))
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "qwen2_5_omni" and config.architectures == [rollout.OMNI_ARCHITECTURE]
+    assert not config.enable_audio_output
+    theirs, ours = config.thinker_config.to_dict(), model.config.to_dict()
+    for key in ("text_config", "vision_config", "audio_config", "audio_token_index", "video_token_index",
+                "position_id_per_seconds", "seconds_per_chunk"):
+        assert theirs[key] == ours[key], key
+    assert rollout.engine_processor_kwargs(AutoProcessor.from_pretrained(out), True) == \
+        rollout.engine_processor_kwargs(processor, True)
+    assert not [f for f in os.listdir(out) if f.endswith(".safetensors")]

@@ -4,11 +4,13 @@ elsewhere; the README says where it ran). One sleep-mode engine per process, so 
     python -m pytest tests/test_vllm_gpu.py -q -s -k "not prompt_embeds"   # prints a JSON line (VLLM {...})
     python -m pytest tests/test_vllm_gpu.py -q -s -k "prompt_embeds and llava"   # embedding VLMs, each family
     python -m pytest tests/test_vllm_gpu.py -q -s -k "prompt_embeds and vila"    # in its own process
+    python -m pytest tests/test_vllm_gpu.py -q -s -k "omni"                      # Qwen2.5-Omni: video + audio
 Checks: vLLM's sampling log-probs equal the training forward's on the same tokens (bf16 tolerance) before and
 after a weight push; a push of changed weights changes the samples (stale weights are the classic bug); sleep
 frees the KV cache and the weights; vLLM tokenizes the prompt exactly as our processor path does; each prompt
 samples from its own random stream.
 """
+import dataclasses
 import json
 import os
 
@@ -145,4 +147,91 @@ def test_vllm_prompt_embeds_for_embedding_vlm(tmp_path, fam):
         print("VLLM " + json.dumps(summary), flush=True)
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], f"vllm_prompt_embeds_{fam}.json"), "w") as f:
+                json.dump(summary, f)
+
+
+def with_audio(v, kind: str, seed: int):
+    """The video with a 16 kHz track over its whole duration: a beep (its pitch from the seed) or loud noise."""
+    rng, t = np.random.default_rng(seed), np.arange(int(v.duration * 16000)) / 16000
+    track = 0.3 * np.sin(2 * np.pi * (330 + 110 * seed) * t) if kind == "beep" else 0.5 * rng.standard_normal(len(t))
+    return dataclasses.replace(v, audio=track.astype(np.float32))
+
+
+def test_vllm_omni_thinker_hears_the_video_and_takes_weight_pushes(tmp_path):
+    """Qwen2.5-Omni thinker on vLLM (rollout.export_omni_config + VLLMEngine(omni=True)): each video with its own
+    audio track, interleaved as vlm.omni_layout writes it. vLLM's prompt ids equal ours; its log-probs equal the
+    training forward's (bf16) before and after weight pushes of the language model, the vision tower and the
+    audio encoder, and each push changes the samples; changing only the audio changes vLLM's log-probs as much as
+    it changes the training forward's."""
+    path = make_tiny_model(str(tmp_path / "m"), "qwen2_5_omni_thinker",
+                           TinySize(hidden=256, layers=4, heads=4, kv_heads=2, ffn=512, vision_hidden=128,
+                                    vision_depth=2))
+    model, processor = vlm.load_model(path, "bfloat16", "sdpa", "cuda")
+    model.eval()
+    clips = [video(16, 112, s) for s in range(4)]
+    prompts = [vlm.build_prompt(model, processor, "What sound?", with_audio(v, "beep", s)) for s, v in enumerate(clips)]
+    assert all(p.num_audio_tokens > 0 for p in prompts)
+    engine = rollout.VLLMEngine(rollout.export_omni_config(model, processor, str(tmp_path / "vllm")),
+                                gpu_memory_utilization=0.3, max_model_len=4096, seed=0, enforce_eager=True, omni=True)
+    summary = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name(), "family": "qwen2_5_omni_thinker",
+               "audio_tokens": [p.num_audio_tokens for p in prompts], "video_tokens": prompts[0].num_video_tokens}
+    suppress = vlm.suppress_ids(model, processor)
+    try:
+        with pytest.raises(RuntimeError, match="random weights"):
+            engine.generate(prompts, n=1, max_new_tokens=2, suppress_ids=suppress)
+        engine.load_weights(rollout.full_tensors(model))  # the folder has no weights: the first push brings them
+        outs = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
+        summary["prompt_mismatches"] = engine.prompt_mismatches
+        engine_lp = torch.tensor([x for o in outs for x in o.logprobs])
+        diff = (engine_lp - training_logprobs(model, prompts, outs, suppress)).abs()
+        summary.update(logprob_maxdiff=float(diff.max()), logprob_meandiff=float(diff.mean()))
+
+        # only the audio changes (loud noise instead of the beep): the first sampled token's log-prob moves in vLLM
+        # as it moves in the training forward (same seed: compare samples whose first token is the same)
+        noisy = [vlm.build_prompt(model, processor, "What sound?", with_audio(v, "noise", s))
+                 for s, v in enumerate(clips)]
+        other = engine.generate(noisy, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
+        same = [(a, b) for a, b in zip(outs, other) if a.response_ids[:1] == b.response_ids[:1]]
+        first = [(a.logprobs[0], b.logprobs[0]) for a, b in same]
+        engine_moved = torch.tensor([abs(x - y) for x, y in first])
+        train_a = training_logprobs(model, prompts, [a for a, _ in same], suppress)
+        train_b = training_logprobs(model, noisy, [b for _, b in same], suppress)
+        starts = np.cumsum([0] + [len(a.response_ids) for a, _ in same])[:-1]
+        train_moved = (train_a[starts] - train_b[starts]).abs()
+        summary.update(audio_only_change_samples_compared=len(same),
+                       audio_only_change_vllm_first_logprob_moved=float(engine_moved.mean()),
+                       audio_only_change_training_first_logprob_moved=float(train_moved.mean()))
+
+        # pushes: the language model, the vision tower, the audio encoder, one at a time
+        engine.sleep()
+        for part, key in {"language_model": "model.layers", "vision_tower": "visual.",
+                          "audio_encoder": "audio_tower."}.items():
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.startswith(key) and p.numel() > 1 and p.float().std() > 1e-3:
+                        p.add_(torch.randn_like(p) * 0.2 * p.float().std())
+            engine.load_weights(rollout.full_tensors(model))
+            engine.wake()
+            again = engine.generate(prompts, n=4, temperature=1.0, max_new_tokens=24, seed=1, suppress_ids=suppress)
+            summary[f"{part}_samples_changed_after_push"] = [o.response_ids for o in again] != \
+                [o.response_ids for o in outs]
+            diff_after = (torch.tensor([x for o in again for x in o.logprobs]) -
+                          training_logprobs(model, prompts, again, suppress)).abs()
+            summary[f"{part}_logprob_maxdiff_after_push"] = float(diff_after.max())
+            summary[f"{part}_logprob_meandiff_after_push"] = float(diff_after.mean())
+            outs = again
+            engine.sleep()
+
+        assert summary["prompt_mismatches"] == 0
+        assert diff.max() < 0.1 and diff.mean() < 0.02  # bf16 on both sides
+        assert len(same) >= 4 and train_moved.mean() > 0.01  # the audio matters to this model
+        assert (engine_moved.mean() - train_moved.mean()).abs() < 0.25 * train_moved.mean() + 0.01
+        for part in ("language_model", "vision_tower", "audio_encoder"):
+            assert summary[f"{part}_samples_changed_after_push"], part
+            assert summary[f"{part}_logprob_maxdiff_after_push"] < 0.1, part
+            assert summary[f"{part}_logprob_meandiff_after_push"] < 0.02, part
+    finally:
+        print("VLLM " + json.dumps(summary), flush=True)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "vllm_omni.json"), "w") as f:
                 json.dump(summary, f)

@@ -532,3 +532,28 @@ def test_vision_in_checkpointed_pieces_equals_one_call(tmp_path, media, fam, mon
     assert vision and g2.keys() == g1.keys()
     for n in g1:  # fp32 sums in another order (the pieces' rows enter the decoder's gradients separately)
         assert torch.allclose(g2[n], g1[n], atol=1e-6, rtol=1e-4), (n, (g2[n] - g1[n]).abs().max())
+
+
+@pytest.mark.parametrize("frames,fps,seconds", [(16, 8, 5.0), (24, 8, 9.0), (40, 8, 3.0), (24, 6, 0.0), (7, 4, 4.0)])
+def test_omni_positions_equal_get_rope_index(models, tmp_path, frames, fps, seconds):
+    """vlm.omni_positions (what our vLLM engine gives vLLM) equals the thinker's own get_rope_index on our prompts:
+    audio shorter and longer than the video, sampled fps that puts groups between seconds, no audio; and the
+    answer tokens after the prompt continue from the maximum + 1 in both."""
+    model, processor = models["qwen2_5_omni_thinker"]
+    pix = np.random.default_rng(frames).integers(0, 255, (int(fps * 6), 56, 56, 3), dtype=np.uint8)
+    write_video(str(tmp_path / "v.mp4"), pix, fps=fps, audio=tone(seconds, 440) if seconds else None)
+
+    class Cfg(VideoCfg):
+        num_frames = frames
+    video = vlm.load_video(str(tmp_path / "v.mp4"), Cfg, "qwen2_5_omni_thinker")
+    prompt = vlm.build_prompt(model, processor, "What sound?", video, think=False)
+    assert (prompt.num_audio_tokens > 0) == (seconds > 0)
+    sec = vlm.omni_seconds_per_group(model, video.metadata())
+    ids = prompt.input_ids.tolist() + processor.tokenizer("<answer> A </answer>")["input_ids"]
+    theirs, _ = vlm.media_model(model).get_rope_index(
+        torch.tensor([ids]), None, prompt.video_grid_thw, None, use_audio_in_video=seconds > 0,
+        audio_seqlens=torch.tensor([prompt.input_features.shape[-1]]) if seconds else None,
+        second_per_grids=torch.tensor([sec]))
+    ours = vlm.omni_positions(model.config, ids, prompt.video_grid_thw[0].tolist(), sec)
+    assert torch.equal(ours, theirs[:, 0])
+    assert torch.equal(ours[:, :len(prompt.input_ids)], prompt.positions)
