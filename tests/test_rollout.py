@@ -311,3 +311,55 @@ def test_export_omni_config_is_the_whole_models_config_around_our_thinker(tmp_pa
     assert rollout.engine_processor_kwargs(AutoProcessor.from_pretrained(out), True) == \
         rollout.engine_processor_kwargs(processor, True)
     assert not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+
+
+class SleepModeLLM:
+    """vllm 0.24's sleep-mode bookkeeping, as read from its source (v1/engine/core.py, v1/executor/abstract.py):
+    sleep(level >= 1) puts the "weights" and "kv_cache" tags to sleep; wake_up(tags) warns "Executor is not
+    sleeping." when nothing sleeps and "Tag ... is not in sleeping tags" for a tag that is awake. Records those
+    warnings and every weight push (which must find the weights awake)."""
+    def __init__(self):
+        self.sleeping, self.warnings, self.pushes = set(), [], 0
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: None)
+
+    def sleep(self, level=1):
+        self.sleeping = {"weights", "kv_cache"}
+
+    def wake_up(self, tags=None):
+        if not self.sleeping:
+            self.warnings.append("Executor is not sleeping.")
+            return
+        for tag in tags or []:
+            if tag not in self.sleeping:
+                self.warnings.append(f"Tag {tag} is not in sleeping tags {self.sleeping}")
+                return
+        self.sleeping -= set(tags) if tags else self.sleeping
+
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights" and "weights" not in self.sleeping, "a push into sleeping weights"
+        list(kwargs["weights_iterator"])
+        self.pushes += 1
+
+    def reset_prefix_cache(self):
+        pass
+
+
+def test_vllm_engine_wakes_only_what_sleeps():
+    """VLLMEngine's wake / sleep / load_weights in train_grpo.py's order (a push into the fresh engine, evaluation,
+    then per step: wake, rollout, sleep, push) against vLLM's sleep-mode rules: never a wake-up of something
+    awake (vLLM's "Executor is not sleeping." / "Tag ... is not in sleeping tags"), never a push into sleeping
+    weights, and everything awake whenever a rollout would run."""
+    engine = object.__new__(rollout.VLLMEngine)  # its state machine alone: no vLLM here
+    engine.llm, engine.awake, engine.sleep_level = SleepModeLLM(), {"weights": True, "kv_cache": True}, 1
+    engine.prompt_embeds = engine.omni = False
+    push = [("w", torch.zeros(1))]
+    engine.load_weights(iter(push))          # the policy's first weights (train_grpo.py, before evaluation)
+    engine.wake()                            # evaluation before training
+    for _ in range(3):
+        engine.wake()                        # rollout
+        assert not engine.llm.sleeping and all(engine.awake.values())
+        engine.sleep()                       # the trainer's turn
+        engine.load_weights(iter(push))      # the updated policy (wakes the weights only)
+        assert engine.llm.sleeping == {"kv_cache"}
+    engine.wake()
+    assert not engine.llm.sleeping and engine.llm.pushes == 4 and engine.llm.warnings == []
