@@ -91,6 +91,8 @@ class BenchConfig:
     packing: list = None            # train: group_packing values side by side (default [True]; e.g. [True,False])
     vision: list = None             # train: vision_attention values side by side (default ["batched"]; or "loop")
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
+    checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
+                                    # inputs to host memory, for a step that does not fit)
 
 
 def log(result: dict, cfg: BenchConfig):
@@ -437,7 +439,7 @@ def bench_train(cfg: BenchConfig):
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
                                     max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
                                     micro_batch_size=1, group_packing=packing, vision_attention=vision,
-                                    freeze_vision=cfg.freeze_vision,
+                                    freeze_vision=cfg.freeze_vision, checkpoint_mode=cfg.checkpoint_mode,
                                     max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
                                     seed=cfg.seed, profile_step=2 if cfg.profile else 0),
@@ -451,6 +453,7 @@ def bench_train(cfg: BenchConfig):
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
     log({"bench": "train_step", **device_info(), "shape": cfg.shape, "n": cfg.n, "freeze_vision": cfg.freeze_vision,
+         "checkpoint_mode": cfg.checkpoint_mode,
          "rows": rows}, cfg)
     bench_longest(cfg)
 

@@ -108,6 +108,7 @@ def static_kv_decoder(model, ids, pos, attn, feats, n: int, fused: bool, compile
         yield hidden, step
     finally:
         use_attention(model, previous)
+        kv.release()            # the registry still holds kv.attend: free the cache itself now
         for layer in gathered:  # FSDP2: back to shards (the graph and the fused weights are dropped with `step`)
             layer.reshard()
 
