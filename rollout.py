@@ -242,6 +242,9 @@ class VLLMEngine:
         weights; the engine starts from random weights and load_weights must push the thinker's before
         generate."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights by reference
+        # vLLM's INFO lines (~40 at start-up, then every sleep and wake-up) would bury the run's own console;
+        # its warnings stay. VLLM_LOGGING_LEVEL=INFO brings them back. Read when vllm is first imported.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             from vllm import LLM  # late: vllm is optional (GPU nodes only)
         except ImportError:

@@ -363,3 +363,18 @@ def test_vllm_engine_wakes_only_what_sleeps():
         assert engine.llm.sleeping == {"kv_cache"}
     engine.wake()
     assert not engine.llm.sleeping and engine.llm.pushes == 4 and engine.llm.warnings == []
+
+
+def test_vllm_engine_without_vllm_says_so_and_keeps_vllm_quiet(monkeypatch):
+    """Without vllm installed (this machine, CI) the engine stops with an instruction; before importing vllm it sets
+    vLLM's log level to WARNING unless the user chose one (vLLM reads it at its first import)."""
+    import sys
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # importing it fails, as where it is not installed
+    with pytest.raises(SystemExit, match="needs vllm"):
+        rollout.VLLMEngine("/nowhere")
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    with pytest.raises(SystemExit):
+        rollout.VLLMEngine("/nowhere")
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
