@@ -394,9 +394,10 @@ def register_omni_thinker():
     """Register OMNI_ARCHITECTURE with vLLM (its public ModelRegistry; nothing in vLLM is changed): vLLM's own
     Qwen2.5-Omni thinker (weights, processor, encoders, kernels) with one method replaced, the 3-D positions of a
     prompt. vllm 0.24 lays the interleaved <video chunk><audio chunk> block out exactly as we do (the prompt ids
-    are equal) but places its positions one token late: its placeholder starts at <|audio_bos|>, and its rule
-    starts the block there (measured on an H100: log-probs 0.07 apart on average, 0.25 at most, against 0.01 for
-    Qwen2.5-VL). A request that is not one video (+ its audio) keeps vLLM's rule."""
+    are equal) but shifts its positions by one token: its placeholder starts at <|audio_bos|> and its rule starts
+    the block there, so each token inside gets the position of the token after it (measured on an H100: log-probs
+    0.07 apart on average, 0.25 at most, against 0.01 for Qwen2.5-VL). A request that is not one video (+ its
+    audio) keeps vLLM's rule."""
     from vllm import ModelRegistry  # late: vllm is optional (GPU nodes only)
     from vllm.model_executor.models.qwen2_5_omni_thinker import Qwen2_5OmniThinkerForConditionalGeneration
 
