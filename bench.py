@@ -424,6 +424,8 @@ def bench_train(cfg: BenchConfig):
     model, _ = make_model(cfg.shape, os.path.join(root, "model"), device=dev,
                           dtype=torch.float32 if cfg.tiny else torch.bfloat16, save=True)
     n_lm = lm_params(model)
+    n_vision, vision_config = sum(p.numel() for p in vlm.media_model(model).visual.parameters()), \
+        model.config.vision_config
     del model
     peak = matmul_tflops()
     gc.collect()
@@ -449,6 +451,14 @@ def bench_train(cfg: BenchConfig):
                    **phase_medians(metrics, skip=2 if cfg.profile else 1)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
+            # ... and on everything it computes: the decoder's tokens (a packed group: useful = computed) and the
+            # vision tower's patch rows, 6 N each (2 N frozen), once per prompt packed, once per sequence not;
+            # attention and recompute left out (bench.py longest counts attention: compare with care)
+            patch_rows = -(-frames // vision_config.temporal_patch_size) * (side // vision_config.patch_size) ** 2
+            tower_flops = (2 if cfg.freeze_vision else 6) * n_vision * patch_rows * cfg.prompts * \
+                (1 if packing else cfg.n)
+            tokens = row["update_useful_tokens_per_s" if packing else "update_tokens_per_s"] * row["update_s"]
+            row["update_MFU"] = (6 * n_lm * tokens + tower_flops) / row["update_s"] / 1e12 / peak
             rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
