@@ -1,0 +1,31 @@
+"""
+bench.py at its CPU smoke sizes (--tiny): the GRPO-step bench runs train_grpo.py (through the 78 GiB-cap prelude,
+bench.CAP_80GB) in both layouts and reports the fields the README's tables are made of.
+    python -m pytest tests/test_bench.py -q
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_bench_runs_both_layouts_and_reports_the_tables_fields(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    subprocess.run([sys.executable, "bench.py", "train", "--tiny=True", "--steps=2", "--packing=[true,false]",
+                    f"--out={out}"], cwd=ROOT, check=True, timeout=600, capture_output=True)
+    results = {r["bench"]: r for r in map(json.loads, out.read_text().splitlines())}
+    step = results["train_step"]
+    assert [r["group_packing"] for r in step["rows"]] == [True, False]
+    fields = {"rollout_s", "update_s", "step_s", "update_tokens_per_s", "update_useful_tokens_per_s", "peak_GiB",
+              "update_useful_MFU", "update_MFU"}
+    for row in step["rows"]:
+        assert fields <= row.keys() and row["update_s"] > 0 and row["step_s"] >= row["update_s"]
+    packed, unpacked = step["rows"]
+    # per update: the same sequences (n x (prompt + response) tokens) in both layouts; computed, a packed group
+    # has each prompt once (useful tokens), the unpacked rows have it n times
+    per_update = [r["update_tokens_per_s"] * r["update_s"] for r in (packed, unpacked)]
+    assert abs(per_update[0] - per_update[1]) < 0.01 * per_update[0]  # times are logged rounded
+    assert packed["update_useful_tokens_per_s"] * packed["update_s"] < per_update[1]
+    assert results["longest_fwd_bwd"]["rows"]
