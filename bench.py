@@ -463,8 +463,7 @@ def bench_train(cfg: BenchConfig):
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
     log({"bench": "train_step", **device_info(), "shape": cfg.shape, "n": cfg.n, "freeze_vision": cfg.freeze_vision,
-         "checkpoint_mode": cfg.checkpoint_mode,
-         "rows": rows}, cfg)
+         "checkpoint_mode": cfg.checkpoint_mode, "rows": rows}, cfg)
     bench_longest(cfg)
 
 

@@ -412,9 +412,9 @@ def register_omni_thinker():
 def export_omni_config(model, processor, out_dir: str) -> str:
     """A Qwen2.5-Omni thinker as vLLM loads one, into out_dir: vLLM builds Omni from the whole model's config
     (Qwen2_5OmniConfig; its thinker class only, the talker never, here under OMNI_ARCHITECTURE: the thinker with
-    our positions) and reads the thinker's weights under thinker.*. The folder holds that config around our thinker's and the processor, no
-    weights (a 7B thinker is not written to disk again): VLLMEngine(omni=True) starts from random weights and
-    takes the policy's by the same push as after every update."""
+    our positions) and reads the thinker's weights under thinker.*. The folder holds that config around our
+    thinker's and the processor, no weights (a 7B thinker is not written to disk again): VLLMEngine(omni=True)
+    starts from random weights and takes the policy's by the same push as after every update."""
     config = Qwen2_5OmniConfig(thinker_config=model.config.to_dict(), enable_audio_output=False)
     config.architectures = [OMNI_ARCHITECTURE]  # vLLM's Qwen2_5OmniModel with our positions (register_omni_thinker)
     config.save_pretrained(out_dir)
@@ -430,7 +430,7 @@ def make_engine(cfg, model, processor, model_path: str, lm_dir: str, seed: int, 
     the first generate, as train_grpo.py does for every engine."""
     if cfg.engine == "hf":
         return None
-    if getattr(cfg, "embeddings_cache", ""):
+    if getattr(cfg, "embeddings_cache", ""):  # training and CLI configs have it; the web demo's does not
         raise ValueError("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
     omni, embeds_only = family(model).startswith("qwen2_5_omni"), family(model) not in MROPE
     if omni or embeds_only:

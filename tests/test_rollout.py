@@ -278,9 +278,9 @@ def test_omni_vllm_request_gives_our_prompt_through_the_processor(tmp_path):
         # multimodal features, here stand-ins with vLLM's attribute names): the training forward's positions
         def field(x):
             return SimpleNamespace(data=torch.as_tensor(x))
-        features = [SimpleNamespace(modality="video", data={"video_grid_thw": field(out["video_grid_thw"][0]),
-                                                             "second_per_grid_ts": field(out["video_second_per_grid"][0]),
-                                                             "use_audio_in_video": field(heard)})]
+        video_data = {"video_grid_thw": field(out["video_grid_thw"][0]),
+                      "second_per_grid_ts": field(out["video_second_per_grid"][0]), "use_audio_in_video": field(heard)}
+        features = [SimpleNamespace(modality="video", data=video_data)]
         if heard:
             features.append(SimpleNamespace(modality="audio", data={"audio_feature_lengths": field(mel)}))
         positions, delta = rollout.omni_request_positions(model.config, prompt.input_ids.tolist(), features)
