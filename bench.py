@@ -90,6 +90,7 @@ class BenchConfig:
     prompts: int = 2                # train: prompts per step (1 fits 1,024 frames x 8 responses unpacked)
     packing: list = None            # train: group_packing values side by side (default [True]; e.g. [True,False])
     vision: list = None             # train: vision_attention values side by side (default ["batched"]; or "loop")
+    patch_embed: list = None        # train: patch_embed values side by side (default ["linear"]; or "conv")
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
     checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
                                     # inputs to host memory, for a step that does not fit)
@@ -435,12 +436,14 @@ def bench_train(cfg: BenchConfig):
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         data = os.path.join(root, f"data{frames}")
         make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
-        for packing, vision in itertools.product(cfg.packing or [True], cfg.vision or ["batched"]):
+        for packing, vision, patch in itertools.product(cfg.packing or [True], cfg.vision or ["batched"],
+                                                        cfg.patch_embed or ["linear"]):
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
                                     max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
                                     micro_batch_size=1, group_packing=packing, vision_attention=vision,
+                                    patch_embed=patch,
                                     freeze_vision=cfg.freeze_vision, checkpoint_mode=cfg.checkpoint_mode,
                                     max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
@@ -448,7 +451,7 @@ def bench_train(cfg: BenchConfig):
                                os.path.join(root, f"run{frames}"))
             # micro-batches: one sequence, or with group_packing one packed group (one row)
             row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,
-                   **phase_medians(metrics, skip=2 if cfg.profile else 1)}
+                   "patch_embed": patch, **phase_medians(metrics, skip=2 if cfg.profile else 1)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
             # ... and on everything it computes: the decoder's tokens (a packed group: useful = computed) and the

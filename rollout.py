@@ -235,12 +235,13 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, gpu_memory_utilization: float = 0.5, max_model_len: int = 32768,
                  seed: int = 0, max_frames: int = 768, enforce_eager: bool = False, sleep_level: int = 1,
-                 prompt_embeds: bool = False, omni: bool = False):
+                 prompt_embeds: bool = False, omni: bool = False, processor=None):
         """prompt_embeds: model_path is an embedding VLM's language model alone (export_language_model), fed
         the prompts' inputs_embeds computed by the trainer (Long-RL's LongVILA-R1 llm/ folder works the same).
         omni: model_path is a Qwen2.5-Omni thinker's vLLM folder (export_omni_config): config and processor, no
         weights; the engine starts from random weights and load_weights must push the thinker's before
-        generate."""
+        generate. processor: the trainer's, whose video settings every request carries (None: loaded from
+        model_path)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: weights by reference
         # vLLM's INFO lines (~40 at start-up, then every sleep and wake-up) would bury the run's own console;
         # its warnings stay. VLLM_LOGGING_LEVEL=INFO brings them back. Read when vllm is first imported.
@@ -256,7 +257,7 @@ class VLLMEngine:
         self.omni = omni
         self.weights_pushed = not omni  # an Omni engine holds random weights until the first load_weights
         self.processor_kwargs = {} if prompt_embeds else \
-            engine_processor_kwargs(AutoProcessor.from_pretrained(model_path), omni)
+            engine_processor_kwargs(processor or AutoProcessor.from_pretrained(model_path), omni)
         media = {"enable_prompt_embeds": True} if prompt_embeds else \
             {"limit_mm_per_prompt": {"video": 1, "image": 0, **({"audio": 1} if omni else {})}}
         if omni:
@@ -439,7 +440,7 @@ def make_engine(cfg, model, processor, model_path: str, lm_dir: str, seed: int, 
         barrier()
     return VLLMEngine(lm_dir if omni or embeds_only else model_path, cfg.gpu_memory_utilization, cfg.max_model_len,
                       seed=seed, max_frames=cfg.max_frames, sleep_level=sleep_level, prompt_embeds=embeds_only,
-                      omni=omni)
+                      omni=omni, processor=processor)
 
 
 def full_tensors(model, dtype=torch.bfloat16):

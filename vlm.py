@@ -57,12 +57,15 @@ SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|visi
 # loading
 
 def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu",
-               vision_attention: str = "batched"):
+               vision_attention: str = "batched", patch_embed: str = "linear"):
     """(model, processor) for a supported VLM checkpoint folder or hub id. vision_attention: "batched" runs
     each layer of a Qwen vision tower as one attention call over all its windows (window_attention below; with
-    sdpa), "loop" keeps transformers' one call per window."""
+    sdpa), "loop" keeps transformers' one call per window. patch_embed: "linear" runs a Qwen tower's Conv3d
+    patch embedding as one matrix product (PatchProjection below), "conv" keeps transformers' Conv3d."""
     if vision_attention not in ("batched", "loop"):
         raise ValueError(f"vision_attention {vision_attention!r}: choose batched or loop")
+    if patch_embed not in ("linear", "conv"):
+        raise ValueError(f"patch_embed {patch_embed!r}: choose linear or conv")
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")  # config.json read, no code run
     if model_type not in SUPPORTED:
         raise ValueError(f"{path}: model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
@@ -88,6 +91,8 @@ def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"
     if vision_attention == "batched" and family(model) in MROPE and vision_config._attn_implementation == "sdpa":
         model.set_attn_implementation({"text_config": model.config.get_text_config()._attn_implementation,
                                        "vision_config": WINDOW_ATTENTION})
+    if patch_embed == "linear":
+        use_patch_projection(model)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 
@@ -187,6 +192,44 @@ def window_attention(module, query, key, value, attention_mask=None, scaling=Non
 # name says "flash" (transformers.utils.is_flash_attention_requested); the kernel here is PyTorch's SDPA
 WINDOW_ATTENTION = "flash_varlen_sdpa"
 AttentionInterface.register(WINDOW_ATTENTION, window_attention)
+
+
+# the Qwen vision towers' patch embedding: a Conv3d whose kernel is its stride, i.e. one matrix product
+
+class PatchProjection(torch.nn.Module):
+    """Stands in for a Qwen vision tower's `patch_embed.proj` (nn.Conv3d, kernel = stride, no padding: each
+    output sees one whole patch and no two patches overlap) and computes what that convolution computes as
+    the matrix product it is, with the conv's own parameters (same names, shapes and state dict):
+        x      [N, C, t, p, p]                 N patches (the tower views its pixel rows this way)
+        W      [D, C, t, p, p] -> [D, C t p p]  a view, no copy
+        out    [N, D, 1, 1, 1] = (x.flatten(1) @ W.flatten(1).T + b)[:, :, None, None, None]
+    cuDNN's Conv3d kernels for this shape have been orders of magnitude slower than one GEMM in some PyTorch /
+    cuDNN versions (a fallback to im2col or a slow bf16 engine), forward and backward; a GEMM is always cuBLAS."""
+
+    def __init__(self, conv: torch.nn.Conv3d):
+        super().__init__()
+        if conv.stride != conv.kernel_size or any(conv.padding) or conv.dilation != (1, 1, 1) or conv.groups != 1:
+            raise ValueError(f"PatchProjection needs non-overlapping patches, got {conv}")
+        self.weight, self.bias = conv.weight, conv.bias   # the same Parameter objects
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x.flatten(1), self.weight.flatten(1), self.bias)[:, :, None, None, None]
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size} (as one matrix product)"
+
+
+def use_patch_projection(model) -> int:
+    """Swap every Conv3d `patch_embed.proj` of the model's media encoders for a PatchProjection of the same
+    parameters; returns how many (the Qwen families have one; LLaVA's and VILA's image towers use Conv2d)."""
+    swapped = 0
+    for encoder in media_encoders(model):
+        for module in encoder.modules():
+            if type(getattr(module, "proj", None)) is torch.nn.Conv3d and hasattr(module, "temporal_patch_size"):
+                module.proj = PatchProjection(module.proj)
+                swapped += 1
+    return swapped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -588,13 +631,15 @@ def encode_videos(model, prompts: list, max_patches: int = 65536, grad_patches: 
             T = int(p.video_grid_thw[0, 0])
             step = max(1, budget // (len(p.pixel_values_videos) // T))   # temporal patches per piece
             pieces += [(i, t, min(t + step, T)) for t in range(0, T, step)]
-    calls = []  # consecutive pieces within the budget (always at least one)
+    calls, rows_in_call = [], 0  # consecutive pieces within the budget (always at least one)
     for piece in pieces:
         size = piece_rows(prompts, piece)
-        if calls and sum(piece_rows(prompts, q) for q in calls[-1]) + size <= budget:
+        if calls and rows_in_call + size <= budget:
             calls[-1].append(piece)
+            rows_in_call += size
         else:
             calls.append([piece])
+            rows_in_call = size
     checkpointed = torch.is_grad_enabled() and len(calls) > 1
     parts = [[] for _ in prompts]  # per video: its pieces' (embeds, [deepstack per layer] or None), in order
     for call in calls:

@@ -463,6 +463,63 @@ def test_batched_window_attention_equals_the_loop(tmp_path, fam, grids):
         assert torch.allclose(g_b[n], g, atol=1e-7, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker"])
+def test_patch_projection_equals_the_conv3d(tmp_path, fam):
+    """vlm.PatchProjection (the tower's Conv3d patch embedding as one matrix product, the default) gives the tower's
+    outputs and every gradient of transformers' Conv3d, holds the same parameters under the same names (checkpoints,
+    merge and vLLM weight pushes see no difference), and the conv is swapped in every Qwen family."""
+    path = make_tiny_model(str(tmp_path), fam, seed=0)
+    (conv, _), (linear, _) = vlm.load_model(path, patch_embed="conv"), vlm.load_model(path)
+    proj = vlm.media_model(linear).visual.patch_embed.proj
+    assert isinstance(proj, vlm.PatchProjection)
+    assert type(vlm.media_model(conv).visual.patch_embed.proj) is torch.nn.Conv3d
+    assert {k: v.shape for k, v in linear.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
+    assert proj.weight.dim() == 5 and (fam == "qwen3_vl") == (proj.bias is not None)   # Qwen3-VL's has a bias
+    vc = conv.config.vision_config
+    grid = torch.tensor([[2, 8, 8], [1, 12, 14]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                         generator=torch.Generator().manual_seed(0))
+    (out_c, dpix_c, g_c), (out_l, dpix_l, g_l) = (vision_gradients(m, pixels, grid) for m in (conv, linear))
+    for a, b in zip(out_l, out_c):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(dpix_l, dpix_c, atol=1e-7, rtol=1e-4)
+    assert g_l.keys() == g_c.keys() and "patch_embed.proj.weight" in g_l
+    for n, g in g_c.items():
+        assert torch.allclose(g_l[n], g, atol=1e-5, rtol=1e-4), n   # fp32 sums over every patch row, reordered
+    with pytest.raises(ValueError, match="non-overlapping"):
+        vlm.PatchProjection(torch.nn.Conv3d(3, 8, kernel_size=2, stride=1))
+    with pytest.raises(ValueError, match="patch_embed 'fast'"):
+        vlm.load_model(path, patch_embed="fast")
+
+
+def test_patch_projection_by_hand():
+    """One patch, one output channel: the output is the sum of weight x pixel over the patch, plus the bias."""
+    conv = torch.nn.Conv3d(2, 3, kernel_size=(2, 2, 2), stride=(2, 2, 2), bias=True)
+    x = torch.randn(5, 2, 2, 2, 2)
+    out = vlm.PatchProjection(conv)(x)
+    assert out.shape == (5, 3, 1, 1, 1)
+    by_hand = torch.stack([(conv.weight[d] * x).sum((1, 2, 3, 4)) + conv.bias[d] for d in range(3)], 1)
+    assert torch.allclose(out.flatten(1), by_hand, atol=1e-6)
+    assert torch.allclose(out, conv(x), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's bf16 kernels")
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl"])
+def test_patch_projection_in_bf16_on_gpu(tmp_path, fam):
+    """On the GPU in bf16, with the lent machine's cuDNN: the matrix product equals the Conv3d's outputs and
+    gradients to bf16 precision."""
+    path = make_tiny_model(str(tmp_path), fam, size=TinySize(hidden=128, heads=2, kv_heads=1), seed=0)
+    (conv, _), (linear, _) = (vlm.load_model(path, "bfloat16", device="cuda", patch_embed=kind)
+                              for kind in ("conv", "linear"))
+    vc = conv.config.vision_config
+    grid = torch.tensor([[4, 8, 8], [2, 10, 6]], device="cuda")
+    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                         device="cuda", dtype=torch.bfloat16)
+    (out_c, dpix_c, g_c), (out_l, dpix_l, g_l) = (vision_gradients(m, pixels, grid) for m in (conv, linear))
+    for a, b in [*zip(out_l, out_c), (dpix_l, dpix_c), *((g_l[n], g) for n, g in g_c.items())]:
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+
+
 def test_window_attention_by_hand():
     """Three windows of lengths 2, 3, 1 over N = 6 tokens: each token's output is softmax attention over its own
     window's keys only (computed here window by window), ragged and with GQA-free heads."""
