@@ -550,12 +550,20 @@ def sample_responses(policy, engine, processor, prompts: list, cfg, seed: int, s
     return outs
 
 
-def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cache_dir: str = "") -> dict:
-    """Greedy answers for every sample; accuracy overall and per category; predictions and skipped videos."""
+def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cache_dir: str = "",
+             prepared: tuple = None) -> dict:
+    """Greedy answers for every sample; accuracy overall and per category; predictions and skipped videos.
+    prepared: (prompts, skipped) that prepare_prompts already made of these samples (train_sft's evaluation has
+    them for its held-out loss): answered as they are, no video decoded again."""
     preds, skipped, misses = [], [], []
+    if prepared is not None:
+        skipped = list(prepared[1])
     for start in tqdm(range(0, len(samples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
-        prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
-                                  skipped, cache_dir, misses)
+        if prepared is not None:
+            prompts = prepared[0][start:start + cfg.eval_batch_size]
+        else:
+            prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
+                                      skipped, cache_dir, misses)
         if not prompts:
             continue
         if engine is not None:
@@ -583,13 +591,14 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
             "skipped": skipped, "predictions": preds, "cache_misses": len(misses)}
 
 
-def evaluate_all(policy, processor, samples: list, cfg, engine, tag: str, out_dir: str) -> dict:
+def evaluate_all(policy, processor, samples: list, cfg, engine, tag: str, out_dir: str, prepared: tuple = None) -> dict:
     """Held-out accuracy over all ranks (the FSDP root `policy`): each rank answers every world_size-th row, the
-    counts are summed; rank 0 writes its predictions to out_dir/eval_{tag}.jsonl."""
+    counts are summed; rank 0 writes its predictions to out_dir/eval_{tag}.jsonl. prepared: this rank's rows
+    (samples[rank::world]) already made into (prompts, skipped) by prepare_prompts."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     policy.eval()
     res = policy(evaluate, processor, samples[rank::world], cfg, engine, desc=f"eval {tag}",
-                 cache_dir=cfg.embeddings_cache)
+                 cache_dir=cfg.embeddings_cache, prepared=prepared)
     sums = all_reduce(torch.tensor([res["accuracy"] * res["num_scored"], res["format"] * res["num_scored"],
                                     float(res["num_scored"]), float(len(res["skipped"]))]))
     out = {"accuracy": (sums[0] / sums[2].clamp(min=1)).item(), "format": (sums[1] / sums[2].clamp(min=1)).item(),

@@ -121,13 +121,15 @@ def main(cfg: Config):
     def evaluate(tag: str) -> dict:
         """Held-out loss on the eval rows' targets (each data-parallel rank its share), then greedy accuracy."""
         policy.eval()
-        mine = held_out[spi.dp_rank::spi.dp_size]
-        prompts = rollout.prepare_prompts(model, processor, mine, cfg, cfg.think, [], cfg.embeddings_cache)
+        mine, skipped = held_out[spi.dp_rank::spi.dp_size], []
+        prompts = rollout.prepare_prompts(model, processor, mine, cfg, cfg.think, skipped, cfg.embeddings_cache)
         texts = [target_text(p.sample, cfg.target, cfg.think) for p in prompts]
         vlm.use_attention(model, attention["train"])
         loss = sft_nll(policy, target_seqs(prompts, texts, processor.tokenizer), cfg, suppress, spi)
         vlm.use_attention(model, attention["rollout"])
-        ev = rollout.evaluate_all(policy, processor, held_out, cfg, None, tag, cfg.out_dir)
+        # without SP a data-parallel rank is a rank, and its rows are the ones it answers: decoded once, here
+        ev = rollout.evaluate_all(policy, processor, held_out, cfg, None, tag, cfg.out_dir,
+                                  (prompts, skipped) if spi.sp_size == 1 else None)
         return {"eval_loss": loss, **ev}
 
     if held_out and not last:

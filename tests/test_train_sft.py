@@ -91,11 +91,19 @@ def test_sft_loss_is_the_token_mean_nll_and_its_gradient(tiny_run):
     assert P.sft_nll(policy, seqs, cfg, []) < res["loss"]   # after the step the same targets are likelier
 
 
-def test_sft_learns_the_targets(tiny_run, tmp_path):
+def test_sft_learns_the_targets(tiny_run, tmp_path, monkeypatch):
+    """The held-out loss falls; each evaluation (loss + greedy accuracy) decodes every held-out video once."""
+    import rollout
+    decoded, load_video = [], rollout.load_video
+    monkeypatch.setattr(rollout, "load_video", lambda path, *a, **k: decoded.append(path) or load_video(path, *a, **k))
     res = S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=12, lr=1e-2, eval_max_samples=8))
     first = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
     assert res["curve"][-1]["eval_loss"] < res["curve"][0]["eval_loss"] * 0.6   # held-out targets: 5.96 -> 2.75
     assert first["tokens"] > 4 * 10                          # reasoning + answer + eos for each of 4 rows
+    held_out = [json.loads(line)["video"] for line in open(os.path.join(tiny_run, "data", "eval.jsonl"))][:8]
+    assert len(res["curve"]) == 2 and res["curve"][-1]["num_scored"] == 8
+    decoded = [os.path.relpath(v, os.path.join(tiny_run, "data")) for v in decoded]   # the rows' paths, resolved
+    assert sorted(v for v in decoded if v in held_out) == sorted(held_out * 2)   # 2 evaluations, once each
 
 
 def test_sft_resume_continues_exactly(tiny_run, tmp_path):
