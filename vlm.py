@@ -1024,8 +1024,12 @@ def set_checkpointing(model, mode: str = "full", mlp_chunk: int = 0, attention_l
         raise ValueError(f"checkpoint mode {mode!r}: choose none, full, attention or offload")
     model.offload_activations = mode == "offload"
     layers = text_model(model).layers
+    # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (5.2x; the old names warn there)
+    renamed = hasattr(model, "activation_checkpointing_enable")
     if mode == "none":
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable() if renamed else model.gradient_checkpointing_disable()
+    elif renamed:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": mode == "offload"})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "offload"})
     if mode == "attention":

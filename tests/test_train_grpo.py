@@ -590,7 +590,7 @@ def test_a_cpu_run_prints_no_warning(tiny_run, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", append=True)  # every warning, except those the project filters itself
         T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=2, save_every=2, eval_every=2, sft_steps=2,
-                        sft_batch_size=8))
+                        sft_batch_size=8, gradient_checkpointing=True))   # the default (tiny_cfg turns it off)
         T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=3, save_every=2, eval_every=0, resume=True))
     assert not caught, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught]
 
