@@ -12,6 +12,7 @@ The benchmarks behind every number in the README. Each prints a table and one JS
     python bench.py cache                 # GRPO step time with cached vision embeddings vs live decode + encode
     python bench.py memory                # per-GPU memory plan for Qwen2.5-VL-7B at 256 / 1,024 / 3,600 frames
     python bench.py trl                   # GRPO step time + reward vs TRL's GRPOTrainer (needs: pip install trl)
+    python bench.py patch                 # the vision tower's patch embedding: Conv3d vs the same as one GEMM
     python bench.py train --tiny=True     # every bench also runs on a tiny model (CPU smoke test)
 
 Models are random-initialised at the shape of Qwen2.5-VL-3B (or 7B with --shape=7b): no download. MFU counts
@@ -91,6 +92,7 @@ class BenchConfig:
     packing: list = None            # train: group_packing values side by side (default [True]; e.g. [True,False])
     vision: list = None             # train: vision_attention values side by side (default ["batched"]; or "loop")
     patch_embed: list = None        # train: patch_embed values side by side (default ["linear"]; or "conv")
+    patches: list = None            # patch: patch counts (default 32,768 and 131,072: 256 and 1,024 frames at 224 px)
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
     checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
                                     # inputs to host memory, for a step that does not fit)
@@ -705,6 +707,38 @@ def bench_memory(cfg: BenchConfig):
          "rows": rows}, cfg)
 
 
+def bench_patch(cfg: BenchConfig):
+    """The Qwen vision tower's patch embedding (3B shape: 3 x 2 x 14 x 14 pixels -> 1,280) over N patches, bf16 on
+    the GPU: transformers' Conv3d against vlm.PatchProjection (the same weights as one GEMM), forward alone and
+    forward + backward (the update runs the forward, its recompute and the backward), milliseconds a call."""
+    dev, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    v = SHAPES[cfg.shape]["v_hidden"]
+    conv = torch.nn.Conv3d(3, v, (2, 14, 14), stride=(2, 14, 14), bias=False).to(dev, dtype)
+    linear = vlm.PatchProjection(conv)
+
+    def ms(fn, grad: bool, reps=10):
+        with torch.set_grad_enabled(grad):
+            for k in range(3 + reps):
+                if k == 3:
+                    sync()
+                    t = time.perf_counter()
+                out = fn()
+                if grad:
+                    out.float().sum().backward()
+            sync()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    rows = []
+    for n in cfg.patches or ([512] if cfg.tiny else [32768, 131072]):
+        x = torch.randn(n, 3, 2, 14, 14, device=dev, dtype=dtype, requires_grad=True)
+        for name, module in (("Conv3d", conv), ("PatchProjection (GEMM)", linear)):
+            rows.append({"patches": n, "kernel": name, "forward_ms": ms(lambda: module(x), False),
+                         "forward_backward_ms": ms(lambda: module(x), True)})
+            print(rows[-1], flush=True)
+    print_table(rows, list(rows[0]))
+    log({"bench": "patch_embed", **device_info(), "cudnn": torch.backends.cudnn.version(), "rows": rows}, cfg)
+
+
 def bench_cache(cfg: BenchConfig):
     """GRPO steps of train_grpo.py with the vision tower frozen: videos decoded + encoded live vs read from the
     cache that cache_embeddings.py builds first (timed once). Median seconds per step over steps 2.., per phase."""
@@ -1152,7 +1186,7 @@ def bench_video(cfg: VideoBenchConfig):
 if __name__ == "__main__":
     benches = {"video": bench_video, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
                "sp": bench_sp, "memory": bench_memory, "cache": bench_cache, "grpo_setup": grpo_setup,
-               "trl": bench_trl}
+               "trl": bench_trl, "patch": bench_patch}
     which = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in benches else None
     if which is None and "--help" not in sys.argv and "-h" not in sys.argv:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--key=value ...]  (--help for fields)")

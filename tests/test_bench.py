@@ -1,6 +1,7 @@
 """
 bench.py at its CPU smoke sizes (--tiny): the GRPO-step bench runs train_grpo.py (through the 78 GiB-cap prelude,
-bench.CAP_80GB) in both layouts and reports the fields the README's tables are made of.
+bench.CAP_80GB) in both layouts and reports the fields the README's tables are made of; the patch-embedding bench
+times both kernels.
     python -m pytest tests/test_bench.py -q
 """
 import json
@@ -29,3 +30,15 @@ def test_train_bench_runs_both_layouts_and_reports_the_tables_fields(tmp_path):
     assert abs(per_update[0] - per_update[1]) < 0.01 * per_update[0]  # times are logged rounded
     assert packed["update_useful_tokens_per_s"] * packed["update_s"] < per_update[1]
     assert results["longest_fwd_bwd"]["rows"]
+
+
+def test_patch_bench_times_both_kernels(tmp_path):
+    """bench.py patch: the Conv3d and its GEMM (vlm.PatchProjection) on the same weights, forward and forward +
+    backward, one row each per patch count."""
+    out = tmp_path / "bench.jsonl"
+    subprocess.run([sys.executable, "bench.py", "patch", "--tiny=True", "--patches=[64,128]", f"--out={out}"],
+                   cwd=ROOT, check=True, timeout=300, capture_output=True)
+    rows = json.loads(out.read_text().splitlines()[-1])["rows"]
+    assert [(r["patches"], r["kernel"]) for r in rows] == [(n, k) for n in (64, 128)
+                                                           for k in ("Conv3d", "PatchProjection (GEMM)")]
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] for r in rows)
