@@ -555,11 +555,10 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
     """Greedy answers for every sample; accuracy overall and per category; predictions and skipped videos.
     prepared: (prompts, skipped) that prepare_prompts already made of these samples (train_sft's evaluation has
     them for its held-out loss): answered as they are, no video decoded again."""
-    preds, skipped, misses = [], [], []
-    if prepared is not None:
-        skipped = list(prepared[1])
-    for start in tqdm(range(0, len(samples), cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
-        if prepared is not None:
+    preds, skipped, misses = [], list(prepared[1]) if prepared else [], []
+    total = len(prepared[0]) if prepared else len(samples)
+    for start in tqdm(range(0, total, cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
+        if prepared:
             prompts = prepared[0][start:start + cfg.eval_batch_size]
         else:
             prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
