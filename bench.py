@@ -669,18 +669,25 @@ def bench_memory(cfg: BenchConfig):
     s3 = SHAPES["3b"]
     lm, vis, root, layer = count(s3)
     plain = (2 * lm, 2 * lm, 2 * s3["vocab"] * s3["hidden"])  # state (bf16 params), grads, the embedding's grad
-    setups = {  # name: (state, grads, gather, {tokens: measured})
+    # Rows 4-5: bench.py train at 1,024 frames x 8 responses of 256 tokens, the vision tower trained (lent H100,
+    # commit cbf182e, 2026-12-07): a packed group (32,798 prompt + 2,048 response tokens) and, unpacked, the
+    # largest sequence (one prompt + one response), 32,768 video tokens each.
+    fsdp = (12 * (lm + vis), 4 * (lm + vis), 4 * (root + layer))
+    setups = {  # name: (state, grads, gather, {tokens: measured}, video tokens)
         "bf16 params + grads, no optimizer (bench.py longest)":
-            (*plain, {16384: 14.42, 65536: 26.70, 131072: 46.86, 196608: 67.03, 262144: "OOM"}),
+            (*plain, {16384: 14.42, 65536: 26.70, 131072: 46.86, 196608: 67.03, 262144: "OOM"}, 0),
         "the same after bench.py train, +16.42 GiB left (README)":
-            (plain[0] + 16.42 * GiB, *plain[1:], {16384: 30.79, 131072: 63.22, 196608: "OOM"}),
+            (plain[0] + 16.42 * GiB, *plain[1:], {16384: 30.79, 131072: 63.22, 196608: "OOM"}, 0),
         "FSDP2 fp32 master + AdamW, bf16 compute (vision idle)":
-            (12 * lm + 4 * vis, 4 * lm, 4 * (root + layer), {16384: 51.59, 32768: 54.38, 65536: 59.96, 98304: 68.53}),
+            (12 * lm + 4 * vis, 4 * lm, 4 * (root + layer), {16384: 51.59, 32768: 54.38, 65536: 59.96, 98304: 68.53},
+             0),
+        "GRPO step, 1,024 frames, tower trained, packed group": (*fsdp, {32798 + 8 * 256: 65.46}, 32768),
+        "GRPO step, 1,024 frames, tower trained, one row per response": (*fsdp, {32798 + 256: 68.88}, 32768),
     }
     check = []
-    for name, (state, grads, gather, measured) in setups.items():
+    for name, (state, grads, gather, measured, video) in setups.items():
         for S, m in measured.items():
-            p = peak(s3, S, 1, state, grads, gather)
+            p = peak(s3, S, 1, state, grads, gather, video, vision=video > 0)
             check.append({"setup": name, "tokens": S, "predicted_GiB": p, "measured_GiB": m,
                           "pred/meas": p / m if m != "OOM" else "agrees (> 78)" if p > 78 else "DISAGREES"})
     print_table(check, list(check[0]))
