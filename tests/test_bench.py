@@ -42,3 +42,19 @@ def test_patch_bench_times_both_kernels(tmp_path):
     assert [(r["patches"], r["kernel"]) for r in rows] == [(n, k) for n in (64, 128)
                                                            for k in ("Conv3d", "PatchProjection (GEMM)")]
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] for r in rows)
+
+
+def test_memory_plan_agrees_with_its_measured_peaks(tmp_path):
+    """bench.py memory: the formula within 5% of every measured peak it is checked against (and past 78 GiB where
+    the measurement ran out of memory); the 7B plan has a row per layout, frame count and SP size."""
+    out = tmp_path / "bench.jsonl"
+    subprocess.run([sys.executable, "bench.py", "memory", f"--out={out}"], cwd=ROOT, check=True, timeout=300,
+                   capture_output=True)
+    plan = json.loads(out.read_text().splitlines()[-1])
+    assert len(plan["check_3b"]) == 14
+    for row in plan["check_3b"]:
+        if row["measured_GiB"] == "OOM":
+            assert row["pred/meas"] == "agrees (> 78)", row
+        else:
+            assert 0.95 <= row["pred/meas"] <= 1.05, row
+    assert len(plan["rows"]) == 2 * 3 * 4
