@@ -20,6 +20,7 @@ Models are random-initialised at the shape of Qwen2.5-VL-3B (or 7B with --shape=
 not counted, against the bf16 matmul rate measured on the same GPU in the same run.
 """
 import contextlib
+import ctypes
 import functools
 import gc
 import importlib.metadata as md
@@ -30,6 +31,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -390,6 +392,14 @@ CAP_80GB = ("import runpy, sys, torch\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
+def die_with_parent():
+    """preexec_fn of the benchmarks' subprocesses: the kernel kills the child when the bench dies (prctl
+    PR_SET_PDEATHSIG = 1). A bench stopped by a time limit would otherwise leave its train_grpo.py running on the GPU,
+    under the next measurement. Linux only; elsewhere nothing."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 def run_grpo(fields: dict, out_dir: str) -> list:
     """Run `python train_grpo.py PRESET` (PRESET = these fields, written to out_dir/preset.py; CAP_80GB) and
     return its metrics.jsonl rows. One process: on a GPU it acts as a one-rank torchrun (common.single_process_env)."""
@@ -400,7 +410,7 @@ def run_grpo(fields: dict, out_dir: str) -> list:
         f.writelines(f"{k} = {v!r}\n" for k, v in {**fields, "out_dir": out_dir}.items())
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, "-c", CAP_80GB, os.path.join(here, "train_grpo.py"), preset], check=True,
-                   cwd=here, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                   cwd=here, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -764,7 +774,7 @@ def bench_cache(cfg: BenchConfig):
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, os.path.join(here, "cache_embeddings.py"), f"--model={model}", f"--data={data}",
                     f"--out={cache_dir}", f"--device={dev}", "--progress=False",
-                    *[f"--{k}={v}" for k, v in sampling.items()]], check=True, cwd=here)
+                    *[f"--{k}={v}" for k, v in sampling.items()]], check=True, cwd=here, preexec_fn=die_with_parent)
     build_s = time.time() - t0
     base = dict(model=model, data=data, **sampling, rollout_batch_size=2, n=cfg.n, micro_batch_size=4,
                 max_new_tokens=8 if cfg.tiny else cfg.new_tokens, think=False, freeze_vision=True,
@@ -835,7 +845,8 @@ def bench_trl(cfg: BenchConfig):
               "save_every": 1}, os.path.join(root, "warm_run"))
     warm = os.path.join(root, "warm")
     subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "merge.py"),
-                    f"--checkpoint={os.path.join(root, 'warm_run')}", f"--out={warm}"], check=True)
+                    f"--checkpoint={os.path.join(root, 'warm_run')}", f"--out={warm}"], check=True,
+                   preexec_fn=die_with_parent)
     model, processor = vlm.load_model(warm, "float32", "sdpa", dev)
     train = load_jsonl(ours_cfg["data"])
     suppress = vlm.suppress_ids(model, processor)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,3 +59,27 @@ def test_memory_plan_agrees_with_its_measured_peaks(tmp_path):
         else:
             assert 0.95 <= row["pred/meas"] <= 1.05, row
     assert len(plan["rows"]) == 2 * 3 * 4
+
+
+def test_a_killed_bench_leaves_no_subprocess(tmp_path):
+    """bench.die_with_parent: a bench killed mid-run (SIGKILL, as a time limit may) takes its subprocess with it, so
+    no leftover run shares the GPU with the next measurement."""
+    pid_file, parent_script = tmp_path / "child.pid", tmp_path / "parent.py"
+    child_code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent_script.write_text("import subprocess, sys\nimport bench\n"
+                             f"subprocess.run([sys.executable, '-c', {child_code!r}],"
+                             " preexec_fn=bench.die_with_parent)\n")
+    parent = subprocess.Popen([sys.executable, str(parent_script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(50):   # the kernel delivers the child's SIGKILL as the parent exits
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"subprocess {child} outlived its killed bench")
