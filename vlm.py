@@ -220,16 +220,13 @@ class PatchProjection(torch.nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size} (as one matrix product)"
 
 
-def use_patch_projection(model) -> int:
+def use_patch_projection(model):
     """Swap every Conv3d `patch_embed.proj` of the model's media encoders for a PatchProjection of the same
-    parameters; returns how many (the Qwen families have one; LLaVA's and VILA's image towers use Conv2d)."""
-    swapped = 0
+    parameters (the Qwen families have one; LLaVA's and VILA's image towers use Conv2d)."""
     for encoder in media_encoders(model):
         for module in encoder.modules():
             if type(getattr(module, "proj", None)) is torch.nn.Conv3d and hasattr(module, "temporal_patch_size"):
                 module.proj = PatchProjection(module.proj)
-                swapped += 1
-    return swapped
 
 
 # ----------------------------------------------------------------------------------------------------------

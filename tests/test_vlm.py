@@ -438,6 +438,20 @@ def vision_gradients(model, pixels, grid):
     return [o.detach().float() for o in out], pixels.grad.float(), grads
 
 
+def random_pixel_rows(vc, grid, **kwargs):
+    """Random pixel rows as the Qwen processors lay them out: one row (channels x temporal patch x patch x patch
+    values) per patch of every video's grid (t, h, w); vc the vision config."""
+    return torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
+                       **kwargs)
+
+
+def assert_equal_to_bf16_precision(got, ref):
+    """Two vision_gradients results (outputs, pixel gradient, weight gradients) agree to bf16 precision."""
+    (out, dpix, grads), (out_ref, dpix_ref, grads_ref) = got, ref
+    for a, b in [*zip(out, out_ref), (dpix, dpix_ref), *((grads[n], g) for n, g in grads_ref.items())]:
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+
+
 # grids (t, h, w) in patches: [2, 8, 8] gives Qwen2.5-VL equal 112-pixel windows (4 x 4 merged units); [2, 10, 6]
 # and [1, 12, 14] do not divide into them: ragged windows, and frames of two sizes in one call
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker"])
@@ -450,10 +464,8 @@ def test_batched_window_attention_equals_the_loop(tmp_path, fam, grids):
     assert loop.config.vision_config._attn_implementation == "sdpa"
     assert batched.config.vision_config._attn_implementation == vlm.WINDOW_ATTENTION
     assert batched.config.get_text_config()._attn_implementation == "sdpa"   # the decoder's is left alone
-    vc = loop.config.vision_config
     grid = torch.tensor(grids)
-    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
-                         generator=torch.Generator().manual_seed(0))
+    pixels = random_pixel_rows(loop.config.vision_config, grid, generator=torch.Generator().manual_seed(0))
     (out_l, dpix_l, g_l), (out_b, dpix_b, g_b) = (vision_gradients(m, pixels, grid) for m in (loop, batched))
     for a, b in zip(out_b, out_l):
         assert torch.allclose(a, b, atol=1e-6)
@@ -475,10 +487,8 @@ def test_patch_projection_equals_the_conv3d(tmp_path, fam):
     assert type(vlm.media_model(conv).visual.patch_embed.proj) is torch.nn.Conv3d
     assert {k: v.shape for k, v in linear.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
     assert proj.weight.dim() == 5 and (fam == "qwen3_vl") == (proj.bias is not None)   # Qwen3-VL's has a bias
-    vc = conv.config.vision_config
     grid = torch.tensor([[2, 8, 8], [1, 12, 14]])
-    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
-                         generator=torch.Generator().manual_seed(0))
+    pixels = random_pixel_rows(conv.config.vision_config, grid, generator=torch.Generator().manual_seed(0))
     (out_c, dpix_c, g_c), (out_l, dpix_l, g_l) = (vision_gradients(m, pixels, grid) for m in (conv, linear))
     for a, b in zip(out_l, out_c):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -511,13 +521,9 @@ def test_patch_projection_in_bf16_on_gpu(tmp_path, fam):
     path = make_tiny_model(str(tmp_path), fam, size=TinySize(hidden=128, heads=2, kv_heads=1), seed=0)
     (conv, _), (linear, _) = (vlm.load_model(path, "bfloat16", device="cuda", patch_embed=kind)
                               for kind in ("conv", "linear"))
-    vc = conv.config.vision_config
     grid = torch.tensor([[4, 8, 8], [2, 10, 6]], device="cuda")
-    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
-                         device="cuda", dtype=torch.bfloat16)
-    (out_c, dpix_c, g_c), (out_l, dpix_l, g_l) = (vision_gradients(m, pixels, grid) for m in (conv, linear))
-    for a, b in [*zip(out_l, out_c), (dpix_l, dpix_c), *((g_l[n], g) for n, g in g_c.items())]:
-        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+    pixels = random_pixel_rows(conv.config.vision_config, grid, device="cuda", dtype=torch.bfloat16)
+    assert_equal_to_bf16_precision(vision_gradients(linear, pixels, grid), vision_gradients(conv, pixels, grid))
 
 
 def test_window_attention_by_hand():
@@ -546,13 +552,9 @@ def test_batched_window_attention_in_bf16_on_gpu(tmp_path, fam):
     (loop, _), (batched, _) = (vlm.load_model(path, "bfloat16", device="cuda", vision_attention=a)
                                for a in ("loop", "batched"))
     assert batched.config.vision_config._attn_implementation == vlm.WINDOW_ATTENTION
-    vc = loop.config.vision_config
     grid = torch.tensor([[4, 8, 8], [2, 10, 6]], device="cuda")
-    pixels = torch.randn(int(grid.prod(-1).sum()), vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2,
-                         device="cuda", dtype=torch.bfloat16)
-    (out_l, dpix_l, g_l), (out_b, dpix_b, g_b) = (vision_gradients(m, pixels, grid) for m in (loop, batched))
-    for a, b in [*zip(out_b, out_l), (dpix_b, dpix_l), *((g_b[n], g) for n, g in g_l.items())]:
-        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+    pixels = random_pixel_rows(loop.config.vision_config, grid, device="cuda", dtype=torch.bfloat16)
+    assert_equal_to_bf16_precision(vision_gradients(batched, pixels, grid), vision_gradients(loop, pixels, grid))
 
 
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
