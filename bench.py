@@ -94,6 +94,8 @@ class BenchConfig:
     packing: list = None            # train: group_packing values side by side (default [True]; e.g. [True,False])
     vision: list = None             # train: vision_attention values side by side (default ["batched"]; or "loop")
     patch_embed: list = None        # train: patch_embed values side by side (default ["linear"]; or "conv")
+    alloc_conf: list = None         # train: PYTORCH_CUDA_ALLOC_CONF values side by side (default: the environment's),
+                                    # e.g. ["", "expandable_segments:True"]
     patches: list = None            # patch: patch counts (default 32,768 and 131,072: 256 and 1,024 frames at 224 px)
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
     checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
@@ -400,9 +402,10 @@ def die_with_parent():
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def run_grpo(fields: dict, out_dir: str) -> list:
-    """Run `python train_grpo.py PRESET` (PRESET = these fields, written to out_dir/preset.py; CAP_80GB) and
-    return its metrics.jsonl rows. One process: on a GPU it acts as a one-rank torchrun (common.single_process_env)."""
+def run_grpo(fields: dict, out_dir: str, env: dict = None) -> list:
+    """Run `python train_grpo.py PRESET` (PRESET = these fields, written to out_dir/preset.py; CAP_80GB; `env` added
+    to the environment) and return its metrics.jsonl rows. One process: on a GPU it acts as a one-rank torchrun
+    (common.single_process_env)."""
     shutil.rmtree(out_dir, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     os.makedirs(out_dir)
     preset = os.path.join(out_dir, "preset.py")
@@ -410,7 +413,7 @@ def run_grpo(fields: dict, out_dir: str) -> list:
         f.writelines(f"{k} = {v!r}\n" for k, v in {**fields, "out_dir": out_dir}.items())
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, "-c", CAP_80GB, os.path.join(here, "train_grpo.py"), preset], check=True,
-                   cwd=here, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=die_with_parent)
+                   cwd=here, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, preexec_fn=die_with_parent)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -425,6 +428,9 @@ def phase_medians(rows: list, skip: int = 1) -> dict:
     out["update_tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in timed]))
     out["update_useful_tokens_per_s"] = float(np.median([r["useful_tokens_per_s"] for r in timed]))
     out["peak_GiB"] = max(r.get("peak_alloc_GiB", float("nan")) for r in timed)
+    if "alloc_retries" in rows[0]:  # GPU runs: the allocator's cache flushes in the timed steps (train_grpo.py)
+        out["alloc_retries"] = sum(r["alloc_retries"] for r in timed)
+        out["peak_reserved_GiB"] = max(r["peak_reserved_GiB"] for r in timed)
     return out
 
 
@@ -448,8 +454,8 @@ def bench_train(cfg: BenchConfig):
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         data = os.path.join(root, f"data{frames}")
         make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
-        for packing, vision, patch in itertools.product(cfg.packing or [True], cfg.vision or ["batched"],
-                                                        cfg.patch_embed or ["linear"]):
+        for packing, vision, patch, alloc in itertools.product(cfg.packing or [True], cfg.vision or ["batched"],
+                                                               cfg.patch_embed or ["linear"], cfg.alloc_conf or [None]):
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
@@ -460,10 +466,12 @@ def bench_train(cfg: BenchConfig):
                                     max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
                                     seed=cfg.seed, profile_step=2 if cfg.profile else 0),
-                               os.path.join(root, f"run{frames}"))
+                               os.path.join(root, f"run{frames}"),
+                               None if alloc is None else {"PYTORCH_CUDA_ALLOC_CONF": alloc})
             # micro-batches: one sequence, or with group_packing one packed group (one row)
             row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,
-                   "patch_embed": patch, **phase_medians(metrics, skip=2 if cfg.profile else 1)}
+                   "patch_embed": patch, **({} if alloc is None else {"alloc_conf": alloc}),
+                   **phase_medians(metrics, skip=2 if cfg.profile else 1)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
             # ... and on everything it computes: the decoder's tokens (a packed group: useful = computed) and the

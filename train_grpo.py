@@ -545,10 +545,15 @@ def step_metrics(step: int, stats: dict, groups: list, seqs: list, results: list
     # each group's prompt counted once (what group packing computes)
     metrics["tokens_per_s"] = metrics.pop("tokens") / max(timing["update"], 1e-9)
     metrics["useful_tokens_per_s"] = metrics.pop("useful_tokens") / max(timing["update"], 1e-9)
-    if torch.cuda.is_available():  # torch's allocator peak, and the whole GPU in use (vLLM's memory too)
-        metrics.update(peak_alloc_GiB=torch.cuda.max_memory_allocated() / 2**30, gpu_used_GiB=gpu_used_gib(),
-                       gpu_used_rollout_GiB=stats["gpu_used_GiB"])
+    if torch.cuda.is_available():  # torch's allocator peaks, and the whole GPU in use (vLLM's memory too);
+        # alloc_retries: how often this step the allocator found no cached block, freed its whole cache and called
+        # cudaMalloc again (each time a device-wide synchronisation: a step near the memory cap slows down there)
+        metrics.update(peak_alloc_GiB=torch.cuda.max_memory_allocated() / 2**30,
+                       peak_reserved_GiB=torch.cuda.max_memory_reserved() / 2**30,
+                       alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0),
+                       gpu_used_GiB=gpu_used_gib(), gpu_used_rollout_GiB=stats["gpu_used_GiB"])
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_accumulated_memory_stats()  # alloc_retries counts from here
     if engine:
         metrics["vllm_prompt_mismatches"] = engine.prompt_mismatches
     return metrics
