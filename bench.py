@@ -95,7 +95,7 @@ class BenchConfig:
     vision: list = None             # train: vision_attention values side by side (default ["batched"]; or "loop")
     patch_embed: list = None        # train: patch_embed values side by side (default ["linear"]; or "conv")
     alloc_conf: list = None         # train: PYTORCH_CUDA_ALLOC_CONF values side by side (default: the environment's),
-                                    # e.g. ["", "expandable_segments:True"]
+                                    # e.g. ["expandable_segments:False", "expandable_segments:True"]
     patches: list = None            # patch: patch counts (default 32,768 and 131,072: 256 and 1,024 frames at 224 px)
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
     checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
