@@ -7,6 +7,8 @@ must give the logits of the model's own forward on the same input.
 """
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ import torch
 import vlm
 from data.tiny import TinySize, make_tiny_model
 from data.video import write_video
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class VideoCfg:
@@ -364,6 +368,19 @@ def test_group_mask_hides_other_responses():
                                 [1, 1, 1, 0, 0, 1]]             # response 2 sees the prompt and itself only
     empty = vlm.pack_groups([[], [9]], [0, 0], [(torch.tensor([1, 2, 3]), torch.arange(3).expand(3, 3))], 0)
     assert empty.pred_rows.tolist() == [2] and empty.labels.tolist() == [9]   # an empty response scores nothing
+
+
+@pytest.mark.parametrize("threads_env, threads", [(None, 1), ("3", 3)])
+def test_kernels_compile_in_the_process_unless_the_environment_says(threads_env, threads):
+    """vlm sets inductor's compile_threads to 1 (no compile-worker pool: a GPU run waited forever on it in the
+    block mask's compile); TORCHINDUCTOR_COMPILE_THREADS still wins. A fresh interpreter: the setting is made at
+    import."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+    if threads_env:
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = threads_env
+    out = subprocess.run([sys.executable, "-c", "import vlm, torch._inductor.config as c; print(c.compile_threads)"],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    assert int(out.split()[-1]) == threads
 
 
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
