@@ -54,13 +54,14 @@ SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|visi
                    "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>",
                    "<image>", "<vila/video>", "<vila/sentinel>"]
 
-# torch.compile's kernels (the rollout's fused decode step, the update's block mask and FlexAttention) are compiled
-# here, in the process itself, not by inductor's pool of compile workers: on the lent H100 (torch 2.11) a 256-frame
-# GRPO run waited in the update's first compile with the GPU idle until the device call's time limit, its stack in
-# create_block_mask's compile waiting for the pool's results and the pool's process waiting for a job (three earlier
-# 256-frame calls stopped the same way, without a stack; other runs of the same code did not: intermittent). The wait is reported upstream for this very compile
-# (torchtitan issue 3944: block-mask compile, fixed by one compile thread; AReaL PR 701). Costs a slower first step
-# (kernels compiled one at a time); TORCHINDUCTOR_COMPILE_THREADS=N in the environment brings the pool back.
+# torch.compile's kernels (the rollout's fused decode step, the update's block mask and FlexAttention, vLLM's own in
+# a colocated engine) are compiled here, in the process itself, not by inductor's pool of compile workers: on the
+# lent H100 (torch 2.11) a 256-frame GRPO run waited in the update's first compile with the GPU idle until the device
+# call's time limit, its stack in create_block_mask's compile waiting for the pool's results and the pool's process
+# waiting for a job (three earlier 256-frame calls stopped the same way, without a stack; other runs of the same
+# code did not: intermittent). The same wait in the same compile is reported upstream (torchtitan issue 3944, where
+# one compile thread avoids it; AReaL PR 701). The cost: a slower first step (kernels compiled one at a time);
+# TORCHINDUCTOR_COMPILE_THREADS=N in the environment brings the pool back.
 if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
     inductor_config.compile_threads = 1
 
