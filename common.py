@@ -10,6 +10,7 @@ import random
 import shutil
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -165,14 +167,32 @@ def profiled(on: bool, path: str, show: bool, top: int = 25):
         yield
         return
     gpu = torch.cuda.is_available()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
         yield
         if gpu:
             torch.cuda.synchronize()
+    wall = time.perf_counter() - start
     if show:
         print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=top),
               flush=True)
+        if gpu:  # the kernels' and copies' time on the GPU's timeline (range annotations left out: they span gaps)
+            busy = busy_seconds([(e.time_range.start, e.time_range.end) for e in prof.events()
+                                 if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)])
+            print(f"GPU busy {busy:.2f} s of the profiled {wall:.2f} s ({100 * busy / wall:.0f}%); the rest it waited "
+                  f"for the host (Python, kernel launches, synchronisations)", flush=True)
     prof.export_chrome_trace(path)
+
+
+def busy_seconds(intervals: list) -> float:
+    """Length of the union of (start, end) intervals given in microseconds, in seconds: how long the GPU ran at
+    least one kernel or copy (overlapping streams counted once)."""
+    busy, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:             # the part of [start, end) past everything counted so far
+            busy += end - max(start, reach)
+            reach = end
+    return busy / 1e6
 
 
 @contextlib.contextmanager

@@ -43,3 +43,11 @@ def test_metrics_log_writes_rank0_only(tmp_path):
     other.write({"step": 1}, 1)
     other.close()
     assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [{"step": 1, "loss": 0.5}]
+
+
+def test_busy_seconds_counts_overlapping_kernels_once():
+    """profiled's "GPU busy" line: the union of the kernels' (start, end) microseconds, so two streams running at
+    once count once and idle gaps not at all."""
+    assert C.busy_seconds([]) == 0.0
+    assert C.busy_seconds([(20, 30), (0, 10), (5, 15), (1, 3)]) == pytest.approx(25e-6)  # [0, 15) + [20, 30)
+    assert C.busy_seconds([(0, 1_000_000), (1_000_000, 1_500_000)]) == pytest.approx(1.5)
