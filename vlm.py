@@ -19,14 +19,12 @@ explicitly everywhere, so that rollout and training log-probs agree.
 """
 import contextlib
 import inspect
-import os
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
-import torch._inductor.config as inductor_config
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.profiler import record_function
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import (AttentionInterface, AttentionMaskInterface, AutoModel, AutoModelForImageTextToText,
@@ -53,17 +51,6 @@ FRAMES = ("llava", "vila")  # embedding VLMs: each frame through an image tower,
 SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
                    "<|VIDEO|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>",
                    "<image>", "<vila/video>", "<vila/sentinel>"]
-
-# torch.compile's kernels (the rollout's fused decode step, the update's block mask and FlexAttention, vLLM's own in
-# a colocated engine) are compiled here, in the process itself, not by inductor's pool of compile workers: on the
-# lent H100 (torch 2.11) a 256-frame GRPO run waited in the update's first compile with the GPU idle until the device
-# call's time limit, its stack in create_block_mask's compile waiting for the pool's results and the pool's process
-# waiting for a job (three earlier 256-frame calls stopped the same way, without a stack; other runs of the same
-# code did not: intermittent). The same wait in the same compile is reported upstream (torchtitan issue 3944, where
-# one compile thread avoids it; AReaL PR 701). The cost: a slower first step (kernels compiled one at a time);
-# TORCHINDUCTOR_COMPILE_THREADS=N in the environment brings the pool back.
-if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
-    inductor_config.compile_threads = 1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -944,15 +931,55 @@ def group_attention_mask(segments: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
 
 
-def group_block_mask(segments: torch.Tensor, device):
-    """group_visible as a FlexAttention BlockMask: stored per 128 x 128 block (empty blocks are skipped, not
-    computed), so a 70k-token group costs no O(S^2) memory. Used with the "group_flex" attention function.
-    On the GPU the mask is built by a compiled kernel block by block: uncompiled, create_block_mask first
-    materialises the whole S x S mask (9.1 GiB at 35k tokens: out of memory beside a 3B model's AdamW state)."""
+def group_block_mask(segments: torch.Tensor, device, block: int = 128):
+    """group_visible as a FlexAttention BlockMask: per block x block tile of the [S, S] mask, "full" (every pair
+    visible: the kernel applies no mask there), "partial" (some: the kernel evaluates group_visible) or empty
+    (skipped), so a 70k-token group costs no O(S^2) memory. Used with the "group_flex" attention function.
+
+    Built here from the rule's shape, in plain tensor ops, not by create_block_mask: uncompiled, that one first
+    materialises the whole S x S mask (9.1 GiB at 35k tokens: out of memory beside a 3B model's AdamW state), and
+    compiled, one of its kernels (a sort over the key blocks) spent over 5 minutes in Triton's LLVM / ptxas on the
+    lent H100 at 256 frames (torch 2.11), with the GPU idle. tests/test_vlm.py checks this equals create_block_mask.
+
+    What a query q sees (group_visible) is two runs of keys: the prompt up to q, [0, min(P, q + 1)), and, for a
+    response token, its own response up to q, [start(q), q + 1). So the visible keys of a key block [lo, hi) are
+        count(q, block) = overlap([0, min(P, q+1)), [lo, hi)) + overlap([start(q), q+1), [lo, hi))
+    and a tile is full iff count = block for all its queries, empty iff count = 0 for all of them. Rows past S
+    (the last tile's padding) count 0, as create_block_mask pads them: a ragged last tile is never full."""
     seg = segments.to(device)
     G, S = seg.shape
-    return create_block_mask(lambda b, h, q, k: group_visible(q, k, seg[b, q], seg[b, k]), B=G, H=None, Q_LEN=S,
-                             KV_LEN=S, device=device, _compile=str(device).startswith("cuda"))
+    n = -(-S // block)                                                        # tiles per side
+    padded = torch.nn.functional.pad(seg, (0, n * block - S), value=-1)        # [G, n*block]
+    q = torch.arange(n * block, device=device)
+    real = q < S
+    prompt_len = (padded == 0).sum(1, keepdim=True)                            # [G, 1]: the prompt opens the row
+    first = torch.ones_like(padded, dtype=torch.bool)
+    first[:, 1:] = padded[:, 1:] != padded[:, :-1]                             # where each segment starts
+    start = torch.where(first, q, 0).cummax(1).values                         # [G, n*block]: start(q)
+    own = padded > 0                                                           # a response token
+    runs = [(torch.zeros_like(start), torch.minimum(prompt_len, q + 1)),       # the prompt up to q
+            (torch.where(own, start, 0), torch.where(own, q + 1, 0))]          # its own response up to q
+    lo = torch.arange(n, device=device) * block                               # key tile i: [lo_i, hi_i)
+    hi = (lo + block).clamp(max=S)
+    any_visible = torch.zeros(G, n, n, dtype=torch.bool, device=device)        # [G, query tile, key tile]
+    all_visible = torch.zeros(G, n, n, dtype=torch.bool, device=device)
+    step = max(1, 2 ** 22 // (G * n * block))                                  # query tiles at a time: bounded memory
+    for t in range(0, n, step):
+        rows = slice(t * block, min(t + step, n) * block)
+        count = sum((torch.minimum(b[:, rows, None], hi) - torch.maximum(a[:, rows, None], lo)).clamp(min=0)
+                    for a, b in runs)                                          # [G, rows, n]
+        count = count * real[rows, None]                                       # rows past S see nothing
+        count = count.view(G, -1, block, n)                                    # [G, tiles, block, n]
+        any_visible[:, t:t + step] = (count > 0).any(2)
+        all_visible[:, t:t + step] = (count == block).all(2)
+    partial = any_visible & ~all_visible
+
+    def listed(tiles):  # [G, n, n] bool -> ([G, 1, n] how many, [G, 1, n, n] which key tiles, listed ones first)
+        order = torch.argsort(tiles.int(), dim=-1, descending=True, stable=True)
+        return tiles.sum(-1, dtype=torch.int32)[:, None], order.int()[:, None]
+
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(all_visible), BLOCK_SIZE=block, seq_lengths=(S, S),
+                                    mask_mod=lambda b, h, q, k: group_visible(q, k, seg[b, q], seg[b, k]))
 
 
 _compiled_flex = None  # torch.compile(flex_attention), made on first GPU use (fused kernel, forward and backward)

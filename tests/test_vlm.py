@@ -7,8 +7,6 @@ must give the logits of the model's own forward on the same input.
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -370,17 +368,37 @@ def test_group_mask_hides_other_responses():
     assert empty.pred_rows.tolist() == [2] and empty.labels.tolist() == [9]   # an empty response scores nothing
 
 
-@pytest.mark.parametrize("threads_env, threads", [(None, 1), ("3", 3)])
-def test_kernels_compile_in_the_process_unless_the_environment_says(threads_env, threads):
-    """vlm sets inductor's compile_threads to 1 (no compile-worker pool: a GPU run waited forever on it in the
-    block mask's compile); TORCHINDUCTOR_COMPILE_THREADS still wins. A fresh interpreter: the setting is made at
-    import."""
-    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
-    if threads_env:
-        env["TORCHINDUCTOR_COMPILE_THREADS"] = threads_env
-    out = subprocess.run([sys.executable, "-c", "import vlm, torch._inductor.config as c; print(c.compile_threads)"],
-                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
-    assert int(out.split()[-1]) == threads
+@pytest.mark.parametrize("block, lengths", [
+    (8, [[17, 5, 9, 0, 12], [30, 3, 3]]),            # ragged rows, an empty response, padding, a ragged last tile
+    (8, [[16, 8, 8, 16]]),                           # every run on a tile boundary: full tiles off the diagonal
+    (8, [[15, 9, 16]]),                              # a key tile of 7 prompt keys + 1 other response's: partial
+    (128, [[300, 70, 128, 1, 200], [129, 400]]),     # the kernel's tile size
+])
+def test_group_block_mask_equals_create_block_mask(block, lengths):
+    """vlm.group_block_mask builds the BlockMask from the rule's shape (no compile, no S x S tensor); it must list
+    exactly the tiles create_block_mask (the dense reference: materialise, then tile) lists: the same full and
+    partial tiles in the same order, for the forward and (transposed) for the backward."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    S = max(sum(row) for row in lengths)
+    segments = torch.full((len(lengths), S), -1)
+    for g, row in enumerate(lengths):
+        segments[g, :sum(row)] = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
+    got = vlm.group_block_mask(segments, "cpu", block)
+    want = create_block_mask(lambda b, h, q, k: vlm.group_visible(q, k, segments[b, q], segments[b, k]),
+                             B=len(lengths), H=None, Q_LEN=S, KV_LEN=S, device="cpu", BLOCK_SIZE=block)
+    assert got.seq_lengths == want.seq_lengths and got.BLOCK_SIZE == want.BLOCK_SIZE
+    assert (got.full_kv_num_blocks > 0).any() and (got.kv_num_blocks > 0).any()    # both kinds of tile occur
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for count, name in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
+                        ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        n = getattr(want, count)
+        listed = torch.arange(getattr(want, name).shape[-1]) < n[..., None]          # the listed entries only
+        assert torch.equal(getattr(got, name)[listed], getattr(want, name)[listed]), name
+    assert torch.equal(got.to_dense(), want.to_dense())
+    q, k = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    for b in range(len(lengths)):                     # the mask the partial tiles apply is the rule itself
+        assert torch.equal(got.mask_mod(b, 0, q, k), vlm.group_visible(q, k, segments[b, q], segments[b, k]))
 
 
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker", "llava", "vila"])
