@@ -96,6 +96,7 @@ class BenchConfig:
     patch_embed: list = None        # train: patch_embed values side by side (default ["linear"]; or "conv")
     alloc_conf: list = None         # train: PYTORCH_CUDA_ALLOC_CONF values side by side (default: the environment's),
                                     # e.g. ["expandable_segments:False", "expandable_segments:True"]
+    compile_blocks: list = None     # train: compile_blocks values side by side (default [False]; e.g. [False,True])
     patches: list = None            # patch: patch counts (default 32,768 and 131,072: 256 and 1,024 frames at 224 px)
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
     checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
@@ -454,14 +455,15 @@ def bench_train(cfg: BenchConfig):
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         data = os.path.join(root, f"data{frames}")
         make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
-        for packing, vision, patch, alloc in itertools.product(cfg.packing or [True], cfg.vision or ["batched"],
-                                                               cfg.patch_embed or ["linear"], cfg.alloc_conf or [None]):
+        for packing, vision, patch, alloc, compiled in itertools.product(
+                cfg.packing or [True], cfg.vision or ["batched"], cfg.patch_embed or ["linear"], cfg.alloc_conf or [None],
+                cfg.compile_blocks or [False]):
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
                                     max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
                                     micro_batch_size=1, group_packing=packing, vision_attention=vision,
-                                    patch_embed=patch,
+                                    patch_embed=patch, compile_blocks=compiled,
                                     freeze_vision=cfg.freeze_vision, checkpoint_mode=cfg.checkpoint_mode,
                                     max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
@@ -470,7 +472,7 @@ def bench_train(cfg: BenchConfig):
                                None if alloc is None else {"PYTORCH_CUDA_ALLOC_CONF": alloc})
             # micro-batches: one sequence, or with group_packing one packed group (one row)
             row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,
-                   "patch_embed": patch, **({} if alloc is None else {"alloc_conf": alloc}),
+                   "patch_embed": patch, "compile_blocks": compiled, **({} if alloc is None else {"alloc_conf": alloc}),
                    **phase_medians(metrics, skip=2 if cfg.profile else 1)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak

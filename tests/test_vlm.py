@@ -352,6 +352,36 @@ def test_group_packing_equals_separate_sequences(tmp_path, media, fam):
         assert torch.allclose(grad_grp[name], g, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "llava"])
+def test_compiled_blocks_equal_eager(tmp_path, media, fam):
+    """vlm.compile_blocks (each block's norms and MLP under torch.compile) changes no number: the packed groups'
+    log-probs and every gradient equal eager mode's, under full checkpointing (the compiled parts run again in the
+    recompute). backend aot_eager: dynamo's capture and the autograd graph without inductor's code generation (the
+    fused GPU kernels themselves are checked in bf16 by the GPU bench); the parts must really be compiled."""
+    model, prompts, packed, responses = group_case(tmp_path, media, fam)
+    vlm.set_checkpointing(model, "full")
+    model.train()
+    weights = torch.rand(sum(len(r) for r in responses))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        lp, _ = vlm.group_logprobs(model, packed, vlm.encode_videos(model, prompts), [])
+        (lp * weights).sum().backward()
+        return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    lp_eager, grad_eager = run()
+    torch._dynamo.reset()
+    vlm.compile_blocks(model, backend="aot_eager")
+    parts = [getattr(b, name) for b in vlm.fsdp_units(model) for name in vlm.FUSED_PARTS if hasattr(b, name)]
+    assert len(parts) >= 2 * len(vlm.fsdp_units(model)) and all(p._compiled_call_impl is not None for p in parts)
+    lp_compiled, grad_compiled = run()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0               # dynamo did capture them
+    assert torch.allclose(lp_compiled, lp_eager, atol=1e-6), (lp_compiled - lp_eager).abs().max()
+    assert grad_compiled.keys() == grad_eager.keys()
+    for name, g in grad_eager.items():
+        assert torch.allclose(grad_compiled[name], g, atol=1e-6, rtol=1e-5), name
+
+
 def test_group_mask_hides_other_responses():
     packed = vlm.pack_groups([[7, 8], [9]], [0, 0], [(torch.tensor([1, 2, 3]), torch.arange(3).expand(3, 3))], 0)
     assert packed.segments.tolist() == [[0, 0, 0, 1, 1, 2]]
