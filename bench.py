@@ -435,6 +435,18 @@ def phase_medians(rows: list, skip: int = 1) -> dict:
     return out
 
 
+def attended_pairs(tokens: float, prompts: int, n: int, R: float, packing: bool) -> float:
+    """Visible (query, key) pairs of one update's decoder pass over `tokens` tokens: `prompts` prompts with n
+    responses of R tokens each. Packed, a row [prompt P | response_1 .. response_n] (vlm.group_visible): the
+    prompt's P (P + 1) / 2 causal pairs, and per response R P (the whole prompt) + R (R + 1) / 2 (itself, causal).
+    Not packed, n rows [prompt | response] of L = P + R tokens, L (L + 1) / 2 each."""
+    if packing:
+        P = tokens / prompts - n * R
+        return prompts * (P * (P + 1) / 2 + n * (R * P + R * (R + 1) / 2))
+    L = tokens / (prompts * n)
+    return prompts * n * L * (L + 1) / 2
+
+
 def bench_train(cfg: BenchConfig):
     """GRPO steps of train_grpo.py on a random model of the chosen shape and synthetic 224x224 videos (random
     model: every reward is equal, the update still computes every token), per frame count; then `longest`."""
@@ -446,6 +458,7 @@ def bench_train(cfg: BenchConfig):
     n_lm = lm_params(model)
     n_vision, vision_config = sum(p.numel() for p in vlm.media_model(model).visual.parameters()), \
         model.config.vision_config
+    text_config = model.config.get_text_config()
     del model
     peak = matmul_tflops()
     gc.collect()
@@ -471,19 +484,25 @@ def bench_train(cfg: BenchConfig):
                                os.path.join(root, f"run{frames}"),
                                None if alloc is None else {"PYTORCH_CUDA_ALLOC_CONF": alloc})
             # micro-batches: one sequence, or with group_packing one packed group (one row)
+            skip = 2 if cfg.profile else 1  # steps left out of the medians: the first (compiles), a profiled one
             row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,
                    "patch_embed": patch, "compile_blocks": compiled, **({} if alloc is None else {"alloc_conf": alloc}),
-                   **phase_medians(metrics, skip=2 if cfg.profile else 1)}
+                   **phase_medians(metrics, skip)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
-            # ... and on everything it computes: the decoder's tokens (a packed group: useful = computed) and the
-            # vision tower's patch rows, 6 N each (2 N frozen), once per prompt packed, once per sequence not;
-            # attention and recompute left out (bench.py longest counts attention: compare with care)
+            # ... and on everything it computes, counted as bench.py longest counts (so the two compare): 6 N a
+            # decoder token (a packed group: useful = computed), plus attention, 12 x layers x hidden FLOPs per
+            # visible (query, key) pair (longest's 6 L H S^2 is this for S^2 / 2 causal pairs), plus the vision
+            # tower's patch rows at 6 N each (2 N frozen; its windowed attention left out), once per prompt packed,
+            # once per sequence not; recompute left out, as in longest
+            R = float(np.median([r["response_len"] for r in metrics[skip:] or metrics]))   # responses' mean length
+            tokens = row["update_useful_tokens_per_s" if packing else "update_tokens_per_s"] * row["update_s"]
+            attention_flops = 12 * text_config.num_hidden_layers * text_config.hidden_size * \
+                attended_pairs(tokens, cfg.prompts, cfg.n, R, packing)
             patch_rows = -(-frames // vision_config.temporal_patch_size) * (side // vision_config.patch_size) ** 2
             tower_flops = (2 if cfg.freeze_vision else 6) * n_vision * patch_rows * cfg.prompts * \
                 (1 if packing else cfg.n)
-            tokens = row["update_useful_tokens_per_s" if packing else "update_tokens_per_s"] * row["update_s"]
-            row["update_MFU"] = (6 * n_lm * tokens + tower_flops) / row["update_s"] / 1e12 / peak
+            row["update_MFU"] = (6 * n_lm * tokens + attention_flops + tower_flops) / row["update_s"] / 1e12 / peak
             rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))

@@ -10,6 +10,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+import torch
+
+import bench
+import vlm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -85,3 +91,19 @@ def test_a_killed_bench_leaves_no_subprocess(tmp_path):
             return
         time.sleep(0.1)
     raise AssertionError(f"subprocess {child} outlived its killed bench")
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_attended_pairs_counts_the_group_mask(packing):
+    """bench.attended_pairs (the attention term of the update's MFU) equals the visible pairs of the real masks:
+    vlm.group_attention_mask for two packed rows, a causal mask per unpacked row."""
+    P, R, n, prompts = 37, 5, 3, 2
+    if packing:
+        prompt = (torch.ones(P, dtype=torch.long), torch.zeros(3, P, dtype=torch.long))
+        one = vlm.pack_groups([[1] * R] * n, [0] * n, [prompt], 0)
+        visible = int((vlm.group_attention_mask(one.segments, torch.float32) == 0).sum()) * prompts
+        tokens = prompts * (P + n * R)
+    else:
+        visible = prompts * n * int(torch.ones(P + R, P + R).tril().sum())
+        tokens = prompts * n * (P + R)
+    assert bench.attended_pairs(tokens, prompts, n, R, packing) == visible
