@@ -469,8 +469,8 @@ def bench_train(cfg: BenchConfig):
         data = os.path.join(root, f"data{frames}")
         make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
         for packing, vision, patch, alloc, compiled in itertools.product(
-                cfg.packing or [True], cfg.vision or ["batched"], cfg.patch_embed or ["linear"], cfg.alloc_conf or [None],
-                cfg.compile_blocks or [False]):
+                cfg.packing or [True], cfg.vision or ["batched"], cfg.patch_embed or ["linear"],
+                cfg.alloc_conf or [None], cfg.compile_blocks or [False]):
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
