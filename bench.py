@@ -96,7 +96,8 @@ class BenchConfig:
     patch_embed: list = None        # train: patch_embed values side by side (default ["linear"]; or "conv")
     alloc_conf: list = None         # train: PYTORCH_CUDA_ALLOC_CONF values side by side (default: the environment's),
                                     # e.g. ["expandable_segments:False", "expandable_segments:True"]
-    compile_blocks: list = None     # train: compile_blocks values side by side (default [False]; e.g. [False,True])
+    compile_blocks: list = None     # train: compile_blocks values side by side (default [""]: none; e.g.
+                                    # ["", "norms,mlp", "norms,mlp,vision_attention"])
     patches: list = None            # patch: patch counts (default 32,768 and 131,072: 256 and 1,024 frames at 224 px)
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
     checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
@@ -470,7 +471,7 @@ def bench_train(cfg: BenchConfig):
         make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
         for packing, vision, patch, alloc, compiled in itertools.product(
                 cfg.packing or [True], cfg.vision or ["batched"], cfg.patch_embed or ["linear"],
-                cfg.alloc_conf or [None], cfg.compile_blocks or [False]):
+                cfg.alloc_conf or [None], cfg.compile_blocks or [""]):
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
                                     rollout_batch_size=cfg.prompts, n=cfg.n,

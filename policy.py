@@ -40,7 +40,7 @@ class PolicyConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, m
     checkpoint_mode: str = "full"       # full | attention (keep attention: faster) | offload (inputs to host memory)
     attention_layers: int = 0           # checkpoint_mode=attention: only the first this-many layers keep it (0: all)
     mlp_chunk: int = 0                  # > 0: MLPs over the sequence in chunks of this many tokens (longest sequences)
-    compile_blocks: bool = False        # on GPU: torch.compile each block's norms and MLP (vlm.compile_blocks)
+    compile_blocks: str = ""            # on GPU: block parts fused by torch.compile, e.g. norms,mlp,vision_attention
     freeze_vision: bool = False         # train the language model only
     sp_size: int = 1                    # Ulysses sequence-parallel group size (divides the world size)
     # prompts and log-probs
@@ -174,7 +174,7 @@ def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bo
     if cfg.gradient_checkpointing:  # what the decoder keeps for backward: vlm.set_checkpointing
         vlm.set_checkpointing(model, cfg.checkpoint_mode, cfg.mlp_chunk, cfg.attention_layers)
     if cfg.compile_blocks and d.device.startswith("cuda"):  # fused elementwise kernels (inductor on the CPU: slow)
-        vlm.compile_blocks(model)
+        vlm.compile_blocks(model, cfg.compile_blocks)
     bf16 = cfg.bf16 and d.device.startswith("cuda")
     attention = {"rollout": cfg.attn_implementation, "train": cfg.attn_implementation}
     if cfg.group_packing and d.device.startswith("cuda"):  # packed groups: FlexAttention over a block mask

@@ -160,6 +160,7 @@ def suppress_ids(model, processor) -> list:
 # ----------------------------------------------------------------------------------------------------------
 # the Qwen vision towers' attention: all windows of a layer in one call
 
+@torch.compiler.disable  # data-dependent shapes (the windows' lengths, read on the host): always eager
 def window_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, cu_seq_lens_q=None,
                      **kwargs):
     """A Qwen vision layer attends within windows, given as cumulative lengths s_0 = 0 < s_1 < ... < s_W = N
@@ -750,22 +751,32 @@ def fsdp_units(model, vision: bool = True) -> list:
     return [*text_model(model).layers, *(encoder_blocks(model) if vision else [])]
 
 
-# The parts of a block that eager mode runs as chains of small memory-bound kernels: an RMSNorm is a cast to fp32,
-# a square, a mean, an rsqrt, two products and a cast back (each a pass over S x hidden), a gated MLP's activation
-# and product two more passes over S x ffn, all repeated in the recompute and again in backward. On the lent H100
-# the 256-frame update spent ~0.5 s of its 1.9 s of GPU time in such kernels (aten::mul, copy_, _to_copy).
-FUSED_PARTS = ("input_layernorm", "post_attention_layernorm", "mlp", "norm1", "norm2")
+# The parts of a block that eager mode runs as chains of small memory-bound kernels, by name (BLOCK_PARTS' values
+# are the attribute names in the decoder layers and the Qwen vision blocks):
+#   norms             an RMSNorm is a cast to fp32, a square, a mean, an rsqrt, two products and a cast back, each a
+#                     pass over S x hidden
+#   mlp               a gated MLP's activation and product: two more passes over S x ffn
+#   vision_attention  the Qwen vision rotary embedding: q and k cast to fp32, four products, a rotation, two sums,
+#                     cast back (over 32k patches x 1,280 at 256 frames); window_attention itself stays eager
+# all repeated in the recompute and again in backward. On the lent H100 the 256-frame update spent ~0.5 s of its
+# 1.9 s of GPU time in such kernels (aten::mul, copy_, _to_copy).
+BLOCK_PARTS = {"norms": ("input_layernorm", "post_attention_layernorm", "norm1", "norm2"), "mlp": ("mlp",),
+               "vision_attention": ("attn",)}
 
 
-def compile_blocks(model, backend: str = "inductor"):
-    """torch.compile the norms and MLPs (FUSED_PARTS) of every decoder layer and media encoder block, each on its
-    own, so their elementwise chains become a few fused kernels. The attention stays eager (FlexAttention has its
-    own compiled kernel; the vision windows' lengths are read on the host) and FSDP2's hooks stay on the blocks,
-    outside the compiled code. dynamic=True: one kernel for every sequence length (a GRPO step's lengths change
-    every step; static shapes would recompile each time until dynamo gives up). A chunked MLP (set_checkpointing's
-    mlp_chunk) is left eager: its forward is the chunk loop."""
+def compile_blocks(model, parts: str = "norms,mlp", backend: str = "inductor"):
+    """torch.compile the named BLOCK_PARTS ("norms,mlp,vision_attention"; "" none) of every decoder layer and media
+    encoder block, each module on its own, so their elementwise chains become a few fused kernels. FlexAttention
+    has its own compiled kernel, window_attention runs eager (torch.compiler.disable: its windows' lengths are read
+    on the host), and FSDP2's hooks and the activation checkpointing stay on the blocks, outside the compiled
+    code. dynamic=True: one kernel for every sequence length (a GRPO step's lengths change every step; static
+    shapes would recompile each time until dynamo gives up). A chunked MLP (set_checkpointing's mlp_chunk) is
+    left eager: its forward is the chunk loop."""
+    names = [name for part in parts.split(",") if part for name in BLOCK_PARTS.get(part.strip(), [None])]
+    if None in names:
+        raise ValueError(f"compile_blocks {parts!r}: parts are {', '.join(BLOCK_PARTS)}, comma-separated")
     for block in fsdp_units(model):
-        for name in FUSED_PARTS:
+        for name in names:
             part = getattr(block, name, None)
             if isinstance(part, torch.nn.Module) and "forward" not in vars(part):
                 part.compile(backend=backend, dynamic=True)
