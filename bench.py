@@ -13,6 +13,7 @@ The benchmarks behind every number in the README. Each prints a table and one JS
     python bench.py memory                # per-GPU memory plan for Qwen2.5-VL-7B at 256 / 1,024 / 3,600 frames
     python bench.py trl                   # GRPO step time + reward vs TRL's GRPOTrainer (needs: pip install trl)
     python bench.py patch                 # the vision tower's patch embedding: Conv3d vs the same as one GEMM
+    python bench.py mlp                   # the vision tower's MLP at its width (3,420) and at padded widths
     python bench.py train --tiny=True     # every bench also runs on a tiny model (CPU smoke test)
 
 Models are random-initialised at the shape of Qwen2.5-VL-3B (or 7B with --shape=7b): no download. MFU counts
@@ -98,6 +99,7 @@ class BenchConfig:
                                     # e.g. ["expandable_segments:False", "expandable_segments:True"]
     compile_blocks: list = None     # train: compile_blocks values side by side (default [""]: none; e.g.
                                     # ["", "norms,mlp", "norms,mlp,vision_attention"])
+    widths: list = None             # mlp: MLP widths (default 3,420, the tower's, and padded: 3,424 and 3,456)
     patches: list = None            # patch: patch counts (default 32,768 and 131,072: 256 and 1,024 frames at 224 px)
     freeze_vision: bool = False     # train: the vision tower frozen (its activations then need no memory)
     checkpoint_mode: str = "full"   # train: the decoder's activation checkpointing (train_grpo.py's; offload: layer
@@ -786,6 +788,45 @@ def bench_patch(cfg: BenchConfig):
     log({"bench": "patch_embed", **device_info(), "cudnn": torch.backends.cudnn.version(), "rows": rows}, cfg)
 
 
+def bench_mlp(cfg: BenchConfig):
+    """The Qwen vision tower's gated MLP (gate and up 1,280 -> w, SiLU(gate) x up, down w -> 1,280) over N patches,
+    bf16 on the GPU, at its real width w = 3,420 and at widths padded to multiples of 16 and 128: 3,420 x 2 bytes
+    is not a multiple of 16 bytes, the alignment tensor-core GEMM kernels want (nanoGPT pads its vocabulary for the
+    same reason). Zero rows in gate / up and zero columns in down would give the same output and gradients, so if
+    a padded width is much faster the tower could compute padded. Milliseconds a call and TFLOP/s (6 N w x 3)."""
+    dev, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    v = SHAPES[cfg.shape]["v_hidden"]
+    rows = []
+    for n in cfg.patches or ([512] if cfg.tiny else [32768]):
+        x = torch.randn(n, v, device=dev, dtype=dtype, requires_grad=True)
+        for w in cfg.widths or ([SHAPES["tiny"]["v_ffn"], 136] if cfg.tiny else [3420, 3424, 3456]):
+            gate, up, down = (torch.nn.Linear(a, c, bias=True, device=dev, dtype=dtype) for a, c in ((v, w), (v, w),
+                                                                                                 (w, v)))
+
+            def mlp():
+                return down(torch.nn.functional.silu(gate(x)) * up(x))
+
+            times = {}
+            for grad in (False, True):
+                with torch.set_grad_enabled(grad):
+                    for k in range(13):
+                        if k == 3:
+                            sync()
+                            t = time.perf_counter()
+                        out = mlp()
+                        if grad:
+                            out.float().sum().backward()
+                    sync()
+                times[grad] = (time.perf_counter() - t) / 10
+            flops = 2 * n * v * w * 3
+            rows.append({"patches": n, "width": w, "forward_ms": times[False] * 1e3,
+                         "forward_backward_ms": times[True] * 1e3, "forward_TFLOPs": flops / times[False] / 1e12,
+                         "forward_backward_TFLOPs": 3 * flops / times[True] / 1e12})
+            print(rows[-1], flush=True)
+    print_table(rows, list(rows[0]))
+    log({"bench": "vision_mlp", **device_info(), "rows": rows}, cfg)
+
+
 def bench_cache(cfg: BenchConfig):
     """GRPO steps of train_grpo.py with the vision tower frozen: videos decoded + encoded live vs read from the
     cache that cache_embeddings.py builds first (timed once). Median seconds per step over steps 2.., per phase."""
@@ -1234,7 +1275,7 @@ def bench_video(cfg: VideoBenchConfig):
 if __name__ == "__main__":
     benches = {"video": bench_video, "rollout": bench_rollout, "train": bench_train, "longest": bench_longest,
                "sp": bench_sp, "memory": bench_memory, "cache": bench_cache, "grpo_setup": grpo_setup,
-               "trl": bench_trl, "patch": bench_patch}
+               "trl": bench_trl, "patch": bench_patch, "mlp": bench_mlp}
     which = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in benches else None
     if which is None and "--help" not in sys.argv and "-h" not in sys.argv:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--key=value ...]  (--help for fields)")

@@ -53,6 +53,17 @@ def test_patch_bench_times_both_kernels(tmp_path):
     assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] for r in rows)
 
 
+def test_mlp_bench_times_each_width(tmp_path):
+    """bench.py mlp: the vision tower's gated MLP at each width, forward and forward + backward, one row each."""
+    out = tmp_path / "bench.jsonl"
+    subprocess.run([sys.executable, "bench.py", "mlp", "--tiny=True", "--widths=[128,136]", f"--out={out}"],
+                   cwd=ROOT, check=True, timeout=300, capture_output=True)
+    rows = json.loads(out.read_text().splitlines()[-1])["rows"]
+    assert [r["width"] for r in rows] == [128, 136]
+    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > r["forward_ms"] and r["forward_TFLOPs"] > 0
+               for r in rows)
+
+
 def test_memory_plan_agrees_with_its_measured_peaks(tmp_path):
     """bench.py memory: the formula within 5% of every measured peak it is checked against (and past 78 GiB where
     the measurement ran out of memory); the 7B plan has a row per layout, frame count and SP size."""
