@@ -97,6 +97,7 @@ class BenchConfig:
     patch_embed: list = None        # train: patch_embed values side by side (default ["linear"]; or "conv")
     alloc_conf: list = None         # train: PYTORCH_CUDA_ALLOC_CONF values side by side (default: the environment's),
                                     # e.g. ["expandable_segments:False", "expandable_segments:True"]
+    vision_mlp: list = None         # train: vision_mlp values side by side (default ["plain"]; or "padded")
     compile_blocks: list = None     # train: compile_blocks values side by side (default [""]: none; e.g.
                                     # ["", "norms,mlp", "norms,mlp,vision_attention"])
     widths: list = None             # mlp: MLP widths (default 3,420, the tower's, and padded: 3,424 and 3,456)
@@ -471,15 +472,15 @@ def bench_train(cfg: BenchConfig):
     for frames in (cfg.frames or ([8] if cfg.tiny else [64, 256])):
         data = os.path.join(root, f"data{frames}")
         make_dataset(SyntheticConfig(out=data, num_train=8, num_eval=4, frames=frames, size=side, seed=cfg.seed))
-        for packing, vision, patch, alloc, compiled in itertools.product(
+        for packing, vision, patch, mlp, alloc, compiled in itertools.product(
                 cfg.packing or [True], cfg.vision or ["batched"], cfg.patch_embed or ["linear"],
-                cfg.alloc_conf or [None], cfg.compile_blocks or [""]):
+                cfg.vision_mlp or ["plain"], cfg.alloc_conf or [None], cfg.compile_blocks or [""]):
             metrics = run_grpo(dict(model=os.path.join(root, "model"), data=os.path.join(data, "train.jsonl"),
                                     num_frames=frames, max_pixels=side * side, min_pixels=side * side, think=False,
                                     rollout_batch_size=cfg.prompts, n=cfg.n,
                                     max_new_tokens=8 if cfg.tiny else cfg.new_tokens,
                                     micro_batch_size=1, group_packing=packing, vision_attention=vision,
-                                    patch_embed=patch, compile_blocks=compiled,
+                                    patch_embed=patch, vision_mlp=mlp, compile_blocks=compiled,
                                     freeze_vision=cfg.freeze_vision, checkpoint_mode=cfg.checkpoint_mode,
                                     max_steps=cfg.steps or 3, lr=1e-6,
                                     save_every=0, eval_every=0, progress=False, device=dev, engine="hf",
@@ -489,7 +490,8 @@ def bench_train(cfg: BenchConfig):
             # micro-batches: one sequence, or with group_packing one packed group (one row)
             skip = 2 if cfg.profile else 1  # steps left out of the medians: the first (compiles), a profiled one
             row = {"frames": frames, "sequences": cfg.prompts * cfg.n, "group_packing": packing, "vision": vision,
-                   "patch_embed": patch, "compile_blocks": compiled, **({} if alloc is None else {"alloc_conf": alloc}),
+                   "patch_embed": patch, "vision_mlp": mlp, "compile_blocks": compiled,
+                   **({} if alloc is None else {"alloc_conf": alloc}),
                    **phase_medians(metrics, skip)}
             # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
             row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak

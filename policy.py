@@ -36,6 +36,7 @@ class PolicyConfig(FrameSampling):  # fps, num_frames, max_frames, max_pixels, m
     attn_implementation: str = "sdpa"   # sdpa | flash_attention_2 (when installed) | eager
     vision_attention: str = "batched"   # Qwen vision towers: batched (a layer's windows in one call) | loop
     patch_embed: str = "linear"         # Qwen vision towers' Conv3d patch embedding: linear (one GEMM) | conv
+    vision_mlp: str = "plain"           # Qwen vision towers' MLP (width 3,420): plain | padded (computed at 3,456)
     gradient_checkpointing: bool = True  # recompute decoder layers in backward (activation memory ~ 1 layer)
     checkpoint_mode: str = "full"       # full | attention (keep attention: faster) | offload (inputs to host memory)
     attention_layers: int = 0           # checkpoint_mode=attention: only the first this-many layers keep it (0: all)
@@ -167,7 +168,8 @@ def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bo
     (with reference=True; else None), the optimizer, and the attention function of each phase (Ulysses in
     training under SP)."""
     model, processor = vlm.load_model(model_path, "float32" if cfg.dtype == "auto" else cfg.dtype,
-                                      cfg.attn_implementation, d.device, cfg.vision_attention, cfg.patch_embed)
+                                      cfg.attn_implementation, d.device, cfg.vision_attention, cfg.patch_embed,
+                                      cfg.vision_mlp)
     if cfg.freeze_vision:
         for encoder in vlm.media_encoders(model):
             encoder.requires_grad_(False)
@@ -191,7 +193,7 @@ def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bo
     ref = None
     if reference:  # a frozen copy of the initial policy (GRPO with kl_beta > 0), else not loaded at all
         ref, _ = vlm.load_model(model_path, "float32", cfg.attn_implementation, d.device, cfg.vision_attention,
-                                cfg.patch_embed)
+                                cfg.patch_embed, cfg.vision_mlp)
         ref.requires_grad_(False)
         ref = wrap_fsdp(Root(ref), vlm.fsdp_units(ref, vision=not cached), d, bf16,
                         vlm.encoder_params(ref) if cached else None).eval()

@@ -57,15 +57,19 @@ SUPPRESS_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|visi
 # loading
 
 def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa", device: str = "cpu",
-               vision_attention: str = "batched", patch_embed: str = "linear"):
+               vision_attention: str = "batched", patch_embed: str = "linear", vision_mlp: str = "plain"):
     """(model, processor) for a supported VLM checkpoint folder or hub id. vision_attention: "batched" runs
     each layer of a Qwen vision tower as one attention call over all its windows (window_attention below; with
     sdpa), "loop" keeps transformers' one call per window. patch_embed: "linear" runs a Qwen tower's Conv3d
-    patch embedding as one matrix product (PatchProjection below), "conv" keeps transformers' Conv3d."""
+    patch embedding as one matrix product (PatchProjection below), "conv" keeps transformers' Conv3d. vision_mlp:
+    "padded" computes the media encoders' gated MLPs at a width padded to a multiple of 64 (PaddedMLP below; the
+    same numbers), "plain" as they are."""
     if vision_attention not in ("batched", "loop"):
         raise ValueError(f"vision_attention {vision_attention!r}: choose batched or loop")
     if patch_embed not in ("linear", "conv"):
         raise ValueError(f"patch_embed {patch_embed!r}: choose linear or conv")
+    if vision_mlp not in ("plain", "padded"):
+        raise ValueError(f"vision_mlp {vision_mlp!r}: choose plain or padded")
     model_type = PretrainedConfig.get_config_dict(path)[0].get("model_type")  # config.json read, no code run
     if model_type not in SUPPORTED:
         raise ValueError(f"{path}: model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
@@ -93,6 +97,8 @@ def load_model(path: str, dtype: str = "auto", attn_implementation: str = "sdpa"
                                        "vision_config": WINDOW_ATTENTION})
     if patch_embed == "linear":
         use_patch_projection(model)
+    if vision_mlp == "padded":
+        use_padded_mlp(model)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 
@@ -228,6 +234,49 @@ def use_patch_projection(model):
         for module in encoder.modules():
             if type(getattr(module, "proj", None)) is torch.nn.Conv3d and hasattr(module, "temporal_patch_size"):
                 module.proj = PatchProjection(module.proj)
+
+
+# the Qwen vision towers' MLP: its width, 3,420, padded at compute time
+
+class PaddedMLP(torch.nn.Module):
+    """Stands in for a gated MLP (gate_proj, up_proj, down_proj, act_fn: the Qwen vision towers') whose width w is
+    not a multiple of `multiple`, with its own parameters (same names, shapes and state dict), computing as if w
+    were zero-padded to the next multiple w':
+        gate, up   [w, d] -> [w', d]  zero rows (biases zero-padded)   h' = act(x gate'^T + b) * (x up'^T + b)
+        down       [d, w] -> [d, w']  zero columns                     out = h' down'^T + b = h down^T + b
+    The padded units are act(0) * 0 = 0 and meet zero columns: the same output and gradients (to rounding), and
+    the pads are made anew from the parameters at each call (copies of three weights: small next to the products
+    over N patches), so only the real weights train. Why: w = 3,420 bf16 values are 6,840 bytes a row, not a
+    multiple of the 16 bytes that tensor-core GEMM kernels load at once; on the lent H100 the tower's MLP products
+    ran in cuBLAS's slower sm80 kernels (0.26 s of a 256-frame update's 1.9 s; `bench.py mlp` times the widths)."""
+
+    def __init__(self, mlp: torch.nn.Module, multiple: int = 64):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.pad = -self.gate_proj.out_features % multiple
+
+    def forward(self, x):
+        F, p = torch.nn.functional, self.pad
+
+        def rows(linear):  # [w, d] weight and [w] bias with p zero rows / entries appended
+            return F.pad(linear.weight, (0, 0, 0, p)), None if linear.bias is None else F.pad(linear.bias, (0, p))
+
+        h = self.act_fn(F.linear(x, *rows(self.gate_proj))) * F.linear(x, *rows(self.up_proj))     # [N, w']
+        return F.linear(h, F.pad(self.down_proj.weight, (0, p)), self.down_proj.bias)               # [N, d]
+
+    def extra_repr(self):
+        return f"width {self.gate_proj.out_features} computed as {self.gate_proj.out_features + self.pad}"
+
+
+def use_padded_mlp(model, multiple: int = 64):
+    """Swap the gated MLP of every media encoder block whose width is not a multiple of `multiple` for a
+    PaddedMLP of the same parameters (Qwen2.5-VL's and the Omni thinker's towers: 3,420; decoders untouched)."""
+    for block in encoder_blocks(model):
+        mlp = getattr(block, "mlp", None)
+        if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and \
+                mlp.gate_proj.out_features % multiple:
+            block.mlp = PaddedMLP(mlp, multiple)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,12 +22,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_train_bench_runs_both_layouts_and_reports_the_tables_fields(tmp_path):
     out = tmp_path / "bench.jsonl"
     subprocess.run([sys.executable, "bench.py", "train", "--tiny=True", "--steps=2", "--packing=[true,false]",
-                    '--alloc_conf=["expandable_segments:True"]', '--compile_blocks=["norms"]', f"--out={out}"],
-                   cwd=ROOT, check=True, timeout=600, capture_output=True)
+                    '--alloc_conf=["expandable_segments:True"]', '--compile_blocks=["norms"]',
+                    '--vision_mlp=["padded"]', f"--out={out}"], cwd=ROOT, check=True, timeout=600, capture_output=True)
     results = {r["bench"]: r for r in map(json.loads, out.read_text().splitlines())}
     step = results["train_step"]
-    assert [(r["group_packing"], r["alloc_conf"], r["compile_blocks"]) for r in step["rows"]] == \
-        [(True, "expandable_segments:True", "norms"), (False, "expandable_segments:True", "norms")]
+    assert [(r["group_packing"], r["alloc_conf"], r["compile_blocks"], r["vision_mlp"]) for r in step["rows"]] == \
+        [(True, "expandable_segments:True", "norms", "padded"), (False, "expandable_segments:True", "norms", "padded")]
     fields = {"rollout_s", "update_s", "step_s", "update_tokens_per_s", "update_useful_tokens_per_s", "peak_GiB",
               "update_useful_MFU", "update_MFU"}
     for row in step["rows"]:

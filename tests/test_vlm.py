@@ -600,6 +600,61 @@ def test_patch_projection_in_bf16_on_gpu(tmp_path, fam):
     assert_equal_to_bf16_precision(vision_gradients(linear, pixels, grid), vision_gradients(conv, pixels, grid))
 
 
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen2_5_omni_thinker"])
+def test_padded_mlp_equals_the_mlp(tmp_path, fam):
+    """vision_mlp="padded" (vlm.PaddedMLP: the towers' gated MLPs computed at a width padded to a multiple of 64)
+    gives the tower's outputs and every gradient of the plain MLP, holds the same parameters under the same names,
+    swaps every vision block's MLP (width 96 here: padded to 128) and nothing else (decoder, audio tower)."""
+    path = make_tiny_model(str(tmp_path), fam, size=TinySize(vision_hidden=48), seed=0)
+    (plain, _), (padded, _) = vlm.load_model(path), vlm.load_model(path, vision_mlp="padded")
+    tower = vlm.media_model(padded).visual
+    assert all(type(b.mlp) is vlm.PaddedMLP and b.mlp.pad == 32 for b in tower.blocks)
+    swapped = [m for m in padded.modules() if isinstance(m, vlm.PaddedMLP)]
+    assert len(swapped) == len(tower.blocks)
+    assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    grid = torch.tensor([[2, 8, 8], [1, 12, 14]])
+    pixels = random_pixel_rows(plain.config.vision_config, grid, generator=torch.Generator().manual_seed(0))
+    (out_a, dpix_a, g_a), (out_b, dpix_b, g_b) = (vision_gradients(m, pixels, grid) for m in (plain, padded))
+    for a, b in zip(out_b, out_a):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(dpix_b, dpix_a, atol=1e-7, rtol=1e-4)
+    assert g_b.keys() == g_a.keys() and "blocks.0.mlp.down_proj.weight" in g_b
+    for n, g in g_a.items():
+        assert torch.allclose(g_b[n], g, atol=1e-6, rtol=1e-4), n
+    with pytest.raises(ValueError, match="vision_mlp 'wide'"):
+        vlm.load_model(path, vision_mlp="wide")
+
+
+def test_padded_mlp_by_hand():
+    """Width 100 computed as 128: the output and the gradients of x and of every real weight are the plain MLP's,
+    and nothing padded is a parameter."""
+    torch.manual_seed(0)
+
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(16, 100), torch.nn.Linear(16, 100)
+            self.down_proj, self.act_fn = torch.nn.Linear(100, 16), torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    plain = Gated()
+    padded = vlm.PaddedMLP(plain)
+    assert padded.pad == 28
+    assert sum(p.numel() for p in padded.parameters()) == sum(p.numel() for p in plain.parameters())
+    x = torch.randn(7, 16, requires_grad=True)
+    results = []
+    for m in (plain, padded):
+        x.grad = None
+        plain.zero_grad()
+        out = m(x)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in plain.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_window_attention_by_hand():
     """Three windows of lengths 2, 3, 1 over N = 6 tokens: each token's output is softmax attention over its own
     window's keys only (computed here window by window), ragged and with GQA-free heads."""
