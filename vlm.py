@@ -247,8 +247,10 @@ class PaddedMLP(torch.nn.Module):
     The padded units are act(0) * 0 = 0 and meet zero columns: the same output and gradients (to rounding), and
     the pads are made anew from the parameters at each call (copies of three weights: small next to the products
     over N patches), so only the real weights train. Why: w = 3,420 bf16 values are 6,840 bytes a row, not a
-    multiple of the 16 bytes that tensor-core GEMM kernels load at once; on the lent H100 the tower's MLP products
-    ran in cuBLAS's slower sm80 kernels (0.26 s of a 256-frame update's 1.9 s; `bench.py mlp` times the widths)."""
+    multiple of the 16 bytes that tensor-core GEMM kernels load at once. The 256-frame update's profile on the lent
+    H100 has 224 calls of cuBLAS's older sm80 kernels (7 per vision layer), 0.26 s of its 1.9 s of GPU time: most
+    likely these products (every one of the MLP's 12 products a layer, forward, recompute and backward, has 3,420
+    as a dimension). `bench.py mlp` times the widths, `bench.py train --vision_mlp=[...]` the update."""
 
     def __init__(self, mlp: torch.nn.Module, multiple: int = 64):
         super().__init__()
