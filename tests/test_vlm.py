@@ -352,13 +352,15 @@ def test_group_packing_equals_separate_sequences(tmp_path, media, fam):
         assert torch.allclose(grad_grp[name], g, atol=1e-5, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "llava"])
-def test_compiled_blocks_equal_eager(tmp_path, media, fam):
+@pytest.mark.parametrize("fam, backend", [("qwen2_5_vl", "inductor"), ("qwen3_vl", "aot_eager"),
+                                          ("llava", "aot_eager")])
+def test_compiled_blocks_equal_eager(tmp_path, media, fam, backend):
     """vlm.compile_blocks (each block's norms, MLP and Qwen vision attention under torch.compile) changes no
     number: the packed groups' log-probs and every gradient equal eager mode's, under full checkpointing (the
-    compiled parts run again in the recompute). backend aot_eager: dynamo's capture and the autograd graph without
-    inductor's code generation (the fused GPU kernels themselves are measured by bench.py train); the parts must
-    really be compiled, and window_attention, kept eager, must not break a graph with a warning."""
+    compiled parts run again in the recompute). inductor: the fused kernels themselves (here its C++ ones; on a GPU
+    Triton's), to fp32 rounding (fused reductions sum in another order); aot_eager: dynamo's capture and the
+    autograd graph alone, exactly. The parts must really be compiled, and window_attention, kept eager, must not
+    break a graph with a warning."""
     model, prompts, packed, responses = group_case(tmp_path, media, fam)
     vlm.set_checkpointing(model, "full")
     model.train()
@@ -373,17 +375,18 @@ def test_compiled_blocks_equal_eager(tmp_path, media, fam):
     lp_eager, grad_eager = run()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    vlm.compile_blocks(model, "norms,mlp,vision_attention", backend="aot_eager")
+    vlm.compile_blocks(model, "norms,mlp,vision_attention", backend=backend)
     names = [n for part in vlm.BLOCK_PARTS.values() for n in part]
     parts = [getattr(b, n) for b in vlm.fsdp_units(model) for n in names if hasattr(b, n)]
     assert len(parts) >= 2 * len(vlm.fsdp_units(model)) and all(p._compiled_call_impl is not None for p in parts)
     lp_compiled, grad_compiled = run()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0               # dynamo did capture them
     assert not [b for b in torch._dynamo.utils.counters["graph_break"] if "disable" not in b]   # only the eager one
-    assert torch.allclose(lp_compiled, lp_eager, atol=1e-6), (lp_compiled - lp_eager).abs().max()
+    atol, rtol = (1e-5, 1e-4) if backend == "inductor" else (1e-6, 1e-5)
+    assert torch.allclose(lp_compiled, lp_eager, atol=atol), (lp_compiled - lp_eager).abs().max()
     assert grad_compiled.keys() == grad_eager.keys()
     for name, g in grad_eager.items():
-        assert torch.allclose(grad_compiled[name], g, atol=1e-6, rtol=1e-5), name
+        assert torch.allclose(grad_compiled[name], g, atol=atol, rtol=rtol), name
 
 
 def test_compile_blocks_names_its_parts():
