@@ -175,8 +175,8 @@ def build_policy(cfg: PolicyConfig, model_path: str, d: Dist, spi, reference: bo
             encoder.requires_grad_(False)
     if cfg.gradient_checkpointing:  # what the decoder keeps for backward: vlm.set_checkpointing
         vlm.set_checkpointing(model, cfg.checkpoint_mode, cfg.mlp_chunk, cfg.attention_layers)
-    if cfg.compile_blocks and d.device.startswith("cuda"):  # fused elementwise kernels (inductor on the CPU: slow)
-        vlm.compile_blocks(model, cfg.compile_blocks)
+    if vlm.block_part_names(cfg.compile_blocks) and d.device.startswith("cuda"):  # (inductor on the CPU: slow)
+        vlm.compile_blocks(model, cfg.compile_blocks)                            # fused elementwise kernels
     bf16 = cfg.bf16 and d.device.startswith("cuda")
     attention = {"rollout": cfg.attn_implementation, "train": cfg.attn_implementation}
     if cfg.group_packing and d.device.startswith("cuda"):  # packed groups: FlexAttention over a block mask

@@ -815,6 +815,14 @@ BLOCK_PARTS = {"norms": ("input_layernorm", "post_attention_layernorm", "norm1",
                "vision_attention": ("attn",)}
 
 
+def block_part_names(parts: str) -> list:
+    """"norms,mlp" -> the block attributes BLOCK_PARTS names; an unknown part is an error (on any device)."""
+    names = [name for part in parts.split(",") if part.strip() for name in BLOCK_PARTS.get(part.strip(), [None])]
+    if None in names:
+        raise ValueError(f"compile_blocks {parts!r}: parts are {', '.join(BLOCK_PARTS)}, comma-separated")
+    return names
+
+
 def compile_blocks(model, parts: str = "norms,mlp", backend: str = "inductor"):
     """torch.compile the named BLOCK_PARTS ("norms,mlp,vision_attention"; "" none) of every decoder layer and media
     encoder block, each module on its own, so their elementwise chains become a few fused kernels. FlexAttention
@@ -823,9 +831,7 @@ def compile_blocks(model, parts: str = "norms,mlp", backend: str = "inductor"):
     code. dynamic=True: one kernel for every sequence length (a GRPO step's lengths change every step; static
     shapes would recompile each time until dynamo gives up). A chunked MLP (set_checkpointing's mlp_chunk) is
     left eager: its forward is the chunk loop."""
-    names = [name for part in parts.split(",") if part for name in BLOCK_PARTS.get(part.strip(), [None])]
-    if None in names:
-        raise ValueError(f"compile_blocks {parts!r}: parts are {', '.join(BLOCK_PARTS)}, comma-separated")
+    names = block_part_names(parts)
     for block in fsdp_units(model):
         for name in names:
             part = getattr(block, name, None)

@@ -390,8 +390,10 @@ def test_compiled_blocks_equal_eager(tmp_path, media, fam, backend):
 
 
 def test_compile_blocks_names_its_parts():
-    with pytest.raises(ValueError, match="norms, mlp, vision_attention"):
-        vlm.compile_blocks(torch.nn.Module(), "norms,attention")
+    assert vlm.block_part_names("") == [] and vlm.block_part_names("mlp, norms") == ["mlp", *vlm.BLOCK_PARTS["norms"]]
+    for bad in ("norms,attention", "mlp,,x"):
+        with pytest.raises(ValueError, match="norms, mlp, vision_attention"):
+            vlm.compile_blocks(torch.nn.Module(), bad)
 
 
 def test_group_mask_hides_other_responses():
