@@ -758,6 +758,20 @@ def bench_memory(cfg: BenchConfig):
          "rows": rows}, cfg)
 
 
+def call_ms(fn, grad: bool, reps: int = 10) -> float:
+    """Milliseconds a call of fn() (with grad: and a backward of its output's sum), after 3 untimed calls."""
+    with torch.set_grad_enabled(grad):
+        for k in range(3 + reps):
+            if k == 3:
+                sync()
+                t = time.perf_counter()
+            out = fn()
+            if grad:
+                out.float().sum().backward()
+        sync()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def bench_patch(cfg: BenchConfig):
     """The Qwen vision tower's patch embedding (3B shape: 3 x 2 x 14 x 14 pixels -> 1,280) over N patches, bf16 on
     the GPU: transformers' Conv3d against vlm.PatchProjection (the same weights as one GEMM), forward alone and
@@ -767,24 +781,12 @@ def bench_patch(cfg: BenchConfig):
     conv = torch.nn.Conv3d(3, v, (2, 14, 14), stride=(2, 14, 14), bias=False).to(dev, dtype)
     linear = vlm.PatchProjection(conv)
 
-    def ms(fn, grad: bool, reps=10):
-        with torch.set_grad_enabled(grad):
-            for k in range(3 + reps):
-                if k == 3:
-                    sync()
-                    t = time.perf_counter()
-                out = fn()
-                if grad:
-                    out.float().sum().backward()
-            sync()
-        return (time.perf_counter() - t) / reps * 1e3
-
     rows = []
     for n in cfg.patches or ([512] if cfg.tiny else [32768, 131072]):
         x = torch.randn(n, 3, 2, 14, 14, device=dev, dtype=dtype, requires_grad=True)
         for name, module in (("Conv3d", conv), ("PatchProjection (GEMM)", linear)):
-            rows.append({"patches": n, "kernel": name, "forward_ms": ms(lambda: module(x), False),
-                         "forward_backward_ms": ms(lambda: module(x), True)})
+            rows.append({"patches": n, "kernel": name, "forward_ms": call_ms(lambda: module(x), False),
+                         "forward_backward_ms": call_ms(lambda: module(x), True)})
             print(rows[-1], flush=True)
     print_table(rows, list(rows[0]))
     log({"bench": "patch_embed", **device_info(), "cudnn": torch.backends.cudnn.version(), "rows": rows}, cfg)
@@ -808,22 +810,10 @@ def bench_mlp(cfg: BenchConfig):
             def mlp():
                 return down(torch.nn.functional.silu(gate(x)) * up(x))
 
-            times = {}
-            for grad in (False, True):
-                with torch.set_grad_enabled(grad):
-                    for k in range(13):
-                        if k == 3:
-                            sync()
-                            t = time.perf_counter()
-                        out = mlp()
-                        if grad:
-                            out.float().sum().backward()
-                    sync()
-                times[grad] = (time.perf_counter() - t) / 10
+            forward, both = call_ms(mlp, False), call_ms(mlp, True)
             flops = 2 * n * v * w * 3
-            rows.append({"patches": n, "width": w, "forward_ms": times[False] * 1e3,
-                         "forward_backward_ms": times[True] * 1e3, "forward_TFLOPs": flops / times[False] / 1e12,
-                         "forward_backward_TFLOPs": 3 * flops / times[True] / 1e12})
+            rows.append({"patches": n, "width": w, "forward_ms": forward, "forward_backward_ms": both,
+                         "forward_TFLOPs": flops / forward / 1e9, "forward_backward_TFLOPs": 3 * flops / both / 1e9})
             print(rows[-1], flush=True)
     print_table(rows, list(rows[0]))
     log({"bench": "vision_mlp", **device_info(), "rows": rows}, cfg)

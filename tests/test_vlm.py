@@ -554,6 +554,20 @@ def test_batched_window_attention_equals_the_loop(tmp_path, fam, grids):
         assert torch.allclose(g_b[n], g, atol=1e-7, rtol=1e-4), n
 
 
+def assert_same_tower(model, reference, weight: str, atol: float):
+    """Two fp32 models' towers on the same two videos: equal outputs (atol, rtol 1e-5), pixel gradients (atol 1e-7,
+    rtol 1e-4) and weight gradients (atol, rtol 1e-4), the same parameters getting them, `weight` among them."""
+    grid = torch.tensor([[2, 8, 8], [1, 12, 14]])
+    pixels = random_pixel_rows(reference.config.vision_config, grid, generator=torch.Generator().manual_seed(0))
+    (out_r, dpix_r, g_r), (out_m, dpix_m, g_m) = (vision_gradients(m, pixels, grid) for m in (reference, model))
+    for a, b in zip(out_m, out_r):
+        assert torch.allclose(a, b, atol=atol, rtol=1e-5)
+    assert torch.allclose(dpix_m, dpix_r, atol=1e-7, rtol=1e-4)
+    assert g_m.keys() == g_r.keys() and weight in g_m
+    for n, g in g_r.items():
+        assert torch.allclose(g_m[n], g, atol=atol, rtol=1e-4), n
+
+
 @pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen3_vl", "qwen2_5_omni_thinker"])
 def test_patch_projection_equals_the_conv3d(tmp_path, fam):
     """vlm.PatchProjection (the tower's Conv3d patch embedding as one matrix product, the default) gives the tower's
@@ -566,15 +580,7 @@ def test_patch_projection_equals_the_conv3d(tmp_path, fam):
     assert type(vlm.media_model(conv).visual.patch_embed.proj) is torch.nn.Conv3d
     assert {k: v.shape for k, v in linear.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
     assert proj.weight.dim() == 5 and (fam == "qwen3_vl") == (proj.bias is not None)   # Qwen3-VL's has a bias
-    grid = torch.tensor([[2, 8, 8], [1, 12, 14]])
-    pixels = random_pixel_rows(conv.config.vision_config, grid, generator=torch.Generator().manual_seed(0))
-    (out_c, dpix_c, g_c), (out_l, dpix_l, g_l) = (vision_gradients(m, pixels, grid) for m in (conv, linear))
-    for a, b in zip(out_l, out_c):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(dpix_l, dpix_c, atol=1e-7, rtol=1e-4)
-    assert g_l.keys() == g_c.keys() and "patch_embed.proj.weight" in g_l
-    for n, g in g_c.items():
-        assert torch.allclose(g_l[n], g, atol=1e-5, rtol=1e-4), n   # fp32 sums over every patch row, reordered
+    assert_same_tower(linear, conv, "patch_embed.proj.weight", atol=1e-5)   # fp32 sums over every patch row, reordered
     with pytest.raises(ValueError, match="non-overlapping"):
         vlm.PatchProjection(torch.nn.Conv3d(3, 8, kernel_size=2, stride=1))
     with pytest.raises(ValueError, match="patch_embed 'fast'"):
@@ -617,15 +623,7 @@ def test_padded_mlp_equals_the_mlp(tmp_path, fam):
     swapped = [m for m in padded.modules() if isinstance(m, vlm.PaddedMLP)]
     assert len(swapped) == len(tower.blocks)
     assert {k: v.shape for k, v in padded.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
-    grid = torch.tensor([[2, 8, 8], [1, 12, 14]])
-    pixels = random_pixel_rows(plain.config.vision_config, grid, generator=torch.Generator().manual_seed(0))
-    (out_a, dpix_a, g_a), (out_b, dpix_b, g_b) = (vision_gradients(m, pixels, grid) for m in (plain, padded))
-    for a, b in zip(out_b, out_a):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
-    assert torch.allclose(dpix_b, dpix_a, atol=1e-7, rtol=1e-4)
-    assert g_b.keys() == g_a.keys() and "blocks.0.mlp.down_proj.weight" in g_b
-    for n, g in g_a.items():
-        assert torch.allclose(g_b[n], g, atol=1e-6, rtol=1e-4), n
+    assert_same_tower(padded, plain, "blocks.0.mlp.down_proj.weight", atol=1e-6)
     with pytest.raises(ValueError, match="vision_mlp 'wide'"):
         vlm.load_model(path, vision_mlp="wide")
 
