@@ -138,7 +138,8 @@ def sample_token(logits, temperature: float, top_p: float, gen):
     probs = logp.exp()
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
         sp, si = probs.sort(dim=-1, descending=True)
-        drop = (sp.cumsum(-1) - sp) > top_p
+        drop = (sp.cumsum(-1) - sp) >= top_p  # the mass before this token already reaches top_p (as HF, vLLM)
+        drop[..., 0] = False  # the most likely token always stays (top_p = 0: greedy sampling)
         probs = probs.scatter(-1, si, sp.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=gen)[:, 0], logp
 

@@ -175,7 +175,9 @@ def reinforce_pp_advantages(outcomes: torch.Tensor, token_penalties: list, basel
 
 
 def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimates from samples of pi (Schulman's k1/k2/k3)."""
+    """Per-token KL(pi || pi_ref) estimates from samples of pi (Schulman's k1/k2/k3). As values (kl_in_reward)
+    all three estimate KL(pi || pi_ref); as losses their expected gradients differ: k2's is grad KL(pi || pi_ref),
+    k3's grad KL(pi_ref || pi) (verl's low_var_kl), k1's zero (so check_config keeps k1 in the reward)."""
     delta = logp - logp_ref
     if estimator == "k1":        # k1 = logp - logp_ref
         return delta
@@ -183,7 +185,8 @@ def kl_penalty(logp: torch.Tensor, logp_ref: torch.Tensor, estimator: str = "k3"
         return 0.5 * delta ** 2
     if estimator == "k3":        # k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1
         delta = delta.clamp(-20, 20)  # exp(100) overflows to inf and its gradient to NaN; clamped: gradient 0
-        return (torch.exp(-delta) + delta - 1).clamp(-10, 10)
+        # the value capped at 10, as verl's low_var_kl: a token beyond it (d < -2.61 or d > 11.0) gets no KL gradient
+        return (torch.exp(-delta) + delta - 1).clamp(max=10)
     raise ValueError(f"kl_estimator {estimator!r}: choose k1, k2 or k3")
 
 
@@ -449,6 +452,14 @@ def check_config(cfg: Config, dp_size: int = 1):
     if cfg.dual_clip and cfg.dual_clip <= 1:
         raise ValueError(f"dual_clip={cfg.dual_clip}: use c > 1 (c <= 1 makes the loss constant for negative "
                          "advantages: zero gradient), or 0 = off")
+    if cfg.dynamic_sampling and cfg.adv_estimator == "reinforce_pp":
+        raise ValueError("dynamic_sampling drops groups whose rewards are all equal, which carry no signal only for a "
+                         "group baseline; adv_estimator=reinforce_pp whitens over the whole batch (and with n=1 every "
+                         "group would be dropped): use reinforce_pp_baseline or a group estimator, or "
+                         "dynamic_sampling=false")
+    if cfg.kl_beta > 0 and cfg.kl_estimator == "k1" and not cfg.kl_in_reward:
+        raise ValueError("kl_estimator=k1 in the loss pulls nowhere: its gradient, grad logp, has expectation 0 under "
+                         "the policy's own samples; use k1 with kl_in_reward=true, or k2 / k3 in the loss")
     for name, value, choices in (("loss_type", cfg.loss_type, ("ppo", "gspo", "cispo")),
                                  ("rollout_correction", cfg.rollout_correction, ("auto", "token", "sequence", "off")),
                                  ("kl_estimator", cfg.kl_estimator, ("k1", "k2", "k3")),
@@ -593,10 +604,10 @@ def main(cfg: Config):
         loader.restore(state["loader"])
         start_step, curve, skipped_total = state["step"], state["curve"], state["skipped"]
         print0(f"resumed from {last} at step {start_step}")
-    elif cfg.init_from:  # the SFT stage's weights (the reference, if any, starts from them too: it is pi_init)
+    elif cfg.init_from:  # the SFT stage's weights
         print0(f"weights from {load_model_weights(cfg.init_from, model)}")
-        if ref is not None:
-            load_model_weights(cfg.init_from, ref.model)
+    if cfg.init_from and ref is not None:  # the reference is pi_init, resumed or not (checkpoints hold no reference)
+        load_model_weights(cfg.init_from, ref.model)
     if not last and cfg.sft_steps:
         vlm.use_attention(model, attention["train"])
         format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // spi.dp_size, spi.dp_rank, spi.dp_size,

@@ -109,6 +109,25 @@ def test_sampling_reproducible_and_logprobs_match_forward(tiny, videos, fam):
     assert torch.allclose(lp, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("top_p, kept", [(0.0, 1), (0.3, 1), (0.5, 1), (0.75, 2), (0.76, 3), (0.90625, 3),
+                                          (0.95, 4), (1.0, 4)])
+def test_top_p_keeps_the_smallest_set_reaching_top_p(top_p, kept):
+    """Nucleus sampling over p = [1/2, 1/4, 5/32, 3/32] (exact in float32): the kept set is the smallest prefix
+    whose mass reaches top_p (at 0.75 exactly, two tokens), the same set as transformers' TopPLogitsWarper, and
+    the samples follow p renormalised over it."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    p = torch.tensor([0.5, 0.25, 0.15625, 0.09375])
+    logits = p.log().repeat(20000, 1)
+    tokens, logp = rollout.sample_token(logits, 1.0, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.equal(freq > 0, torch.arange(4) < kept)
+    assert torch.allclose(freq[:kept], p[:kept] / p[:kept].sum(), atol=0.015)
+    assert torch.allclose(logp[0], p.log())  # the log-probs are before truncation: what the trainer recomputes
+    if top_p > 0:
+        hf = TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), p.log()[None])
+        assert torch.equal(torch.isfinite(hf[0]), torch.arange(4) < kept)
+
+
 def test_generated_tokens_never_vision_or_pad(tiny, videos):
     _, model, processor = tiny["qwen2_5_vl"]
     prompts = prompts_for(model, processor, videos)

@@ -102,6 +102,17 @@ def test_k3_gradient_is_finite_far_from_the_reference():
     assert lp.grad.item() == pytest.approx(1 - math.e)
 
 
+def test_k3_value_is_capped_at_10_as_verl():
+    """k3 = e^-d + d - 1 is capped at 10 (verl's low_var_kl): 10 is reached at d = -2.61 and d = 11.0, and beyond
+    the cap the token's KL gradient is 0 (written in kl_penalty's comment and the README's table)."""
+    for d, value, grad in ((-2.6, math.exp(2.6) - 3.6, 1 - math.exp(2.6)), (-3.0, 10.0, 0.0), (10.9, 9.9, 1.0),
+                           (11.1, 10.0, 0.0)):
+        lp = torch.tensor([d], dtype=torch.float64, requires_grad=True)
+        k3 = T.kl_penalty(lp, torch.zeros(1, dtype=torch.float64), "k3")
+        k3.sum().backward()
+        assert k3.item() == pytest.approx(value, abs=1e-3) and lp.grad.item() == pytest.approx(grad, abs=1e-3)
+
+
 def test_assign_advantages_with_kl_in_the_reward_by_hand():
     """One group of two responses, equal outcome reward 1: only the KL penalty (k1 = logp_old - logp_ref per
     token, beta = 0.5) separates them, so the response that moved further from the reference is pushed down."""
@@ -224,12 +235,33 @@ def test_training_metrics_cover_every_update():
     (dict(rollout_batch_size=16, update_batch_size=6), "update_batch_size 6 must divide"),
     (dict(loss_type="ppo2"), "loss_type"), (dict(rollout_correction="always"), "rollout_correction"),
     (dict(rollout_is_cap=1.0), "rollout_is_cap"), (dict(loss_agg="sum"), "loss_agg"),
+    (dict(n=1, adv_estimator="reinforce_pp", dynamic_sampling=True), "dynamic_sampling"),
+    (dict(adv_estimator="reinforce_pp", dynamic_sampling=True), "dynamic_sampling"),
+    (dict(kl_beta=0.01, kl_estimator="k1"), "k1 in the loss"),
 ])
 def test_config_refused_at_start_up(bad, message):
     with pytest.raises(ValueError, match=message):
         T.check_config(T.Config(**bad))
     T.check_config(T.Config(n=1, adv_estimator="reinforce_pp"))  # Reinforce++ has no group: n = 1 is fine
     T.check_config(T.Config(rollout_batch_size=16, update_batch_size=8, dual_clip=0.0))
+    T.check_config(T.Config(adv_estimator="reinforce_pp_baseline", dynamic_sampling=True))  # a group baseline
+    T.check_config(T.Config(kl_beta=0.01, kl_estimator="k1", kl_in_reward=True))  # k1 belongs in the reward
+
+
+def test_k1_in_the_loss_has_zero_expected_gradient_k2_and_k3_do_not():
+    """Why check_config refuses k1 in the loss: over a categorical enumerated exactly, E_{y~pi}[grad k1(y)] = 0,
+    while k2's expected gradient is grad KL(pi || ref) and k3's is grad KL(ref || pi) (verl's low_var_kl)."""
+    theta, ref = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=torch.float64, requires_grad=True), \
+        torch.tensor([0.1, 0.4, -0.3, 0.2], dtype=torch.float64).log_softmax(0)
+    def expected_grad(estimator):  # sum_y pi(y) grad_theta k(logpi(y)), pi(y) held as the sampling weight
+        logp = theta.log_softmax(0)
+        value = (logp.exp().detach() * T.kl_penalty(logp, ref, estimator)).sum()
+        return torch.autograd.grad(value, theta)[0]
+    def true_grad(kl):
+        return torch.autograd.grad(kl(theta.log_softmax(0)), theta)[0]
+    assert torch.allclose(expected_grad("k1"), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(expected_grad("k2"), true_grad(lambda lp: (lp.exp() * (lp - ref)).sum()))
+    assert torch.allclose(expected_grad("k3"), true_grad(lambda lp: (ref.exp() * (ref - lp)).sum()))
 
 
 def test_token_weights_and_overlong_by_hand():
@@ -510,17 +542,36 @@ def test_dapo_dynamic_sampling_drops_equal_reward_groups(tiny_run, tmp_path):
     dict(kl_beta=0.05, kl_estimator="k3", ppo_epochs=2, update_batch_size=2),          # KL in the loss, 4 updates
     dict(kl_beta=0.05, kl_estimator="k1", kl_in_reward=True, adv_estimator="reinforce_pp_baseline"),
 ])
-def test_reference_kl_and_several_updates_per_rollout(tiny_run, tmp_path, algo):
+def test_reference_kl_and_several_updates_per_rollout(tiny_run, tmp_path, algo, monkeypatch):
     """A short format warm-up moves the policy away from the frozen reference, so the KL is non-zero; with
-    several updates per rollout the old log-probs are recomputed once and the ratio moves off 1."""
+    several updates per rollout (or KL in the reward) the old log-probs are recomputed once a step."""
+    filled = []
+    def spy(policy, seqs, cfg, suppress_ids, attr, *args, **kw):
+        filled.append(attr)
+        return T_fill(policy, seqs, cfg, suppress_ids, attr, *args, **kw)
+    T_fill = T.fill_logprobs
+    monkeypatch.setattr(T, "fill_logprobs", spy)
     T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=2, eval_data="", sft_steps=4, sft_lr=1e-2,
                     sft_batch_size=8, max_new_tokens=16, **algo))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
     assert rows[0]["kl"] > 0
+    assert filled == ["logp_ref", "logp_old"] * 2  # each step: the reference's, then the old policy's
     if algo.get("ppo_epochs", 1) > 1:
-        assert rows[0]["time_logprobs"] > 0  # old log-probs were computed before the first update
         assert rows[0]["updates"] == 4  # the step's metrics cover all 2 epochs x 2 updates
+
+
+def test_resume_keeps_the_init_from_reference(tiny_run, tmp_path):
+    """A run started with --init_from keeps pi_init as its KL reference after --resume (checkpoints hold no
+    reference: it is re-loaded from init_from), so 1 step + resume + 1 step equals 2 steps straight."""
+    T.main(tiny_cfg(tiny_run, tmp_path / "init", max_steps=1, eval_data="", sft_steps=8, sft_lr=2e-2,
+                    sft_batch_size=8, save_every=1))  # a run whose weights differ from the base model's
+    algo = dict(init_from=str(tmp_path / "init"), kl_beta=0.1, eval_data="", save_every=1)
+    T.main(tiny_cfg(tiny_run, tmp_path / "a", max_steps=2, **algo))
+    T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=1, **algo))
+    T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=2, resume=True, **algo))
+    straight, resumed = (metrics_without_time(tmp_path / r / "metrics.jsonl") for r in "ab")
+    assert straight == resumed and straight[1]["kl"] < 1e-6  # the policy starts at its reference
 
 
 def test_two_torchrun_nodes_one_step(tiny_run, tmp_path):
