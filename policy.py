@@ -245,16 +245,32 @@ def clip_and_step(policy, optimizer, grad_clip: float) -> tuple:
     return grad_norm, skipped
 
 
-def sft_step(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, spi=None, micro: int = 0) -> dict:
+def placeholder_seq(model, processor, cfg) -> Seq:
+    """A target sequence on rollout.placeholder_prompt, for a rank left with no sequences of its own: it runs the
+    forward and backward its FSDP2 peers run, at weight 0."""
+    prompt = rollout.placeholder_prompt(model, processor, cfg)
+    return Seq(prompt=prompt, response_ids=[processor.tokenizer.eos_token_id], advantages=torch.zeros(1))
+
+
+def padding_seq(seqs: list, fallback):
+    """What a padding micro-batch (micro_batches' None) runs: `fallback`, else this rank's first sequence."""
+    if fallback is None and not seqs:
+        raise ValueError("no sequences on this rank while its peers have some: pass a fallback (placeholder_seq)")
+    return fallback if fallback is not None else seqs[0]
+
+
+def sft_step(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, spi=None, micro: int = 0,
+             fallback=None) -> dict:
     """One optimizer step of the token-mean negative log-likelihood of the target responses `seqs`:
         loss = -(1/N) sum_i sum_t log pi(y_i,t | prompt_i, y_i,<t),   N = target tokens on all data-parallel ranks
     Rank r backpropagates W * (its part of the sum) / N; FSDP averages gradients over the W = dp * sp ranks, so
     each token counts once, on the (SP) rank that holds it. Returns the loss (over all ranks), N, the gradient
-    norm and whether the step was skipped (clip_and_step)."""
+    norm and whether the step was skipped (clip_and_step). fallback: what a rank with fewer (or no) sequences
+    runs at weight 0 while its peers work (padding_seq)."""
     n_tokens = dp_all_reduce(torch.tensor([float(sum(len(s.response_ids) for s in seqs))]), spi)[0].item()
     total = 0.0
     for chunk in micro_batches(seqs, micro or cfg.micro_batch_size):
-        logp, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
+        logp, _, _ = sequences_logprobs(policy, chunk or [padding_seq(seqs, fallback)], cfg, suppress_ids, spi=spi)
         loss = -logp.sum() * d.world_size / max(n_tokens, 1.0) * (0.0 if chunk is None else 1.0)
         loss.backward()
         total += loss.item() / d.world_size
@@ -264,11 +280,12 @@ def sft_step(policy, optimizer, seqs: list, cfg, d: Dist, suppress_ids, spi=None
 
 
 @torch.no_grad()
-def sft_nll(policy, seqs: list, cfg, suppress_ids, spi=None, micro: int = 0) -> float:
-    """Token-mean negative log-likelihood of the targets `seqs` over all ranks (the held-out loss)."""
+def sft_nll(policy, seqs: list, cfg, suppress_ids, spi=None, micro: int = 0, fallback=None) -> float:
+    """Token-mean negative log-likelihood of the targets `seqs` over all ranks (the held-out loss); fallback as in
+    sft_step."""
     total = torch.zeros(2, dtype=torch.float64)
     for chunk in micro_batches(seqs, micro or cfg.micro_batch_size):
-        logp, _, _ = sequences_logprobs(policy, chunk or seqs[:1], cfg, suppress_ids, spi=spi)
+        logp, _, _ = sequences_logprobs(policy, chunk or [padding_seq(seqs, fallback)], cfg, suppress_ids, spi=spi)
         if chunk is not None:
             total += torch.tensor([-logp.sum().item(), float(logp.numel())], dtype=torch.float64)
     total = all_reduce(total)
@@ -281,12 +298,19 @@ def format_warmup(policy, processor, loader, cfg, d: Dist, suppress_ids, spi=Non
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.sft_lr, betas=(0.9, cfg.beta2))
     rng = random.Random(cfg.seed + 7 * (spi.dp_rank if spi else d.rank))  # SP peers: the same letters
     policy.train()
+    skipped = []  # videos that did not load: skipped (a batch left empty trains at weight 0), counted, named
     for step in range(cfg.sft_steps):
-        prompts = rollout.prepare_prompts(policy.model, processor, loader.next_batch(), cfg, cfg.think, [],
+        prompts = rollout.prepare_prompts(policy.model, processor, loader.next_batch(), cfg, cfg.think, skipped,
                                           cfg.embeddings_cache)
         texts = [target_text(p.sample, "random_letter", cfg.think, rng) for p in prompts]
         res = sft_step(policy, optimizer, target_seqs(prompts, texts, processor.tokenizer), cfg, d, suppress_ids,
-                       spi, micro=cfg.micro_batch_size * 4)
+                       spi, micro=cfg.micro_batch_size * 4,
+                       fallback=None if prompts else placeholder_seq(policy.model, processor, cfg))
         if step % 20 == 0 or step == cfg.sft_steps - 1:
             print0(f"format warm-up {step + 1}/{cfg.sft_steps}: nll {res['loss']:.3f}")
+    for line in skipped[:3]:
+        print(f"[rank {d.rank}] format warm-up skipped sample: {line}")
+    count = int(dp_all_reduce(torch.tensor([len(skipped)]), spi)[0])
+    if count:
+        print0(f"format warm-up: {count} samples skipped (videos that did not load)")
     del optimizer

@@ -20,6 +20,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -32,12 +33,12 @@ from common import all_reduce, barrier
 from configurator import parse_config
 from data.datasets import format_question, load_jsonl
 from data.rewards import compute_rewards, eval_correct, read_answer
-from data.video import FrameSampling
+from data.video import FrameSampling, SampledVideo, fit_size
 from fused_decode import StaticKV, fused_decoding, fused_forward, graphed_step, padded_prompt_mask, unshard_layers
 from sp import chunked_all_gather_object
-from vlm import (MROPE, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
+from vlm import (MROPE, SUPPORTED, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
                  family, load_model, load_video, masked_logits, omni_positions, output_head, sampled_fps,
-                 select_videos, suppress_ids, text_model, use_attention, video_kwargs)
+                 lockstep, select_videos, sharded, suppress_ids, text_model, use_attention, video_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,6 +507,16 @@ def prepare_prompts(model, processor, samples: list, cfg, think: bool, skipped: 
     return prompts
 
 
+def placeholder_prompt(model, processor, cfg):
+    """A blank two-frame clip at the smallest frame size, for a rank that has nothing of its own to run while its
+    FSDP2 peers do (every rank must call every sharded module as often as the others): its results are dropped."""
+    side = 2 * SUPPORTED[family(model)]
+    h, w = fit_size(side, side, SUPPORTED[family(model)], cfg.min_pixels, cfg.max_pixels)
+    clip = SampledVideo(frames=np.zeros((2, h, w, 3), dtype=np.uint8), timestamps=np.array([0.0, 0.5]),
+                        indices=[0, 1], fps=2.0, total_frames=2, duration=1.0)
+    return build_prompt(model, processor, "placeholder", clip, think=False)
+
+
 def next_prompts(loader, want: int, model, processor, cfg, data_file: str, skipped: list, misses: list,
                  max_batches: int = 8) -> list:
     """`want` prompts from the loader's next batches. A row whose video does not load is skipped (named in
@@ -558,13 +569,22 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
     them for its held-out loss): answered as they are, no video decoded again."""
     preds, skipped, misses = [], list(prepared[1]) if prepared else [], []
     total = len(prepared[0]) if prepared else len(samples)
-    for start in tqdm(range(0, total, cfg.eval_batch_size), desc=desc, disable=not cfg.progress):
+    starts = range(0, total, cfg.eval_batch_size)
+    # the HF engine under FSDP2: every rank generates as many batches as the busiest (lockstep), spare ones on a
+    # placeholder clip whose answers are dropped; vLLM's engines answer on their own
+    together = engine is None and sharded(text_model(model).layers[0])
+    num_batches = lockstep(len(starts), text_model(model).layers[0], model.device) if together else len(starts)
+    for b in tqdm(range(num_batches), desc=desc, disable=not cfg.progress):
+        start = starts[b] if b < len(starts) else total
         if prepared:
             prompts = prepared[0][start:start + cfg.eval_batch_size]
         else:
             prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
                                       skipped, cache_dir, misses)
         if not prompts:
+            if together:
+                hf_generate(model, processor, [placeholder_prompt(model, processor, cfg)], n=1, temperature=0.0,
+                            max_new_tokens=cfg.max_new_tokens)
             continue
         if engine is not None:
             embeds = prompt_embeddings(model, prompts) if engine.prompt_embeds else None

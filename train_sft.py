@@ -33,7 +33,8 @@ from common import (MetricsLog, exit_distributed, finite, latest_checkpoint, loa
                     save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
-from policy import PolicyConfig, build_policy, sft_nll, sft_step, start_run, target_seqs, target_text
+from policy import (PolicyConfig, build_policy, placeholder_seq, sft_nll, sft_step, start_run, target_seqs,
+                    target_text)
 from sp import dp_all_reduce
 
 
@@ -125,7 +126,8 @@ def main(cfg: Config):
         prompts = rollout.prepare_prompts(model, processor, mine, cfg, cfg.think, skipped, cfg.embeddings_cache)
         texts = [target_text(p.sample, cfg.target, cfg.think) for p in prompts]
         vlm.use_attention(model, attention["train"])
-        loss = sft_nll(policy, target_seqs(prompts, texts, processor.tokenizer), cfg, suppress, spi)
+        loss = sft_nll(policy, target_seqs(prompts, texts, processor.tokenizer), cfg, suppress, spi,
+                       fallback=None if prompts else placeholder_seq(model, processor, cfg))  # rows < ranks
         vlm.use_attention(model, attention["rollout"])
         # without SP a data-parallel rank is a rank, and its rows are the ones it answers: decoded once, here
         ev = rollout.evaluate_all(policy, processor, held_out, cfg, None, tag, cfg.out_dir,

@@ -24,6 +24,8 @@ from functools import partial
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.profiler import record_function
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -33,6 +35,7 @@ from transformers import (AttentionInterface, AttentionMaskInterface, AutoModel,
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.video_utils import VideoMetadata
 
+from common import all_reduce
 from data.video import load_audio, probe, sample_frames
 
 
@@ -689,9 +692,17 @@ def encode_videos(model, prompts: list, max_patches: int = 65536, grad_patches: 
         else:
             calls.append([piece])
             rows_in_call = size
-    checkpointed = torch.is_grad_enabled() and len(calls) > 1
+    own = len(calls)
+    num_calls = lockstep(own, encoder_blocks(model)[0], model.device)  # the vision tower's first block
+    if num_calls > own:  # a peer makes more calls: repeat one temporal patch of our first video, rows dropped
+        if not pieces:
+            raise RuntimeError("encode_videos: no video to encode on this rank while its FSDP peers encode some: "
+                               "give it a placeholder prompt (rollout.placeholder_prompt)")
+        calls += [[(pieces[0][0], pieces[0][1], pieces[0][1] + 1)]] * (num_calls - own)
+    checkpointed = torch.is_grad_enabled() and num_calls > 1
     parts = [[] for _ in prompts]  # per video: its pieces' (embeds, [deepstack per layer] or None), in order
-    for call in calls:
+    dropped = []                   # the padding calls' outputs
+    for c, call in enumerate(calls):
         pixels = torch.cat([piece_pixels(prompts, q) for q in call]).to(model.device)
         grid = torch.tensor([[q[2] - q[1], *prompts[q[0]].video_grid_thw[0, 1:].tolist()] for q in call],
                             device=model.device)
@@ -699,6 +710,9 @@ def encode_videos(model, prompts: list, max_patches: int = 65536, grad_patches: 
             out = checkpoint(tower_features, model, pixels, grid, use_reentrant=False) if checkpointed \
                 else tower_features(model, pixels, grid)
         deep = getattr(out, "deepstack_features", None)
+        if c >= own:
+            dropped.append(out)
+            continue
         for k, q in enumerate(call):
             parts[q[0]].append((out.pooler_output[k], None if deep is None else [layer[k] for layer in deep]))
     rows = [None] * len(prompts)
@@ -717,7 +731,33 @@ def encode_videos(model, prompts: list, max_patches: int = 65536, grad_patches: 
     out = Out(pooler_output=tuple(e for e, _ in rows))
     if rows and rows[0][1] is not None:
         out.deepstack_features = [tuple(d[i] for _, d in rows) for i in range(len(rows[0][1]))]
-    return add_audio_features(model, prompts, out)
+    return add_audio_features(model, prompts, tie(out, dropped))
+
+
+def sharded(block) -> bool:
+    """Whether `block` is an FSDP2 unit over several ranks (fsdp_units), whose weights each call all-gathers."""
+    return isinstance(block, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def lockstep(calls: int, block, device) -> int:
+    """The most calls of `block` any rank makes now. FSDP2 all-gathers a unit's weights at each call (and again in
+    its backward): every rank must call it as often as its peers, or its next all-gather meets theirs of another
+    module (NCCL hangs; gloo reports a size mismatch). A block FSDP2 does not shard: `calls` itself."""
+    if not sharded(block):
+        return calls
+    return int(all_reduce(torch.tensor([calls], device=device), op=dist.ReduceOp.MAX).item())
+
+
+def tie(feats, dropped: list):
+    """feats with the padding calls' outputs (`dropped`) added at weight 0 to its first rows: their values change
+    nothing, and a backward runs through them as through a peer's real call (FSDP2's gradient reduce-scatters)."""
+    if not dropped or not torch.is_grad_enabled():
+        return feats
+    zero = sum(t.sum() for out in dropped for t in [*out.pooler_output, *(
+        t for layer in (getattr(out, "deepstack_features", None) or []) for t in layer)]) * 0.0
+    first = feats.pooler_output
+    feats.pooler_output = (first[0] + zero.to(first[0].dtype), *first[1:])
+    return feats
 
 
 def piece_rows(prompts: list, piece) -> int:
@@ -735,11 +775,20 @@ def piece_pixels(prompts: list, piece):
 
 def add_audio_features(model, prompts: list, feats):
     """Omni: put every prompt's audio rows on `feats` (the audio encoder run one track at a time, or the cached
-    rows); prompts without audio get none. A no-op for models without audio."""
+    rows); prompts without audio get none. A no-op for models without audio. Under FSDP2 every rank runs the
+    audio encoder as often as its peers (lockstep): the extra runs on a silent second of log-mel, dropped."""
+    tower = None if family(model) in FRAMES else getattr(media_model(model), "audio_tower", None)
+    if tower is None:
+        return feats
+    own = sum(p.input_features is not None and p.audio_embeds is None for p in prompts)
+    num_calls = lockstep(own, tower.layers[0], model.device)  # before any call: the peers' collectives in order
     if any(p.input_features is not None or p.audio_embeds is not None for p in prompts):
         feats.audio_features = tuple(audio_features(model, p.input_features) if p.audio_embeds is None
                                      else p.audio_embeds.to(model.device) for p in prompts)
-    return feats
+    silence = torch.zeros(tower.config.num_mel_bins, 100)  # 100 log-mel frames: one second
+    dropped = [BaseModelOutputWithPooling(pooler_output=(audio_features(model, silence),))
+               for _ in range(num_calls - own)]
+    return tie(feats, dropped)
 
 
 def video_features(model, pixels, grid):

@@ -748,3 +748,65 @@ def test_omni_positions_equal_get_rope_index(models, tmp_path, frames, fps, seco
     ours = vlm.omni_positions(model.config, ids, prompt.video_grid_thw[0].tolist(), sec)
     assert torch.equal(ours, theirs[:, 0])
     assert torch.equal(ours[:, :len(prompt.input_ids)], prompt.positions)
+
+
+def _lockstep_worker(rank, world, init_file, model_dir, fam, out):
+    """Rank 0 encodes 8 frames (with 2 s of audio for Omni), rank 1 two frames (no audio): under a budget of one
+    2-frame video a call, rank 0 makes 4 tower calls (and 1 audio call), rank 1 one (and none)."""
+    import datetime
+    import torch.distributed as dist
+    from common import Dist, Root, wrap_fsdp
+    from data.video import SampledVideo
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a collective mismatch may hang: fail instead
+    try:
+        torch.manual_seed(0)
+        ref, processor = vlm.load_model(model_dir)
+        frames = 8 if rank == 0 else 2
+        rng = np.random.default_rng(rank)
+        clip = SampledVideo(frames=rng.integers(0, 255, (frames, 56, 56, 3), dtype=np.uint8),
+                            timestamps=np.arange(frames) / 2.0, indices=list(range(frames)), fps=2.0,
+                            total_frames=frames, duration=frames / 2.0,
+                            audio=np.sin(np.arange(32000) * 0.2).astype(np.float32) if rank == 0 else None)
+        prompts = [vlm.build_prompt(ref, processor, "What colour?", clip, think=False)]
+        budget = 2 * 56 * 56 // 14 ** 2  # patch rows of one 2-frame clip
+
+        def loss_of(model):  # features -> a scalar with a different weight per row
+            feats = vlm.encode_videos(model, prompts, grad_patches=budget)
+            rows = torch.cat([*feats.pooler_output, *getattr(feats, "audio_features", ())])
+            return (rows * torch.linspace(-1, 1, rows.numel()).view(rows.shape)).sum()
+        ref.requires_grad_(True)
+        loss_of(ref).backward()  # the unsharded model: this rank's own loss
+        expected = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in ref.named_parameters()}
+        for g in expected.values():  # FSDP2 averages the ranks' gradients
+            dist.all_reduce(g)
+            g /= world
+        expected = {k: g for k, g in expected.items() if g.any()}  # the media encoders' (and the merger's)
+        model, _ = vlm.load_model(model_dir)
+        policy = wrap_fsdp(Root(model), vlm.fsdp_units(model), Dist(rank=rank, world_size=world), False)
+        loss = policy(loss_of)
+        loss.backward()
+        grads = {k[len("model."):]: p.grad.full_tensor() for k, p in policy.named_parameters() if p.grad is not None}
+        out[rank] = (abs(loss.item() - loss_of(ref).item()),
+                     max((grads.get(k, torch.zeros_like(g)) - g).abs().max().item() for k, g in expected.items()),
+                     all(not g.any() for k, g in grads.items() if k not in expected), len(expected))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fam", ["qwen2_5_vl", "qwen2_5_omni_thinker"])
+def test_media_encoders_run_in_lockstep_under_fsdp2(tmp_path, fam):
+    """FSDP2 all-gathers a vision (or audio) block's weights at every call: ranks whose videos need different
+    numbers of tower calls (encode_videos' patch budget; Omni: tracks with audio) must still call each block
+    equally often, or the collectives pair up wrong (gloo: size mismatch; NCCL: a hang). Each rank's features
+    and the averaged gradients equal the unsharded model's: the padding calls add nothing."""
+    import torch.multiprocessing as mp
+    make_tiny_model(str(tmp_path / "m"), fam)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_lockstep_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "m"), fam, out), nprocs=2,
+                 join=True)
+        for rank in range(2):
+            loss_diff, grad_diff, no_others, num_trained = out[rank]
+            assert loss_diff < 1e-4 and grad_diff < 1e-5 and no_others and num_trained > 10, (rank, out[rank])
