@@ -235,6 +235,14 @@ def latest_checkpoint(out_dir: str):
     return done[-1] if done else None
 
 
+def refuse_old_run(out_dir: str):
+    """A run started without --resume in a folder that holds another run's checkpoints or metrics.jsonl would
+    append its rows to the old log and fail at its first save (the old step_* folder is in the way): stop now."""
+    if latest_checkpoint(out_dir) or os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        raise ValueError(f"{out_dir} already holds a run (step_* checkpoints or metrics.jsonl): resume it with "
+                         "--resume=True, or choose another --out_dir, or delete the folder")
+
+
 def load_checkpoint(path: str, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG; return the saved `state` dict."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -272,6 +280,27 @@ def load_model_weights(path: str, model) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # the metrics log: metrics.jsonl (+ tensorboard, + Weights & Biases), GPU memory, the learning curve
+
+def keep_metrics_until(out_dir: str, step: int):
+    """Drop the rows of out_dir/metrics.jsonl past `step`, the step the run (re)starts from: a run stopped after
+    logging step j but before checkpointing it (its last checkpoint k < j) left rows k+1..j, which the resumed run
+    logs again. A row cut short by the stop is past k too (a step is logged before it is saved). Rank 0 only."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the row being written when the run stopped
+                continue
+            if row["step"] <= step:
+                kept.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
 
 class MetricsLog:
     """One json line per step in out_dir/metrics.jsonl, written by rank 0 (and to tensorboard / W&B if asked)."""

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import rollout
 import sp as sp_lib
 import vlm
-from common import Dist, Root, all_reduce, barrier, init_distributed, print0, wrap_fsdp
+from common import Dist, Root, all_reduce, barrier, init_distributed, print0, refuse_old_run, wrap_fsdp
 from data.synthetic import run_inputs
 from data.video import FrameSampling
 from sp import dp_all_reduce
@@ -149,8 +149,11 @@ def start_run(cfg, check_config):
     """The opening both training scripts share: the script's start-up checks, torchrun set-up, seeds, out_dir, the
     run's inputs (with synthetic=True the CPU demo's task and tiny random model, made once by rank 0), the SP
     groups (world = dp x sp; the SP peers of a group share their prompts), then the checks that need the
-    data-parallel size. Returns (Dist, SP info, train jsonl, eval jsonl, model path)."""
+    data-parallel size. Without --resume, an out_dir that holds another run is refused. Returns (Dist, SP info,
+    train jsonl, eval jsonl, model path)."""
     check_config(cfg)
+    if not cfg.resume:  # before anything is written: another run's log and checkpoints stay as they are
+        refuse_old_run(cfg.out_dir)
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -17,7 +17,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 import rollout
 import vlm
-from common import (MetricsLog, Dist, all_reduce, exit_distributed, finite, gpu_used_gib, latest_checkpoint,
-                    load_checkpoint, load_model_weights, plot_curve, print0, profiled, save_checkpoint)
+from common import (MetricsLog, Dist, all_reduce, exit_distributed, finite, gpu_used_gib, keep_metrics_until,
+                    latest_checkpoint, load_checkpoint, load_model_weights, plot_curve, print0, profiled,
+                    save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
@@ -596,13 +597,15 @@ def main(cfg: Config):
     train = load_jsonl(data_file)
     held_out = load_jsonl(eval_file) if eval_file else []
     held_out = held_out[:cfg.eval_max_samples] if cfg.eval_max_samples else held_out
-    loader = Loader(train, plan.prompts_per_rank, spi.dp_rank, spi.dp_size, cfg.seed)
+    loader = Loader(train, plan.prompts_per_rank, spi.dp_rank, spi.dp_size, cfg.seed,
+                    what=f"{data_file} with --rollout_batch_size={cfg.rollout_batch_size}")
     start_step, curve, skipped_total, reward_stats = 0, [], 0, RewardStats()
     last = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if last:
         state = load_checkpoint(last, model, optimizer)
         loader.restore(state["loader"])
         start_step, curve, skipped_total = state["step"], state["curve"], state["skipped"]
+        reward_stats = RewardStats(**state.get("reward_stats", {}))  # rank 0's counters (the ones logged)
         print0(f"resumed from {last} at step {start_step}")
     elif cfg.init_from:  # the SFT stage's weights
         print0(f"weights from {load_model_weights(cfg.init_from, model)}")
@@ -610,13 +613,17 @@ def main(cfg: Config):
         load_model_weights(cfg.init_from, ref.model)
     if not last and cfg.sft_steps:
         vlm.use_attention(model, attention["train"])
-        format_warmup(policy, processor, Loader(train, cfg.sft_batch_size // spi.dp_size, spi.dp_rank, spi.dp_size,
-                                               cfg.seed + 1), cfg, d, suppress, spi)
+        warmup_rows = Loader(train, cfg.sft_batch_size // spi.dp_size, spi.dp_rank, spi.dp_size, cfg.seed + 1,
+                             f"{data_file} with --sft_batch_size={cfg.sft_batch_size}")
+        format_warmup(policy, processor, warmup_rows, cfg, d, suppress, spi)
         vlm.use_attention(model, attention["rollout"])
     def evaluate(tag: str) -> dict:  # greedy held-out accuracy over all ranks, through the engine if there is one
         if engine:
             engine.wake()
-        return rollout.evaluate_all(policy, processor, held_out, cfg, engine, tag, cfg.out_dir)
+        ev = rollout.evaluate_all(policy, processor, held_out, cfg, engine, tag, cfg.out_dir)
+        if ev["skipped"]:  # videos that did not load: counted over all ranks (evaluate_all returns no names)
+            print0(f"eval {tag}: {ev['skipped']} of {len(held_out)} held-out videos skipped (not loadable)")
+        return ev
 
     if engine:  # the engine starts from the warmed-up (or resumed) policy, before any evaluation
         engine.load_weights(rollout.full_tensors(finite(model, "pushed into vLLM")))
@@ -624,7 +631,9 @@ def main(cfg: Config):
         ev = evaluate("step0")
         curve.append({"step": 0, **ev})
         print0(f"held-out before GRPO: accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f} "
-               f"({ev['num_scored']} videos)")
+               f"({ev['num_scored']} videos, {ev['skipped']} skipped)")
+    if d.is_main:  # rows past the checkpoint (logged before a stop, not saved) are logged again from here
+        keep_metrics_until(cfg.out_dir, start_step)
     log = MetricsLog(cfg.out_dir, d.is_main, cfg.tensorboard, cfg.wandb_project, cfg.__dict__)
     bar = tqdm(range(start_step, cfg.max_steps), desc="grpo", disable=not (cfg.progress and d.is_main),
                initial=start_step, total=cfg.max_steps)
@@ -678,17 +687,20 @@ def main(cfg: Config):
             print(f"[rank {d.rank}] skipped sample: {line}")
         if cfg.embeddings_cache:
             metrics["cache_misses"] = int(dp_all_reduce(torch.tensor([len(stats["misses"])]), spi)[0])
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and held_out and step + 1 < cfg.max_steps:
+        # the last step's evaluation too, before its checkpoint: a run extended with --resume keeps it in its curve
+        if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
             ev = evaluate(f"step{step + 1}")
             curve.append({"step": step + 1, **ev})
-            metrics["eval_accuracy"] = ev["accuracy"]
+            metrics.update(eval_accuracy=ev["accuracy"], eval_skipped=ev["skipped"])
         log.write(metrics, step + 1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                         fmt=f"{metrics['format']:.2f}", s=f"{time.time() - t0:.2f}")
         if cfg.save_every > 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps):
             save_checkpoint(cfg.out_dir, step + 1, finite(model, "checkpointed"), optimizer,
-                            {"loader": loader.state(), "curve": curve, "skipped": skipped_total}, cfg.keep_last)
-    # ---- final held-out evaluation and the learning curve --------------------------------------------------
+                            {"loader": loader.state(), "curve": curve, "skipped": skipped_total,
+                             "reward_stats": asdict(reward_stats)}, cfg.keep_last)
+    # ---- the learning curve (the final evaluation ran in the loop; here only if no step ran and the resumed
+    # checkpoint's curve lacks it) --------------------------------------------------------------------------
     result = {"steps": cfg.max_steps, "skipped_samples": skipped_total}
     if held_out and (not curve or curve[-1]["step"] != cfg.max_steps):
         ev = evaluate(f"step{cfg.max_steps}")

@@ -12,13 +12,17 @@ One row per line:
 LongVideo-Reason's own field names also load: "videos" (a path) for "video", "question" for "problem",
 "solution" (an `<answer>X</answer>` string) for "answer", "reasoning" is kept, and a missing problem_type is
 read as multiple choice only when the row has options or a single-letter answer (otherwise it is an error,
-never a guess). Every error names the file, the line and the field.
+never a guess). An answer key that cannot be scored (a multiple-choice letter outside the options, a numerical
+key that is not a number) is refused here, by data/rewards.check_sample, not hours into a run. Every error names
+the file, the line and the field.
 """
 import json
 import os
 import random
 import re
 from dataclasses import dataclass, field
+
+from data.rewards import check_sample
 
 PROBLEM_TYPES = ("multiple_choice", "numerical", "open_ended")
 TYPE_ALIASES = {"multiple choice": "multiple_choice", "multiple-choice": "multiple_choice", "mc": "multiple_choice",
@@ -71,9 +75,11 @@ def parse_row(row: dict, where: str, root: str) -> Sample:
         raise ValueError(f"{where}: field 'problem_type' is {row['problem_type']!r}; expected one of "
                          f"{', '.join(PROBLEM_TYPES)}")
     category = row.get("category") or row.get("task_type") or row.get("question_type") or ""
-    return Sample(video=os.path.join(root, video), problem=str(row["problem"]), answer=str(row["answer"]).strip(),
-                  problem_type=ptype, options=options, category=str(category),
-                  reasoning=str(row.get("reasoning", "")), source=where)
+    sample = Sample(video=os.path.join(root, video), problem=str(row["problem"]), answer=str(row["answer"]).strip(),
+                    problem_type=ptype, options=options, category=str(category),
+                    reasoning=str(row.get("reasoning", "")), source=where)
+    check_sample(sample.to_dict(), where=where)  # the key the rewards will grade against
+    return sample
 
 
 def load_jsonl(path: str, check_videos: bool = False, video_root: str = "") -> list:
@@ -83,11 +89,15 @@ def load_jsonl(path: str, check_videos: bool = False, video_root: str = "") -> l
         raise ValueError(f"{path}: dataset file not found")
     root = video_root or os.path.dirname(os.path.abspath(path))
     samples = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a line that is not UTF-8 is named
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -115,9 +125,11 @@ class Loader:
     the ranks of one sequence-parallel group (same dp_rank) see the same prompts. `state()` / `restore()`
     make --resume continue exactly where the run stopped."""
 
-    def __init__(self, samples: list, batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+    def __init__(self, samples: list, batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 what: str = "dataset"):
+        # what: the rows and the setting that sized the batch, for the error ("train.jsonl with --batch_size=32")
         if len(samples) < batch_size * dp_size:
-            raise ValueError(f"dataset has {len(samples)} rows, fewer than one global batch "
+            raise ValueError(f"{what}: {len(samples)} rows, fewer than one global batch "
                              f"({batch_size} prompts x {dp_size} data-parallel ranks)")
         self.samples, self.batch_size, self.dp_rank, self.dp_size, self.seed = \
             samples, batch_size, dp_rank, dp_size, seed

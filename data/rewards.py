@@ -312,19 +312,21 @@ class RewardStats:
     last_judge_error: str = ""
 
 
-def check_sample(sample: dict, index: int = 0) -> None:
-    """Raise ValueError naming the field if a sample cannot be scored (call it when loading a dataset)."""
+def check_sample(sample: dict, index: int = 0, where: str = "") -> None:
+    """Raise ValueError naming the field if a sample cannot be scored (data/datasets.py calls it on every row it
+    loads, with where = "file:line"; compute_rewards again on each sample, named by its index in the batch)."""
+    at = where or f"sample {index}"
     pt = sample.get("problem_type")
     if pt not in PROBLEM_TYPES:
-        raise ValueError(f"sample {index}: field 'problem_type' is {pt!r}, expected one of {PROBLEM_TYPES}")
+        raise ValueError(f"{at}: field 'problem_type' is {pt!r}, expected one of {PROBLEM_TYPES}")
     key, options = sample.get("answer"), sample.get("options")
     if key is None:
-        raise ValueError(f"sample {index}: field 'answer' is missing")
+        raise ValueError(f"{at}: field 'answer' is missing")
     if pt == "multiple_choice" and parse_choice(key, options) is None:
-        raise ValueError(f"sample {index}: field 'answer' {key!r} is neither an option letter "
+        raise ValueError(f"{at}: field 'answer' {key!r} is neither an option letter "
                          f"nor one of 'options' {options!r}")
     if pt == "numerical" and parse_number(key) is None:
-        raise ValueError(f"sample {index}: field 'answer' {key!r} is not a number")
+        raise ValueError(f"{at}: field 'answer' {key!r} is not a number")
 
 
 def compute_rewards(

@@ -2,6 +2,7 @@
 configurator.py: presets, --key=value overrides, loud errors, --help from the dataclass comments.
     python -m pytest tests/test_configurator.py -q
 """
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -36,10 +37,36 @@ def test_defaults_preset_then_flags(tmp_path):
     (["--steps=ten"], "--steps: expected int"),
     (["--bf16=maybe"], "--bf16: expected true/false"),
     (["--sizes=[1,"], "--sizes: expected JSON"),
+    (["--steps"], "--steps: a bare flag is only for true/false fields"),   # not a 1-step run
+    (["--lr"], "--lr: a bare flag"),                                       # not lr=True
+    (["--name"], "--name: a bare flag"),
 ])
 def test_bad_flags_fail_loudly(argv, message):
     with pytest.raises(ValueError, match=message):
         parse_config(Cfg, argv)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('steps = "10"', "field 'steps' = '10' (str), expected int"),
+    ("steps = 2.5", "field 'steps' = 2.5 (float), expected int"),
+    ("lr = 'fast'", "field 'lr' = 'fast' (str), expected float"),
+    ("bf16 = 1", "field 'bf16' = 1 (int), expected bool"),
+    ("steps = True", "field 'steps' = True (bool), expected int"),
+    ("name = None", "field 'name' = None (NoneType), expected str"),
+    ("sizes = 4", "field 'sizes' = 4 (int), expected list"),
+])
+def test_preset_values_are_type_checked(tmp_path, text, message):
+    preset = tmp_path / "bad.py"
+    preset.write_text(text + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"bad.py: {message}")):
+        parse_config(Cfg, [str(preset)])
+
+
+def test_preset_int_for_float_tuple_for_list_none_for_optional(tmp_path):
+    preset = tmp_path / "ok.py"
+    preset.write_text("lr = 1\nsizes = (3, 4)\nlimit = None\n")
+    cfg = parse_config(Cfg, [str(preset)])
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.sizes == [3, 4] and cfg.limit is None
 
 
 def test_unknown_name_in_preset_fails(tmp_path):

@@ -40,6 +40,9 @@ def test_load_resolves_paths_and_aliases(tmp_path):
     ({**GOOD, "problem_type": "essay"}, "field 'problem_type' is 'essay'"),
     ({**GOOD, "options": "A. x"}, "field 'options'"),
     ({"video": "a.mp4", "problem": "How long?", "answer": "3 minutes"}, "missing field 'problem_type'"),
+    ({**GOOD, "answer": "E"}, "field 'answer' 'E' is neither an option letter nor one of 'options'"),
+    ({"video": "a.mp4", "problem": "How many?", "answer": "three", "problem_type": "numerical"},
+     "field 'answer' 'three' is not a number"),   # found at load time, not by the rewards hours into a run
     ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
 ])
@@ -48,6 +51,14 @@ def test_validation_errors_name_file_line_and_field(tmp_path, row, message):
     with pytest.raises(ValueError) as err:
         load_jsonl(path)
     assert f"{path}:2" in str(err.value) and message in str(err.value)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + json.dumps({**GOOD, "problem": "Caf\u00e9?"},
+                                                                    ensure_ascii=False).encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:2: not UTF-8 text"):
+        load_jsonl(str(path))
 
 
 def test_missing_video_is_an_error_only_when_checked(tmp_path):
@@ -75,6 +86,8 @@ def test_loader_shards_by_dp_rank_and_restores(tmp_path):
     assert [s.problem for s in c.next_batch()] == after
     with pytest.raises(ValueError, match="fewer than one global batch"):
         Loader(samples[:3], 2, 0, 2)
+    with pytest.raises(ValueError, match=r"train.jsonl with --batch_size=4: 3 rows, fewer than one global batch"):
+        Loader(samples[:3], 2, 0, 2, what="train.jsonl with --batch_size=4")   # the file and the setting named
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ micro-batches (FSDP2 on 2 gloo processes); resume; bad samples; DAPO; a two-"nod
 import json
 import math
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -280,15 +282,18 @@ MODES = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-to
 
 
 def _deltas(rank, world, run_dir, micro, seqs_per_rank):
-    """Parameter change of one SGD(lr=1) update on this rank's sequences, for every aggregation mode."""
+    """Parameter change of one SGD(lr=1) update on this rank's sequences, for every aggregation mode, and the
+    number of micro-batches each update ran (out["micro_batches"][mode])."""
     import rollout
     import vlm
     from data.datasets import load_jsonl
-    cfg = T.Config(micro_batch_size=micro, max_new_tokens=12, grad_clip=1e9, num_frames=8, max_pixels=28 * 28,
+    # n=2: group packing rounds micro_batch_size up to whole groups of n, so micro=2 stays 2 (with n=8 it became 8
+    # and every update ran one micro-batch, leaving accumulation untested)
+    cfg = T.Config(micro_batch_size=micro, n=2, max_new_tokens=12, grad_clip=1e9, num_frames=8, max_pixels=28 * 28,
                    min_pixels=28 * 28)
     d = C.Dist(rank=rank, world_size=world)
     samples = load_jsonl(os.path.join(run_dir, "data", "train.jsonl"))[:4]
-    out = {}
+    out = {"micro_batches": {}}
     for mode in MODES:
         cfg.loss_agg = mode
         model, processor = vlm.load_model(os.path.join(run_dir, "model"))
@@ -304,7 +309,10 @@ def _deltas(rank, world, run_dir, micro, seqs_per_rank):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         policy = C.wrap_fsdp(C.Root(model), vlm.fsdp_units(model), d, False)
         opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        calls = []  # one forward of the root per micro-batch (sequences_logprobs runs policy(run) once)
+        policy.register_forward_pre_hook(lambda *_: calls.append(1))
         T.update(policy, opt, mine, cfg, d, [], mine[0])
+        out["micro_batches"][mode] = len(calls)
         after = {n: t.full_tensor() if hasattr(t, "full_tensor") else t for n, t in model.state_dict().items()}
         out[mode] = {n: (after[n] - before[n]) for n in before}
     return out
@@ -351,11 +359,15 @@ def free_port():
 
 
 def test_update_same_for_1x4_and_2x2_microbatches_every_mode(tiny_run, tmp_path):
-    """1 process x 4 micro-batches == 2 gloo processes (FSDP2) x 2 micro-batches, for every aggregation."""
+    """1 process x 4 micro-batches == 2 gloo processes (FSDP2) x 2 micro-batches, for every aggregation (group
+    packing on, the default): gradients accumulate over micro-batches exactly as over ranks."""
     single = _deltas(0, 1, str(tiny_run), micro=2, seqs_per_rank=8)
     result = str(tmp_path / "two.pt")
     mp.spawn(_worker, args=(2, free_port(), str(tiny_run), result), nprocs=2, join=True)
     two = torch.load(result)
+    # the micro-batches really ran (rank 1 runs as many as rank 0: micro_batches equalises them)
+    assert single.pop("micro_batches") == {mode: 4 for mode in MODES}
+    assert two.pop("micro_batches") == {mode: 2 for mode in MODES}
     for mode in MODES:
         biggest = max(v.abs().max().item() for v in single[mode].values())
         assert biggest > 0
@@ -425,15 +437,83 @@ def final_params(out_dir):
 
 
 def test_resume_continues_exactly(tiny_run, tmp_path):
-    straight = T.main(tiny_cfg(tiny_run, tmp_path / "a", max_steps=4))
-    T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=2))
-    resumed = T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=4, resume=True))
+    """2 steps, then --resume --max_steps=4 == 4 steps straight: weights, metrics and the learning curve, whose
+    step-2 evaluation (the first run's last) is saved in the step-2 checkpoint, not run after it and lost."""
+    straight = T.main(tiny_cfg(tiny_run, tmp_path / "a", max_steps=4, eval_every=2))
+    T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=2, eval_every=2))
+    resumed = T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=4, eval_every=2, resume=True))
     assert metrics_without_time(tmp_path / "a" / "metrics.jsonl") == \
         metrics_without_time(tmp_path / "b" / "metrics.jsonl")
     pa, pb = final_params(str(tmp_path / "a")), final_params(str(tmp_path / "b"))
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert [c["step"] for c in resumed["curve"]] == [0, 2, 4] and straight["curve"] == resumed["curve"]
     assert straight["after"] == resumed["after"]
     assert not os.path.exists(tmp_path / "b" / "step_00000002.tmp")
+
+
+def test_a_stop_past_the_last_checkpoint_logs_each_step_once(tiny_run, tmp_path):
+    """A run stopped after logging step 4 (the last row half-written) but before saving it resumes from step 2:
+    metrics.jsonl is cut back to steps 1-2, so steps 3 and 4 are logged once, as in the run that never stopped."""
+    T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=4, eval_data=""))   # checkpoints at steps 2 and 4
+    straight = metrics_without_time(tmp_path / "run" / "metrics.jsonl")
+    shutil.rmtree(tmp_path / "run" / "step_00000004")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "rew')
+    T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=4, eval_data="", resume=True))
+    assert metrics_without_time(tmp_path / "run" / "metrics.jsonl") == straight
+
+
+def test_judge_failures_survive_a_resume(tiny_run, tmp_path, monkeypatch):
+    """The reward counters (RewardStats: judge_failures, logged every step) are in the checkpoint: after --resume
+    they go on from the saved values instead of restarting at 0."""
+    score = T.score_responses
+    def one_judge_failure_per_batch(outs, prompts, cfg, judge, reward_stats, stats):
+        reward_stats.judge_failures += 1
+        return score(outs, prompts, cfg, judge, reward_stats, stats)
+    monkeypatch.setattr(T, "score_responses", one_judge_failure_per_batch)
+    common = dict(eval_data="", save_every=1)
+    T.main(tiny_cfg(tiny_run, tmp_path / "a", max_steps=2, **common))
+    T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=1, **common))
+    T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=2, resume=True, **common))
+    straight, resumed = (metrics_without_time(tmp_path / r / "metrics.jsonl") for r in "ab")
+    assert [r["judge_failures"] for r in straight] == [1, 2] and straight == resumed
+
+
+def test_a_run_without_resume_in_an_old_runs_folder_is_refused(tiny_run, tmp_path):
+    """Started without --resume where another run left checkpoints (or only its metrics.jsonl), a run would append
+    to the old log and fail at its first save (the old step_* folder in the way): it stops at once, naming the
+    folder and the ways out, and leaves the old run as it was."""
+    (tmp_path / "ckpt" / "step_00000002").mkdir(parents=True)
+    (tmp_path / "ckpt" / "step_00000002" / "state.json").write_text("{}")
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "metrics.jsonl").write_text('{"step": 1}\n')
+    for old in ("ckpt", "log"):
+        message = re.escape(f"{tmp_path / old} already holds a run") + ".*--resume=True.*--out_dir"
+        with pytest.raises(ValueError, match=message):
+            T.main(tiny_cfg(tiny_run, tmp_path / old, max_steps=1))
+    assert (tmp_path / "log" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_00000002"]
+
+
+def test_skipped_eval_videos_are_reported_and_logged(tiny_run, tmp_path, capsys):
+    """Held-out rows whose video does not load are skipped: the count is printed with each evaluation and logged
+    as eval_skipped (not only 'held-out ... (2 videos)')."""
+    rows = [json.loads(line) for line in open(os.path.join(tiny_run, "data", "eval.jsonl"))][:4]
+    for k, r in enumerate(rows):
+        r["video"] = f"moved/{k}.mp4" if k < 2 else os.path.join(tiny_run, "data", r["video"])
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=1, eval_data=str(tmp_path / "eval.jsonl")))
+    out = capsys.readouterr().out
+    assert "(2 videos, 2 skipped)" in out and "eval step1: 2 of 4 held-out videos skipped" in out
+    assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["eval_skipped"] == 2
+
+
+def test_a_dataset_smaller_than_a_batch_names_the_file_and_the_setting(tiny_run, tmp_path):
+    train = os.path.join(tiny_run, "data", "train.jsonl")   # 16 rows
+    with pytest.raises(ValueError, match=re.escape(f"{train} with --rollout_batch_size=32: 16 rows, fewer than one")):
+        T.main(tiny_cfg(tiny_run, tmp_path / "a", max_steps=1, rollout_batch_size=32))
+    with pytest.raises(ValueError, match=re.escape(f"{train} with --sft_batch_size=32: 16 rows, fewer than one")):
+        T.main(tiny_cfg(tiny_run, tmp_path / "b", max_steps=1, sft_steps=1, sft_batch_size=32))
 
 
 def test_bad_sample_is_skipped_and_counted(tiny_run, tmp_path):

@@ -5,6 +5,8 @@ and its gradient), 2 gloo ranks == 1 rank, exact --resume, and train_grpo.py --i
 import json
 import os
 import random
+import re
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -106,15 +108,52 @@ def test_sft_learns_the_targets(tiny_run, tmp_path, monkeypatch):
     assert sorted(v for v in decoded if v in held_out) == sorted(held_out * 2)   # 2 evaluations, once each
 
 
+def rows(path):
+    return [{k: v for k, v in json.loads(x).items() if k != "time_step"} for x in open(path)]
+
+
 def test_sft_resume_continues_exactly(tiny_run, tmp_path):
-    S.main(sft_cfg(tiny_run, tmp_path / "a", max_steps=4, eval_data=""))
-    S.main(sft_cfg(tiny_run, tmp_path / "b", max_steps=2, eval_data=""))
-    S.main(sft_cfg(tiny_run, tmp_path / "b", max_steps=4, eval_data="", resume=True))
-    rows = lambda p: [{k: v for k, v in json.loads(x).items() if k != "time_step"} for x in open(p)]
+    """2 steps, then --resume --max_steps=4 == 4 steps straight: weights, metrics and the learning curve (the first
+    run's last evaluation, at step 2, is in its checkpoint)."""
+    common = dict(eval_every=2, eval_max_samples=4)
+    straight = S.main(sft_cfg(tiny_run, tmp_path / "a", max_steps=4, **common))
+    S.main(sft_cfg(tiny_run, tmp_path / "b", max_steps=2, **common))
+    resumed = S.main(sft_cfg(tiny_run, tmp_path / "b", max_steps=4, resume=True, **common))
     assert rows(tmp_path / "a" / "metrics.jsonl") == rows(tmp_path / "b" / "metrics.jsonl")
+    assert [c["step"] for c in resumed["curve"]] == [0, 2, 4] and straight["curve"] == resumed["curve"]
     pa, pb = final_params(str(tmp_path / "a")), final_params(str(tmp_path / "b"))
     for k in pa:
         assert torch.equal(pa[k], pb[k]), k
+
+
+def test_sft_stop_past_the_last_checkpoint_logs_each_step_once(tiny_run, tmp_path):
+    """Stopped after logging step 4 but before saving it: --resume goes on from step 2 and metrics.jsonl holds
+    each step once, as in the run that never stopped."""
+    S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=4, eval_data=""))   # checkpoints at steps 2 and 4
+    straight = rows(tmp_path / "run" / "metrics.jsonl")
+    shutil.rmtree(tmp_path / "run" / "step_00000004")
+    S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=4, eval_data="", resume=True))
+    assert rows(tmp_path / "run" / "metrics.jsonl") == straight
+
+
+def test_sft_refuses_an_old_runs_folder_without_resume(tiny_run, tmp_path):
+    (tmp_path / "old" / "step_00000002").mkdir(parents=True)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'old'} already holds a run") + ".*--resume=True"):
+        S.main(sft_cfg(tiny_run, tmp_path / "old", max_steps=1))
+
+
+def test_sft_reports_skipped_eval_videos_and_names_a_too_small_dataset(tiny_run, tmp_path, capsys):
+    rows_ = [json.loads(line) for line in open(os.path.join(tiny_run, "data", "eval.jsonl"))][:4]
+    for k, r in enumerate(rows_):
+        r["video"] = f"moved/{k}.mp4" if k < 2 else os.path.join(tiny_run, "data", r["video"])
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=1, eval_data=str(tmp_path / "eval.jsonl")))
+    out = capsys.readouterr().out
+    assert "(2 videos, 2 skipped)" in out and "eval step1: 2 of 4 held-out videos skipped" in out
+    assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["eval_skipped"] == 2
+    train = os.path.join(tiny_run, "data", "train.jsonl")   # 16 rows
+    with pytest.raises(ValueError, match=re.escape(f"{train} with --batch_size=32: 16 rows, fewer than one")):
+        S.main(sft_cfg(tiny_run, tmp_path / "big", max_steps=1, batch_size=32))
 
 
 def test_sft_on_two_gloo_ranks_equals_one_rank(tiny_run, tmp_path):
