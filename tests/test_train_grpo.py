@@ -735,3 +735,11 @@ def test_profile_step_writes_a_trace_and_prints_the_top_ops(tiny_run, tmp_path, 
     trace = json.load(open(tmp_path / "run" / "profile_update_rank0.json"))
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any("Optimizer.step" in n for n in names) and any("backward" in n.lower() for n in names)
+
+
+def test_uneven_held_out_batches_over_two_ranks(tiny_run, tmp_path):
+    """3 held-out rows, one per greedy batch, on 2 gloo ranks: rank 0 answers 2 batches, rank 1 one; the HF
+    engine under FSDP2 makes rank 1 generate a placeholder batch beside rank 0's second (before: a hang)."""
+    cfg = tiny_cfg(tiny_run, tmp_path / "run", max_steps=1, save_every=0, eval_max_samples=3, eval_batch_size=1)
+    out = torchrun("train_grpo.py", [write_preset(cfg, tmp_path / "run.py")], timeout=240)
+    assert "(3 videos" in out

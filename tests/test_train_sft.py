@@ -194,3 +194,15 @@ def test_grpo_init_from_continues_from_the_sft_weights(tiny_run, tmp_path):
         assert torch.equal(p, saved[n]), n
     with pytest.raises(ValueError, match="neither a checkpoint folder"):
         C.load_model_weights(str(tmp_path / "grpo"), model)
+
+
+def test_fewer_held_out_rows_than_ranks(tiny_run, tmp_path):
+    """One held-out row on 2 gloo ranks: rank 1 has none, yet FSDP2 needs it in every forward (the held-out loss
+    and each greedy batch): it runs a placeholder clip at weight 0, and the held-out loss and accuracy equal one
+    process's. Before, rank 1 failed on an empty batch (and the greedy eval hung)."""
+    kw = dict(max_steps=1, save_every=0, eval_max_samples=1, eval_batch_size=1)
+    S.main(sft_cfg(tiny_run, tmp_path / "one", **kw))
+    torchrun("train_sft.py", [write_preset(sft_cfg(tiny_run, tmp_path / "two", **kw), tmp_path / "two.py")])
+    one, two = (json.loads(open(tmp_path / r / "metrics.jsonl").readlines()[-1]) for r in ("one", "two"))
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    assert two["eval_accuracy"] == one["eval_accuracy"]
