@@ -964,7 +964,8 @@ def bench_trl(cfg: BenchConfig):
     optimizer = torch.optim.AdamW(model.parameters(), lr=ours_cfg["lr"], betas=(0.9, ours_cfg["beta2"]),
                                   weight_decay=ours_cfg["weight_decay"])
     args = GRPOConfig(output_dir=os.path.join(root, "trl"), max_steps=steps, per_device_train_batch_size=prompts * n,
-                      gradient_accumulation_steps=1, num_generations=n, max_completion_length=ours_cfg["max_new_tokens"],
+                      gradient_accumulation_steps=1, num_generations=n,
+                      max_completion_length=ours_cfg["max_new_tokens"],
                       temperature=1.0, top_p=1.0, learning_rate=ours_cfg["lr"], lr_scheduler_type="constant", beta=0.0,
                       num_iterations=1, loss_type="dapo", epsilon=0.2, scale_rewards="group", max_grad_norm=1.0,
                       use_vllm=False, gradient_checkpointing=False, bf16=dev == "cuda", use_cpu=dev == "cpu",

@@ -36,9 +36,9 @@ from data.rewards import compute_rewards, eval_correct, read_answer
 from data.video import FrameSampling, SampledVideo, fit_size
 from fused_decode import StaticKV, fused_decoding, fused_forward, graphed_step, padded_prompt_mask, unshard_layers
 from sp import chunked_all_gather_object
-from vlm import (MROPE, SUPPORTED, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos, eos_ids,
-                 family, load_model, load_video, masked_logits, omni_positions, output_head, sampled_fps,
-                 lockstep, select_videos, sharded, suppress_ids, text_model, use_attention, video_kwargs)
+from vlm import (MROPE, SUPPORTED, build_prompt, build_prompt_cached, decoder_hidden, embed_inputs, encode_videos,
+                 eos_ids, family, load_model, load_video, lockstep, masked_logits, omni_positions, output_head,
+                 sampled_fps, select_videos, sharded, suppress_ids, text_model, use_attention, video_kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
