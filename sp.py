@@ -161,6 +161,16 @@ def dp_all_reduce(t: torch.Tensor, spi=None, op=None):
     return all_reduce(t, spi.dp_group, op) if spi.dp_size > 1 else t
 
 
+def sp_broadcast(t: torch.Tensor, spi=None) -> torch.Tensor:
+    """t as the SP group's first rank holds it, on every peer (in place): for values the peers compute each on
+    their own that must agree (rewards, when a judge call can fail on one peer only)."""
+    if spi is None or spi.sp_size == 1:
+        return t
+    buf = t if dist.get_backend(spi.sp_group) == "gloo" else t.to(torch.cuda.current_device())
+    dist.broadcast(buf, group=spi.sp_group, group_src=0)
+    return t.copy_(buf)
+
+
 # ----------------------------------------------------------------------------- stage 2: slicing the sequence
 def shard_values(x, sp_rank, sp_size, pad_value=0, shift=False):
     """Pad the last dim (S) to a multiple of sp_size, optionally shift left by one (value of t+1 at t), slice."""

@@ -34,7 +34,7 @@ from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
 from policy import (PolicyConfig, Seq, build_policy, clip_and_step, fill_logprobs, format_warmup, micro_batches,
                     micro_size, sequences_logprobs, start_run)
-from sp import dp_all_reduce
+from sp import dp_all_reduce, sp_broadcast
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -383,18 +383,23 @@ def training_metrics(results: list) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # one step's phases that are more than a few lines: sampling, scoring, advantages, the step's metrics
 
-def score_responses(outs: list, prompts: list, cfg: Config, judge, reward_stats, stats: dict) -> torch.Tensor:
+def score_responses(outs: list, prompts: list, cfg: Config, judge, reward_stats, stats: dict,
+                    spi=None) -> torch.Tensor:
     """Reward of each response (data/rewards.py: w_acc * accuracy + w_fmt * format, + DAPO's overlong shaping);
-    appends each response's reward, accuracy, format and length to `stats` for the step's metrics."""
+    appends each response's reward, accuracy, format and length to `stats` for the step's metrics. Under SP the
+    peers hold the same responses and take the scores of the group's first rank (a judge call that fails on one
+    peer only would otherwise give the peers different rewards, groups and micro-batches)."""
     t0 = time.time()
     scores = compute_rewards([o.text for o in outs], [prompts[o.prompt_index].sample.to_dict() for o in outs],
                              cfg.w_acc, cfg.w_fmt, cfg.think, cfg.open_ended, judge, reward_stats)
     lengths = torch.tensor([len(o.response_ids) for o in outs])
     reward = torch.as_tensor(scores["reward"], dtype=torch.float32)
     reward += overlong_shaping(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+    reward, accuracy, fmt = sp_broadcast(torch.stack([reward, torch.as_tensor(scores["accuracy"]).float(),
+                                                      torch.as_tensor(scores["format"]).float()]), spi)
     stats["reward"] += reward.tolist()
-    stats["accuracy"] += list(scores["accuracy"])
-    stats["format"] += list(scores["format"])
+    stats["accuracy"] += accuracy.tolist()
+    stats["format"] += fmt.tolist()
     stats["length"] += lengths.tolist()
     stats["truncated"] += sum(not o.finished for o in outs)
     stats["reward_time"] += time.time() - t0
@@ -521,7 +526,7 @@ def collect_groups(policy, engine, processor, loader, data_file: str, cfg: Confi
                                        stats["skipped"], stats["misses"])
         seed = cfg.seed * 1_000_003 + step * 1009 + tries * 101 + spi.dp_rank * 7919
         outs = rollout.sample_responses(policy, engine, processor, prompts, cfg, seed, suppress, spi)
-        reward = score_responses(outs, prompts, cfg, judge, reward_stats, stats)
+        reward = score_responses(outs, prompts, cfg, judge, reward_stats, stats, spi)
         for i, p in enumerate(prompts):
             members = [k for k, o in enumerate(outs) if o.prompt_index == i]
             r = reward[members]

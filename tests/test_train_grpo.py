@@ -467,9 +467,9 @@ def test_judge_failures_survive_a_resume(tiny_run, tmp_path, monkeypatch):
     """The reward counters (RewardStats: judge_failures, logged every step) are in the checkpoint: after --resume
     they go on from the saved values instead of restarting at 0."""
     score = T.score_responses
-    def one_judge_failure_per_batch(outs, prompts, cfg, judge, reward_stats, stats):
+    def one_judge_failure_per_batch(outs, prompts, cfg, judge, reward_stats, stats, spi=None):
         reward_stats.judge_failures += 1
-        return score(outs, prompts, cfg, judge, reward_stats, stats)
+        return score(outs, prompts, cfg, judge, reward_stats, stats, spi)
     monkeypatch.setattr(T, "score_responses", one_judge_failure_per_batch)
     common = dict(eval_data="", save_every=1)
     T.main(tiny_cfg(tiny_run, tmp_path / "a", max_steps=2, **common))
@@ -743,3 +743,36 @@ def test_uneven_held_out_batches_over_two_ranks(tiny_run, tmp_path):
     cfg = tiny_cfg(tiny_run, tmp_path / "run", max_steps=1, save_every=0, eval_max_samples=3, eval_batch_size=1)
     out = torchrun("train_grpo.py", [write_preset(cfg, tmp_path / "run.py")], timeout=240)
     assert "(3 videos" in out
+
+
+def _score_on_sp_peers(rank, world, port, out):
+    import datetime
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    import sp as sp_lib
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        spi = sp_lib.init_sp(2)
+        # a judge that failed on rank 1 only: its rewards differ from rank 0's for the same responses
+        T.compute_rewards = lambda texts, *a, **k: {"reward": [0.1 * (1 + rank)] * len(texts),
+                                                    "accuracy": [float(rank == 0)] * len(texts),
+                                                    "format": [1.0] * len(texts)}
+        outs = [SimpleNamespace(text="x", prompt_index=0, response_ids=[1, 2], finished=True)] * 2
+        prompts = [SimpleNamespace(sample=SimpleNamespace(to_dict=dict))]
+        stats = {"reward": [], "accuracy": [], "format": [], "length": [], "truncated": 0, "reward_time": 0.0}
+        reward = T.score_responses(outs, prompts, T.Config(), None, None, stats, spi)
+        out[rank] = (reward.tolist(), stats["reward"], stats["accuracy"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sp_peers_share_the_first_ranks_rewards():
+    """SP peers hold the same responses but score them each on its own; a judge call that fails on one peer only
+    gave them different rewards, hence different DAPO groups and micro-batches (collectives of different sizes).
+    score_responses takes the SP group's first rank's scores on every peer."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_score_on_sp_peers, args=(2, free_port(), out), nprocs=2, join=True)
+        assert out[0] == out[1]
+        assert out[1][0] == pytest.approx([0.1, 0.1]) and out[1][2] == [1.0, 1.0]
