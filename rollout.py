@@ -570,9 +570,10 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
     preds, skipped, misses = [], list(prepared[1]) if prepared else [], []
     total = len(prepared[0]) if prepared else len(samples)
     starts = range(0, total, cfg.eval_batch_size)
-    # the HF engine under FSDP2: every rank generates as many batches as the busiest (lockstep), spare ones on a
-    # placeholder clip whose answers are dropped; vLLM's engines answer on their own
-    together = engine is None and sharded(text_model(model).layers[0])
+    # under FSDP2 every rank runs the policy on as many batches as the busiest (lockstep), spare ones on a
+    # placeholder clip whose answers are dropped: the HF engine generates with it, and for vLLM's prompt
+    # embeddings (LLaVA, VILA) it encodes the frames; vLLM's engines themselves answer on their own
+    together = (engine is None or engine.prompt_embeds) and sharded(text_model(model).layers[0])
     num_batches = lockstep(len(starts), text_model(model).layers[0], model.device) if together else len(starts)
     for b in tqdm(range(num_batches), desc=desc, disable=not cfg.progress):
         start = starts[b] if b < len(starts) else total
@@ -582,9 +583,11 @@ def evaluate(model, processor, samples: list, cfg, engine=None, desc="eval", cac
             prompts = prepare_prompts(model, processor, samples[start:start + cfg.eval_batch_size], cfg, cfg.think,
                                       skipped, cache_dir, misses)
         if not prompts:
-            if together:
+            if together and engine is None:
                 hf_generate(model, processor, [placeholder_prompt(model, processor, cfg)], n=1, temperature=0.0,
                             max_new_tokens=cfg.max_new_tokens)
+            elif together:
+                prompt_embeddings(model, [placeholder_prompt(model, processor, cfg)])
             continue
         if engine is not None:
             embeds = prompt_embeddings(model, prompts) if engine.prompt_embeds else None

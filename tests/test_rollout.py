@@ -397,3 +397,52 @@ def test_vllm_engine_without_vllm_says_so_and_keeps_vllm_quiet(monkeypatch):
     with pytest.raises(SystemExit):
         rollout.VLLMEngine("/nowhere")
     assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG"
+
+
+class _EmbedsEngine:
+    """What VLLMEngine shows rollout.evaluate for an embedding VLM (vLLM takes prompt embeddings): no vLLM here."""
+    prompt_embeds = True
+
+    def generate(self, prompts, n=1, temperature=0.0, max_new_tokens=8, embeds=None):
+        assert embeds is not None and len(embeds) == len(prompts)
+        return [rollout.Rollout(i, p.input_ids.tolist(), [0], "<answer> A </answer>", [0.0])
+                for i, p in enumerate(prompts)]
+
+
+def _eval_with_embeds_engine(rank, world, init_file, model_dir, eval_file, out_dir, out):
+    import datetime
+    import torch.distributed as dist
+    from common import Dist, Root, wrap_fsdp
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model, processor = vlm.load_model(model_dir)
+        policy = wrap_fsdp(Root(model), vlm.fsdp_units(model), Dist(rank=rank, world_size=world), False)
+        cfg = rollout.RolloutConfig(eval_batch_size=1, max_new_tokens=4, num_frames=4, max_pixels=56 * 56,
+                                    min_pixels=28 * 28, think=False, progress=False)
+        ev = rollout.evaluate_all(policy, processor, rollout.load_jsonl(eval_file), cfg, _EmbedsEngine(), "t",
+                                  out_dir)
+        out[rank] = ev["num_scored"]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eval_through_a_prompt_embeddings_engine_keeps_ranks_in_lockstep(tmp_path):
+    """vLLM with prompt embeddings (LLaVA, VILA): each eval batch still encodes its frames through the FSDP2
+    policy, so 3 held-out rows in batches of 1 on 2 ranks (2 batches and 1) need a placeholder batch on rank 1
+    (before: gloo's size mismatch, a hang on NCCL)."""
+    import torch.multiprocessing as mp
+    make_tiny_model(str(tmp_path / "m"), "llava")
+    rows = []
+    for k in range(3):
+        frames = [np.random.default_rng(k).integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(8)]
+        write_video(str(tmp_path / f"v{k}.mp4"), frames, 4)
+        rows.append({"video": f"v{k}.mp4", "problem": "Which colour?", "options": ["A. red", "B. blue"],
+                     "answer": "A"})
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_eval_with_embeds_engine, args=(2, str(tmp_path / "pg"), str(tmp_path / "m"),
+                                                  str(tmp_path / "eval.jsonl"), str(tmp_path), out), nprocs=2)
+        assert out[0] == out[1] == 3
