@@ -17,8 +17,10 @@ The benchmarks behind every number in the README. Each prints a table and one JS
     python bench.py train --tiny=True     # every bench also runs on a tiny model (CPU smoke test)
 
 Models are random-initialised at the shape of Qwen2.5-VL-3B (or 7B with --shape=7b): no download. MFU counts
-6 x (LM parameters) x tokens + 6 x layers x hidden x S^2 / 2 x 2 (causal attention, forward + backward), recompute
-not counted, against the bf16 matmul rate measured on the same GPU in the same run.
+forward + backward FLOPs (lm_flops, attention_flops, tower_flops): 6 x (non-embedding LM parameters) x tokens
++ 6 x (lm_head) x scored (response) tokens + 12 x layers x hidden x visible (query, key) pairs (S^2 / 2 for one
+causal sequence) [+ the vision tower's], recompute not counted, against the bf16 matmul rate measured on the same
+GPU in the same run.
 """
 import contextlib
 import ctypes
@@ -179,6 +181,64 @@ def lm_params(model):
     lm = vlm.text_model(model)
     return sum(p.numel() for p in lm.parameters()) + (0 if model.config.get_text_config().tie_word_embeddings
                                                        else vlm.output_head(model).weight.numel())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOP counts behind every MFU (longest, train's update_MFU and useful MFU): matmul FLOPs of forward + backward,
+# 6 per parameter per row it multiplies (2 forward, 4 backward), recompute not counted
+
+@dataclass
+class FlopParams:
+    """The parameter counts that multiply each kind of row."""
+    body: int        # language model on every token: decoder layers + final norm. The input embedding is a lookup
+                     # (no FLOPs): left out, tied or not
+    head: int        # lm_head (vocab x hidden; 3B: the tied embedding's matrix): only on scored tokens, as log-probs
+                     # are taken for response tokens only (vlm.token_logprobs, chunked)
+    layers: int
+    hidden: int
+    tower: int = 0   # vision tower per patch: patch embedding + blocks
+    merger: int = 0  # vision merger: once per merged token, i.e. per `merge` patches
+    merge: int = 4   # patches per merged token (spatial_merge_size^2)
+
+
+def flop_params(model) -> FlopParams:
+    text, lm = model.config.get_text_config(), vlm.text_model(model)
+    visual = vlm.media_model(model).visual
+    merger = sum(p.numel() for p in visual.merger.parameters())
+    return FlopParams(body=sum(p.numel() for p in lm.parameters()) - vlm.input_embeddings(model).weight.numel(),
+                      head=vlm.output_head(model).weight.numel(), layers=text.num_hidden_layers,
+                      hidden=text.hidden_size, tower=sum(p.numel() for p in visual.parameters()) - merger,
+                      merger=merger, merge=model.config.vision_config.spatial_merge_size ** 2)
+
+
+def lm_flops(c: FlopParams, tokens: float, scored: float) -> float:
+    """The language model's parameters over `tokens` tokens of which `scored` get a log-prob:
+        6 x body x tokens + 6 x head x scored
+    (attention's own products apart: attention_flops)."""
+    return 6 * c.body * tokens + 6 * c.head * scored
+
+
+def attention_flops(c: FlopParams, pairs: float) -> float:
+    """Attention's products (q k^T, p v: 2 x hidden FLOPs each per visible (query, key) pair, forward; backward
+    twice that), every layer: 12 x layers x hidden x pairs. One causal sequence of S tokens has S^2 / 2 pairs
+    (6 L h S^2, bench_longest), a packed group attended_pairs."""
+    return 12 * c.layers * c.hidden * pairs
+
+
+def tower_flops(c: FlopParams, patches: float, trained: bool = True) -> float:
+    """The vision tower over `patches` patches, 6 FLOPs a parameter a row trained, 2 frozen (forward only):
+        (6 or 2) x (tower x patches + merger x patches / merge)
+    its windowed attention left out."""
+    return (6 if trained else 2) * (c.tower * patches + c.merger * patches / c.merge)
+
+
+def update_flops(c: FlopParams, tokens: float, prompts: int, n: int, R: float, packing: bool, patches: int,
+                 trained_tower: bool = True) -> float:
+    """One GRPO update (bench_train's update_MFU): the decoder over the `tokens` it computes (packed: each prompt
+    once; not: n times), lm_head over the prompts x n x R response tokens, attention over the layout's visible
+    pairs, and the tower over each prompt's `patches` patches, once per prompt packed, once per sequence not."""
+    return (lm_flops(c, tokens, prompts * n * R) + attention_flops(c, attended_pairs(tokens, prompts, n, R, packing))
+            + tower_flops(c, patches, trained_tower) * prompts * (1 if packing else n))
 
 
 @dataclass
@@ -459,10 +519,7 @@ def bench_train(cfg: BenchConfig):
     side = 56 if cfg.tiny else 224
     model, _ = make_model(cfg.shape, os.path.join(root, "model"), device=dev,
                           dtype=torch.float32 if cfg.tiny else torch.bfloat16, save=True)
-    n_lm = lm_params(model)
-    n_vision, vision_config = sum(p.numel() for p in vlm.media_model(model).visual.parameters()), \
-        model.config.vision_config
-    text_config = model.config.get_text_config()
+    counts, vision_config = flop_params(model), model.config.vision_config
     del model
     peak = matmul_tflops()
     gc.collect()
@@ -493,21 +550,19 @@ def bench_train(cfg: BenchConfig):
                    "patch_embed": patch, "vision_mlp": mlp, "compile_blocks": compiled,
                    **({} if alloc is None else {"alloc_conf": alloc}),
                    **phase_medians(metrics, skip)}
-            # MFU of the update on useful tokens (each prompt once): 6 N FLOPs a token, attention left out
-            row["update_useful_MFU"] = 6 * n_lm * row["update_useful_tokens_per_s"] / 1e12 / peak
-            # ... and on everything it computes, counted as bench.py longest counts (so the two compare): 6 N a
-            # decoder token (a packed group: useful = computed), plus attention, 12 x layers x hidden FLOPs per
-            # visible (query, key) pair (longest's 6 L H S^2 is this for S^2 / 2 causal pairs), plus the vision
-            # tower's patch rows at 6 N each (2 N frozen; its windowed attention left out), once per prompt packed,
-            # once per sequence not; recompute left out, as in longest
+            # FLOPs counted as bench.py longest counts them (lm_flops, attention_flops), so the two compare
             R = float(np.median([r["response_len"] for r in metrics[skip:] or metrics]))   # responses' mean length
-            tokens = row["update_useful_tokens_per_s" if packing else "update_tokens_per_s"] * row["update_s"]
-            attention_flops = 12 * text_config.num_hidden_layers * text_config.hidden_size * \
-                attended_pairs(tokens, cfg.prompts, cfg.n, R, packing)
-            patch_rows = -(-frames // vision_config.temporal_patch_size) * (side // vision_config.patch_size) ** 2
-            tower_flops = (2 if cfg.freeze_vision else 6) * n_vision * patch_rows * cfg.prompts * \
-                (1 if packing else cfg.n)
-            row["update_MFU"] = (6 * n_lm * tokens + attention_flops + tower_flops) / row["update_s"] / 1e12 / peak
+            useful = row["update_useful_tokens_per_s"] * row["update_s"]  # each prompt once
+            computed = useful if packing else row["update_tokens_per_s"] * row["update_s"]  # packed: the same
+            patches = -(-frames // vision_config.temporal_patch_size) * (side // vision_config.patch_size) ** 2
+            # useful MFU: the language model's parameters over the useful tokens; attention and tower left out
+            useful_flops = lm_flops(counts, useful, cfg.prompts * cfg.n * R)
+            row["update_useful_MFU"] = useful_flops / row["update_s"] / 1e12 / peak
+            # update_MFU: everything the update computes
+            row["update_flops"] = update_flops(counts, computed, cfg.prompts, cfg.n, R, packing, patches,
+                                               trained_tower=not cfg.freeze_vision)
+            row["update_MFU"] = row["update_flops"] / row["update_s"] / 1e12 / peak
+            row.update(response_len=R, patches=patches)
             rows.append(row)
             print_table(rows[-1:], list(rows[-1]))
     print_table(rows, list(rows[0]))
@@ -537,8 +592,7 @@ def bench_longest(cfg: BenchConfig):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = make_model(cfg.shape, "", dtype=torch.bfloat16 if dev == "cuda" else torch.float32, device=dev)
     vlm.media_model(model).visual.to("cpu")  # the LM alone here
-    n_params = lm_params(model)
-    text = model.config.get_text_config()
+    n_params, counts = lm_params(model), flop_params(model)
     peak = matmul_tflops()
     lens = cfg.seq_lens or ([256, 512] if cfg.tiny else [16384, 32768, 65536, 131072, 196608, 262144])
     if dev == "cuda":  # "fits on an 80 GB GPU": cap this process at an H100's memory whatever the card
@@ -562,10 +616,13 @@ def bench_longest(cfg: BenchConfig):
             torch.cuda.reset_peak_memory_stats()
         try:
             t = time.perf_counter()
-            fwd_bwd(model, S, min(1024, S // 4), mode == "none")
+            response = min(1024, S // 4)
+            fwd_bwd(model, S, response, mode == "none")
             sync()
             dt = time.perf_counter() - t
-            flops = 6 * n_params * S + 6 * text.num_hidden_layers * text.hidden_size * S * S
+            # lm_head over the response only, also in the naive mode (its full-vocabulary logits elsewhere are
+            # waste, not useful FLOPs); causal attention: S^2 / 2 pairs
+            flops = lm_flops(counts, S, response) + attention_flops(counts, S * S / 2)
             row = {"variant": name, "tokens": S, "s": dt, "MFU": flops / dt / 1e12 / peak, "peak_GiB": peak_gib()}
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
@@ -586,7 +643,7 @@ def bench_longest(cfg: BenchConfig):
     vlm.set_checkpointing(model, "full")
     print_table(rows, ["variant", "tokens", "s", "MFU", "peak_GiB"])
     log({"bench": "longest_fwd_bwd", **device_info(), "shape": cfg.shape, "lm_params": n_params,
-         "bf16_matmul_TFLOPs": peak, "rows": rows}, cfg)
+         "flop_params": vars(counts), "bf16_matmul_TFLOPs": peak, "rows": rows}, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -668,10 +725,13 @@ def print_table(rows, keys):
 def bench_memory(cfg: BenchConfig):
     """Per-GPU peak of one policy forward + backward (one sequence of S tokens, response-only log-probs, every
     decoder layer checkpointed, bf16 compute), in bytes; h hidden, f ffn, L layers, V vocab, N parameters:
-        state  = N x (4 fp32 master + 8 AdamW) / world     FSDP2 shards it (the check rows: their own state)
-        grads  = N x 4 / world                             complete only at the end of backward
+        state  = (4 N + 8 T) / world                       fp32 master of all N, AdamW state of the T trained
+                                                           params (a frozen tower has none), sharded by FSDP2
+                                                           (the check rows: their own state)
+        grads  = 4 T / world                               complete only at the end of backward
         gather = 4 x (non-unit params + one layer)         bf16 copy + bf16 grad of the FSDP2 root (embeddings,
-                                                           lm_head, vision merger) and of the unit in flight
+                                                           lm_head, vision merger) and of the unit in flight (a
+                                                           frozen tower's root parts: the copy only)
         ckpt   = (L + 1) x 2h per token                    each layer's bf16 input, + the gradient flowing back
         layer  = (14 f + 10 h) per token                   one layer recomputed + its backward: gate, up, silu,
                                                            product (4 x 2f) + backward temporaries (3 x 2f); 10h
@@ -690,13 +750,15 @@ def bench_memory(cfg: BenchConfig):
     CUDA context, NCCL and allocator fragmentation ~10% of an 80 GB card: fits < 72 GiB, tight < 78, else OOM."""
     GiB, tokens_per_frame, world, chunk = 2**30, 64, 8, 1024
 
-    def count(s):  # (LM params, vision params, params outside decoder layers/vision blocks, one decoder layer)
+    # (LM params, vision params, params outside decoder layers/vision blocks, one decoder layer, the vision tower's
+    # part of those outside)
+    def count(s):
         h, f, v, vf, kv = s["hidden"], s["ffn"], s["v_hidden"], s["v_ffn"], s["kv_heads"] * s["hidden"] // s["heads"]
         layer = 2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * f + 2 * h
         emb = s["vocab"] * h * (1 if s["tie"] else 2) + h
         v_root = 3 * 2 * 14 * 14 * v + v + 16 * v * v + 4 * v + 4 * v * h + h  # patch embed + merger
         v_block = 4 * v * v + 4 * v + 3 * v * vf + 2 * vf + 3 * v
-        return s["layers"] * layer + emb, s["v_depth"] * v_block + v_root, emb + v_root, layer
+        return s["layers"] * layer + emb, s["v_depth"] * v_block + v_root, emb + v_root, layer, v_root
 
     def peak(s, S, sp, state, grads, gather, video=0, vision=False):
         h, L = s["hidden"], s["layers"]
@@ -711,11 +773,11 @@ def bench_memory(cfg: BenchConfig):
     # deleted FSDP2 model, freed only by gc.collect()). Row 3: the same forward+backward under FSDP2 as train_grpo
     # wraps it, AdamW state present (a one-off probe script, same machine and day).
     s3 = SHAPES["3b"]
-    lm, vis, root, layer = count(s3)
+    lm, vis, root, layer, _ = count(s3)
     plain = (2 * lm, 2 * lm, 2 * s3["vocab"] * s3["hidden"])  # state (bf16 params), grads, the embedding's grad
     # Rows 4-5: bench.py train at 1,024 frames x 8 responses of 256 tokens, the vision tower trained (lent H100,
-    # commit cbf182e, 2026-12-07): a packed group (32,798 prompt + 2,048 response tokens) and, unpacked, the
-    # largest sequence (one prompt + one response), 32,768 video tokens each.
+    # commit cbf182e, 2026-12-07): a packed group (32,837 prompt tokens: 32,768 video + 69 text, + 2,048 response
+    # tokens) and, unpacked, the largest sequence (one prompt + one response).
     fsdp = (12 * (lm + vis), 4 * (lm + vis), 4 * (root + layer))
     setups = {  # name: (state, grads, gather, {tokens: measured}, video tokens)
         "bf16 params + grads, no optimizer (bench.py longest)":
@@ -725,8 +787,8 @@ def bench_memory(cfg: BenchConfig):
         "FSDP2 fp32 master + AdamW, bf16 compute (vision idle)":
             (12 * lm + 4 * vis, 4 * lm, 4 * (root + layer), {16384: 51.59, 32768: 54.38, 65536: 59.96, 98304: 68.53},
              0),
-        "GRPO step, 1,024 frames, tower trained, packed group": (*fsdp, {32798 + 8 * 256: 65.46}, 32768),
-        "GRPO step, 1,024 frames, tower trained, one row per response": (*fsdp, {32798 + 256: 68.88}, 32768),
+        "GRPO step, 1,024 frames, tower trained, packed group": (*fsdp, {32837 + 8 * 256: 65.46}, 32768),
+        "GRPO step, 1,024 frames, tower trained, one row per response": (*fsdp, {32837 + 256: 68.88}, 32768),
     }
     check = []
     for name, (state, grads, gather, measured, video) in setups.items():
@@ -739,17 +801,22 @@ def bench_memory(cfg: BenchConfig):
     # one packed group (--group_packing: the prompt once + 8 responses of 256 tokens; same formula, S = P + n R).
     # 64 tokens per frame (e.g. 448x224 px: 128 merged tokens per 2-frame patch): 3,600 frames = 231k tokens.
     s7 = SHAPES["7b"]
-    lm, vis, root, layer = count(s7)
-    state, grads, gather = 12 * (lm + vis) / world, 4 * (lm + vis) / world, 4 * (root + layer)
+    lm, vis, root, layer, v_root = count(s7)
+    # (state, grads, gather) with the tower frozen (no AdamW state or gradients for it: freeze_vision sets its
+    # requires_grad False; its fp32 master stays sharded) and trained
+    frozen = ((12 * lm + 4 * vis) / world, 4 * lm / world, 4 * (root + layer) - 2 * v_root)
+    trained = (12 * (lm + vis) / world, 4 * (lm + vis) / world, 4 * (root + layer))
     verdict = lambda gib: "fits" if gib < 72 else "tight" if gib < 78 else "OOM"
     rows = []
     for (layout, response_tokens), frames in itertools.product((("one sequence", 1024), ("packed group", 8 * 256)),
                                                                (256, 1024, 3600)):
         S = frames * tokens_per_frame + response_tokens
         for sp_size in (1, 2, 4, 8):
-            est = [peak(s7, S, sp_size, state, grads, gather, frames * tokens_per_frame, v) for v in (False, True)]
+            est = [peak(s7, S, sp_size, *setup, frames * tokens_per_frame, v) for v, setup in ((False, frozen),
+                                                                                               (True, trained))]
             rows.append({"layout": layout, "frames": frames, "tokens": S, "sp": sp_size,
-                         "state+grads_GiB": (state + grads) / GiB,
+                         "state+grads_frozen_GiB": sum(frozen[:2]) / GiB,
+                         "state+grads_trained_GiB": sum(trained[:2]) / GiB,
                          "vision_frozen_GiB": est[0], "vision_trained_GiB": est[1],
                          "80GB (frozen / trained)": f"SP invalid: {s7['heads']} heads % {sp_size}"
                          if s7["heads"] % sp_size else f"{verdict(est[0])} / {verdict(est[1])}"})

@@ -33,6 +33,14 @@ def test_train_bench_runs_both_layouts_and_reports_the_tables_fields(tmp_path):
     for row in step["rows"]:
         assert fields <= row.keys() and row["update_s"] > 0 and row["step_s"] >= row["update_s"]
     packed, unpacked = step["rows"]
+    # update_MFU's FLOPs are bench.update_flops of what the row reports (NaN MFU on a CPU, the count is not)
+    model, _ = bench.make_model("tiny", "", device="meta")
+    counts = bench.flop_params(model)
+    for row in (packed, unpacked):
+        tokens = row["update_useful_tokens_per_s" if row["group_packing"] else "update_tokens_per_s"] * row["update_s"]
+        assert row["update_flops"] == pytest.approx(bench.update_flops(counts, tokens, 2, 4, row["response_len"],
+                                                                       row["group_packing"], row["patches"]))
+    assert unpacked["update_flops"] > packed["update_flops"]  # the prompt and the tower n times
     # per update: the same sequences (n x (prompt + response) tokens) in both layouts; computed, a packed group
     # has each prompt once (useful tokens), the unpacked rows have it n times
     per_update = [r["update_tokens_per_s"] * r["update_s"] for r in (packed, unpacked)]
@@ -118,3 +126,46 @@ def test_attended_pairs_counts_the_group_mask(packing):
         visible = prompts * n * int(torch.ones(P + R, P + R).tril().sum())
         tokens = prompts * n * (P + R)
     assert bench.attended_pairs(tokens, prompts, n, R, packing) == visible
+
+
+def test_flop_params_of_the_3b_and_7b_shapes():
+    """bench.flop_params: the input embedding does no FLOPs (a lookup) and lm_head is counted apart, tied (3B:
+    151,936 x 2,048 = 311,164,928 of the 3,085,938,688 language-model parameters) or not (7B: its embedding is left
+    out altogether); the merger (5,120 x 5,120 + 5,120 x out, biases, ln_q) apart from the per-patch tower."""
+    for shape, body, head, merger in (("3b", 3085938688 - 311164928, 151936 * 2048, 36708608),
+                                      ("7b", 7070619136 - 152064 * 3584, 152064 * 3584, 44574464)):
+        model, _ = bench.make_model(shape, "", device="meta")
+        c = bench.flop_params(model)
+        assert (c.body, c.head, c.merger, c.merge) == (body, head, merger, 4), shape
+        assert c.tower + c.merger == sum(p.numel() for p in model.model.visual.parameters())
+        assert c.tower == 1505280 + 32 * 19702200  # patch embedding + 32 blocks
+
+
+# a made-up shape small enough to count by hand
+SMALL = bench.FlopParams(body=1000, head=100, layers=2, hidden=8, tower=50, merger=20, merge=4)
+
+
+def test_lm_flops_counts_the_head_on_scored_tokens_only():
+    """6 x body x tokens + 6 x head x scored: the 3B shape's forward + backward of 32,768 tokens with 1,024
+    response tokens (bench.py longest), by hand. Counting lm_head on every token would add 6 x 311,164,928 x
+    31,744 = 5.9e13 (and 6 N T with all of N = 3,085,938,688: 6.07e14 instead of 5.47e14)."""
+    c = bench.FlopParams(body=2774773760, head=311164928, layers=36, hidden=2048)
+    assert bench.lm_flops(c, 32768, 1024) == 6 * 2774773760 * 32768 + 6 * 311164928 * 1024 == 547454516723712
+    assert bench.lm_flops(SMALL, 11, 6) == 66000 + 3600
+    # + attention: 12 x 36 x 2,048 x 32,768^2 / 2 (6 L h S^2)
+    assert bench.attention_flops(c, 32768 ** 2 / 2) == 474989023199232
+
+
+def test_update_flops_by_hand():
+    """bench.update_flops (bench.py train's update_MFU) for 1 prompt of P = 5 tokens, n = 2 responses of R = 3
+    tokens, 8 patches, on SMALL (body 1,000, head 100, 2 layers x hidden 8, tower 50 per patch, merger 20 per 4
+    patches). Packed: one row of 5 + 2 x 3 = 11 tokens, 5 x 6 / 2 + 2 x (3 x 5 + 3 x 4 / 2) = 57 visible pairs, the
+    tower once:
+        6 x 1,000 x 11 + 6 x 100 x 6 + 12 x 2 x 8 x 57 + 6 x (50 x 8 + 20 x 2) = 66,000 + 3,600 + 10,944 + 2,640
+    Unpacked: 2 rows of 8 tokens, 2 x 8 x 9 / 2 = 72 pairs, the tower twice:
+        6 x 1,000 x 16 + 3,600 + 12 x 2 x 8 x 72 + 2 x 2,640 = 96,000 + 3,600 + 13,824 + 5,280
+    The head only on the 6 response tokens: on every token it would be 6 x 100 x 11 (or 16)."""
+    assert bench.update_flops(SMALL, 11, 1, 2, 3, True, 8) == 83184
+    assert bench.update_flops(SMALL, 16, 1, 2, 3, False, 8) == 118704
+    # a frozen tower: forward only, 2 x (50 x 8 + 20 x 2)
+    assert bench.update_flops(SMALL, 11, 1, 2, 3, True, 8, trained_tower=False) == 83184 - 2640 + 880
