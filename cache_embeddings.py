@@ -7,17 +7,22 @@ its outputs, so that GRPO steps neither decode videos nor run the tower (cf. nan
     python train_grpo.py ... --embeddings_cache=cache/ --freeze_vision=true   # readers: train_grpo.py, rollout.py
 
 Cache key: sha256 of (absolute video path, file size, mtime in ns, sampling config {fps, num_frames, max_frames,
-max_pixels, min_pixels}, model id = the checkpoint's absolute folder or hub id). Layout:
+max_pixels, min_pixels}, weights = a fingerprint of the media encoders' weights as used). The fingerprint, not the
+model folder, names the tower: a run that loads other tower weights over its --model (train_grpo.py --init_from of
+an SFT run that trained the tower), or new weights saved into the cached folder, no longer match its entries, and
+a cache built from any folder with this run's tower weights (merge.py's output of the SFT run) is valid. It hashes
+the weights rounded to bf16, so a cache built in bf16 (dtype=auto on a GPU) serves an fp32 reader. Layout:
 OUT/<sha256(video path)[:16]>/<key>.safetensors, one file per video, all entries of a video in one folder, with
     embeds [tokens, hidden]   deepstack [layers, tokens, hidden] (Qwen3-VL)   video_grid_thw [1, 3]
     second_per_grid_ts [1] (Qwen2.5-VL)   audio [tokens, hidden] + audio_mel_frames [1] (Qwen2.5-Omni with sound)
-and as JSON in the safetensors metadata ("longrl"): model id/type, hidden size, sampling config, the video's
-path/size/mtime and its frame metadata (total_num_frames, fps, frames_indices, duration), which is all that
-vlm.build_prompt_cached needs to rebuild the prompt without decoding the video. `load_cached` returns None
-for a video with no entry (the caller decodes it live and counts a miss) and raises a ValueError for a leftover
-made with another model, another sampling or before the video changed. Rank r of W encodes videos r::W;
-existing entries are skipped (a re-run resumes), bad videos are skipped and reported; files are written under a
-temporary name and renamed, so an interrupted run leaves no truncated entry.
+and as JSON in the safetensors metadata ("longrl"): model type, hidden size, weights fingerprint, sampling config,
+the model id it was built from (for messages), the video's path/size/mtime and its frame metadata
+(total_num_frames, fps, frames_indices, duration), which is all that vlm.build_prompt_cached needs to rebuild the
+prompt without decoding the video. `load_cached` returns None for a video with no entry (the caller decodes it
+live and counts a miss) and raises a ValueError for a leftover made with another tower, another sampling or
+before the video changed. Rank r of W encodes videos r::W; existing entries are skipped (a re-run resumes), bad
+videos are skipped and reported; files are written under a temporary name and renamed, so an interrupted run
+leaves no truncated entry.
 The entries are outputs of a FROZEN tower: train_grpo.py refuses --embeddings_cache with freeze_vision=false.
 """
 import glob
@@ -25,6 +30,7 @@ import hashlib
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +44,13 @@ from configurator import parse_config
 from data.datasets import load_jsonl
 from data.video import FrameSampling
 from vlm import (FRAMES, build_prompt_frames, build_prompt_omni, encode_videos, family, load_model, load_video,
-                 video_features, video_kwargs)
+                 media_encoders, video_features, video_kwargs)
 
-FORMAT = 1  # bump when the layout changes: older entries then fail loudly instead of being misread
-WHY = {"format": "an older cache format", "model": "another model", "model_type": "another model family",
+FORMAT = 2  # bump when the layout changes: older entries then fail loudly instead of being misread (2: weights)
+WHY = {"format": "an older cache format", "model_type": "another model family",
        "hidden_size": "another hidden size", "sampling": "another frame sampling",
-       "video": "the video file changed since it was cached"}
+       "video": "the video file changed since it was cached",
+       "weights": "other vision-tower weights"}  # --init_from a run that trained it, new weights in the folder
 
 
 @dataclass
@@ -59,9 +66,32 @@ class CachedVideo:
 
 
 def model_id(model) -> str:
-    """Where the tower's weights came from: the checkpoint's absolute folder, or its hub id."""
+    """The folder (absolute) or hub id the model was loaded from: recorded in each entry for its error messages
+    (the weights fingerprint below, not this, says whether an entry fits: --init_from loads other weights)."""
     name = model.config._name_or_path
     return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+_FINGERPRINTS = weakref.WeakKeyDictionary()  # model -> (state of its encoder tensors, fingerprint): once a run
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """sha256 over the media encoders' tensors (vlm.media_encoders: the vision tower and merger, Omni's audio
+    encoder), each its shape and its values rounded to bf16: a bf16 and an fp32 copy of the same checkpoint agree.
+    Computed once per model and again only if a tensor was replaced or changed in place since (load_model_weights
+    after a first lookup): about 2 s on one CPU core for a 0.67B-parameter tower. The tower must be whole on this
+    process (it is with an embeddings cache: policy.build_policy keeps it out of FSDP)."""
+    tensors = [t for m in media_encoders(model) for t in m.state_dict(keep_vars=True).values()]
+    stamp = tuple((t.data_ptr(), t._version) for t in tensors)  # _version counts in-place writes (copy_, add_)
+    if model in _FINGERPRINTS and _FINGERPRINTS[model][0] == stamp:
+        return _FINGERPRINTS[model][1]
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy())  # numpy has no bf16
+    _FINGERPRINTS[model] = (stamp, h.hexdigest())
+    return h.hexdigest()
 
 
 def sampling_config(cfg) -> dict:
@@ -73,14 +103,14 @@ def sampling_config(cfg) -> dict:
 def expected_meta(video_path: str, cfg, model) -> dict:
     """What an entry for this video must say to be valid for this run (os.stat raises for a missing file)."""
     st = os.stat(video_path)
-    return {"format": FORMAT, "model": model_id(model), "model_type": family(model),
-            "hidden_size": model.config.get_text_config().hidden_size, "sampling": sampling_config(cfg),
+    return {"format": FORMAT, "model_type": family(model), "hidden_size": model.config.get_text_config().hidden_size,
+            "weights": weights_fingerprint(model), "sampling": sampling_config(cfg),
             "video": {"path": os.path.abspath(video_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
 
 
 def cache_key(want: dict) -> str:
-    """sha256 of (absolute video path, size, mtime, sampling config, model id)."""
-    blob = json.dumps({k: want[k] for k in ("video", "sampling", "model")}, sort_keys=True)
+    """sha256 of (absolute video path, size, mtime, sampling config, tower weights fingerprint)."""
+    blob = json.dumps({k: want[k] for k in ("video", "sampling", "weights")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -100,9 +130,10 @@ def check(path: str, meta: dict, want: dict):
     """A ValueError naming the entry and every field in which it differs from what this run needs."""
     diffs = [f"{WHY[k]} ({k}: cached {meta.get(k)!r}, this run {v!r})" for k, v in want.items() if meta.get(k) != v]
     if diffs:
-        raise ValueError(f"stale embeddings-cache entry {path} for {want['video']['path']}: {'; '.join(diffs)}. "
-                         "Re-run cache_embeddings.py with this run's --model and sampling flags, or run without "
-                         "--embeddings_cache")
+        raise ValueError(f"stale embeddings-cache entry {path} for {want['video']['path']}: {'; '.join(diffs)} "
+                         f"(built from --model={meta.get('model')}). Re-run cache_embeddings.py with this run's "
+                         "sampling flags and a --model holding this run's tower weights (with --init_from: merge.py's "
+                         "folder of that run), or run without --embeddings_cache")
 
 
 def load_cached(cache_dir: str, video_path: str, cfg, model):
@@ -117,7 +148,7 @@ def load_cached(cache_dir: str, video_path: str, cfg, model):
             check(other, read_entry(other).meta, want)  # always raises: the key differs, so some field does
         return None
     entry = read_entry(path)
-    check(path, entry.meta, want)  # the key matched; the folder may hold another model by now (type, hidden size)
+    check(path, entry.meta, want)  # the key matched; the type or hidden size may still differ
     return entry
 
 
@@ -186,8 +217,8 @@ def main(cfg: CacheConfig) -> dict:
             bad.append(str(e) if path in str(e) else f"{path}: {e}")
             continue
         tensors = encode_video(model, processor, video)
-        write_entry(out, tensors, {**want, "frames": video.metadata(), "frame_shape": list(video.frames.shape[:3]),
-                                   "dtype": str(tensors["embeds"].dtype)})
+        write_entry(out, tensors, {**want, "model": model_id(model), "frames": video.metadata(),
+                                   "frame_shape": list(video.frames.shape[:3]), "dtype": str(tensors["embeds"].dtype)})
         written += 1
     for line in bad:
         print(f"[rank {d.rank}] bad video skipped: {line}", flush=True)

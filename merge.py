@@ -9,11 +9,14 @@ A training checkpoint (torch.distributed.checkpoint shards from train_grpo.py) -
 Input: DIR/step_XXXXXXXX/ holds {"model": the policy's HF-named state dict, "optim": ...}, sharded by however many
 ranks trained; it is read here into plain CPU tensors, in one process, with no process group (the optimizer state
 is never read). The base model (architecture, config, processor) is the `model` of the run's config.json unless
---base is given. Every key and shape of the checkpoint must match the base model's, else the error names both
-sources and the mismatching keys. Weights are saved in the base checkpoint's dtype (bf16 for Qwen releases; the
-fp32 master weights are rounded once) unless --dtype says otherwise.
+--base is given (a relative path there is taken from the folder the run was started in, found from its out_dir).
+Every key and shape of the checkpoint must match the base model's, else the error names both sources and the
+mismatching keys. Weights are saved in the base checkpoint's dtype (bf16 for Qwen releases; the fp32 master
+weights are rounded once) unless --dtype says otherwise. --out may be inside the run folder, but neither the run
+folder itself (its config.json would be overwritten) nor in a step_* folder.
 cf. EasyR1 scripts/model_merger.py (FSDP shards -> save_pretrained).
 """
+import glob
 import json
 import os
 import time
@@ -35,6 +38,25 @@ class MergeConfig:
     dtype: str = "auto"             # auto (the base checkpoint's dtype) | float32 | bfloat16 | float16
 
 
+def run_model(run_config: str) -> str:
+    """The `model` a run's config.json names. A relative folder is relative to where the run was started: the run
+    folder's ancestor that its out_dir (relative too) leads from, so a merge from another folder finds it."""
+    with open(run_config) as f:
+        run = json.load(f)
+    if not isinstance(run, dict) or "model" not in run:
+        raise ValueError(f"{run_config} has no \"model\" field (not a train_grpo.py / train_sft.py config.json; a "
+                         "merge with --out=the run folder used to overwrite it): give the base model with --base")
+    model, out_dir = run["model"], run.get("out_dir") or ""
+    if model and not os.path.isabs(model) and out_dir and not os.path.isabs(out_dir):
+        started = os.path.dirname(run_config)
+        for _ in os.path.normpath(out_dir).split(os.sep):
+            started = os.path.dirname(started)
+        if os.path.normpath(os.path.join(started, out_dir)) == os.path.dirname(run_config) and \
+                os.path.isdir(os.path.join(started, model)):  # (else a hub id, or a folder from here)
+            model = os.path.join(started, model)
+    return model
+
+
 def resolve(checkpoint: str, base: str = "") -> tuple:
     """(step folder, base model, where the base came from, the model the run trained) for a run or step folder."""
     step_dir = checkpoint if os.path.exists(os.path.join(checkpoint, ".metadata")) else latest_checkpoint(checkpoint)
@@ -42,11 +64,15 @@ def resolve(checkpoint: str, base: str = "") -> tuple:
         raise ValueError(f"{checkpoint}: neither a checkpoint folder (with .metadata) nor a run folder with a "
                          "complete step_* checkpoint")
     run_config = os.path.join(os.path.dirname(os.path.abspath(step_dir)), "config.json")
-    trained = json.load(open(run_config))["model"] if os.path.exists(run_config) else f"unknown (no {run_config})"
     if base:
+        try:
+            trained = run_model(run_config) if os.path.exists(run_config) else f"unknown (no {run_config})"
+        except ValueError:
+            trained = f"unknown ({run_config} names no model)"
         return step_dir, base, "--base", trained
     if not os.path.exists(run_config):
         raise ValueError(f"{run_config} not found: give the base model with --base")
+    trained = run_model(run_config)
     if not trained:  # a synthetic run (the CPU demo) names no model: it made its tiny one in tiny-model/
         tiny = os.path.join(os.path.dirname(run_config), "tiny-model")
         if not os.path.exists(os.path.join(tiny, "config.json")):
@@ -76,12 +102,30 @@ def check_match(step_dir: str, saved: dict, model, base: str, base_from: str, tr
             "Pass the model the run trained as --base")
 
 
+def check_out(out: str, step_dir: str):
+    """--out must not be the run folder (save_pretrained would overwrite the run's config.json, which the next merge
+    reads) nor a step_* folder or inside one (the checkpoint's own files; rotated out with the step)."""
+    run_dir, out = os.path.realpath(os.path.dirname(os.path.abspath(step_dir))), os.path.realpath(out)
+    if out == run_dir:
+        raise ValueError(f"--out={out}: the run folder itself (its config.json would be overwritten); give a new "
+                         f"folder, e.g. {os.path.join(run_dir, 'hf')}")
+    for step in glob.glob(os.path.join(run_dir, "step_*")):
+        if out == step or out.startswith(step + os.sep):
+            raise ValueError(f"--out={out}: inside the checkpoint {step} of the run {run_dir}; give a new folder, "
+                             f"e.g. {os.path.join(run_dir, 'hf')}")
+
+
 def merge(cfg: MergeConfig) -> str:
     t0 = time.time()
     step_dir, base, base_from, trained = resolve(cfg.checkpoint, cfg.base)
+    check_out(cfg.out, step_dir)
     dtype = cfg.dtype
+    try:  # a folder that is gone reads as a hub id to transformers: say where the name came from
+        base_config = AutoConfig.from_pretrained(base)
+    except OSError as e:
+        raise ValueError(f"cannot load the base model {base} (from {base_from}): {e}. Give it with --base") from None
     if dtype == "auto":  # the dtype the base checkpoint ships in (fp32 for our tiny models, bf16 for Qwen's)
-        dtype = str(getattr(AutoConfig.from_pretrained(base), "dtype", None) or "float32").replace("torch.", "")
+        dtype = str(getattr(base_config, "dtype", None) or "float32").replace("torch.", "")
     model, _ = load_model(base, dtype)  # every family vlm.py supports (the Omni thinker has no Auto class)
     check_match(step_dir, checkpoint_shapes(step_dir), model, base, base_from, trained)
     # DCP reads into the given tensors in place (casting fp32 -> the model's dtype); tied weights share storage

@@ -662,11 +662,12 @@ class RolloutConfig(InferenceConfig):
 
 
 def eval_settings(cfg: RolloutConfig, model) -> dict:
-    """What an evaluation's score depends on besides the weights: written first into the predictions file."""
+    """What an evaluation's score depends on besides the weights: written first into the predictions file. The
+    answers are greedy (evaluate): temperature 0 whatever --temperature says, and no top-p or seed."""
     return {"model": cfg.model, "family": family(model), "engine": cfg.engine, "num_frames": cfg.num_frames,
             "fps": cfg.fps, "max_frames": cfg.max_frames, "max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels,
-            "think": cfg.think, "temperature": cfg.temperature, "top_p": cfg.top_p,
-            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "date": time.strftime("%Y-%m-%d")}
+            "think": cfg.think, "temperature": 0.0, "max_new_tokens": cfg.max_new_tokens,
+            "embeddings_cache": cfg.embeddings_cache, "date": time.strftime("%Y-%m-%d")}
 
 
 def load_for_inference(cfg: InferenceConfig):
@@ -691,10 +692,17 @@ def main(cfg: RolloutConfig):
     if cfg.embeddings_cache and cfg.engine == "vllm":
         raise SystemExit("--embeddings_cache works with --engine=hf only: the vLLM engine is handed decoded frames")
     model, processor, engine = load_for_inference(cfg)
+    # before any video is decoded: a cap past the context would fail later, in the allocator
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if cfg.max_new_tokens < 1 or (context and cfg.max_new_tokens > context):
+        raise SystemExit(f"--max_new_tokens={cfg.max_new_tokens}: give 1 to {context or 'the context length'} "
+                         f"(max_position_embeddings of {cfg.model}'s text config)")
     if cfg.eval:
+        if (cfg.temperature, cfg.top_p) != (0.0, 1.0):
+            print("--eval answers greedily: --temperature and --top_p are not used")
         t0 = time.time()
         res = evaluate(model, processor, load_jsonl(cfg.eval), cfg, engine, cache_dir=cfg.embeddings_cache)
-        out = cfg.out or cfg.eval.rsplit(".", 1)[0] + ".predictions.jsonl"
+        out = cfg.out or os.path.splitext(cfg.eval)[0] + ".predictions.jsonl"  # (a dot in a folder name: kept)
         settings = eval_settings(cfg, model)
         with open(out, "w") as f:  # line 1: the settings that produced these answers; then one line per answer
             f.write(json.dumps({"settings": settings}) + "\n")

@@ -112,7 +112,7 @@ def main(cfg: Config):
         print0(f"{data_file}: {skipped_rows} rows without reasoning skipped ({len(train)} kept)")
     loader = Loader(train, per_rank, spi.dp_rank, spi.dp_size, cfg.seed,
                     f"{data_file} with --batch_size={cfg.batch_size}")
-    start_step, curve, skipped_total = 0, [], 0
+    start_step, curve, skipped_total, misses_total = 0, [], 0, 0
     last = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if last:
         state = load_checkpoint(last, model, optimizer)
@@ -152,8 +152,8 @@ def main(cfg: Config):
                initial=start_step, total=cfg.max_steps)
     for step in bar:
         t0 = time.time()
-        skipped = []
-        prompts = rollout.next_prompts(loader, per_rank, model, processor, cfg, data_file, skipped, [])
+        skipped, misses = [], []  # misses: videos with no embeddings-cache entry (decoded live, tower run)
+        prompts = rollout.next_prompts(loader, per_rank, model, processor, cfg, data_file, skipped, misses)
         seqs = target_seqs(prompts, [target_text(p.sample, cfg.target, cfg.think) for p in prompts],
                            processor.tokenizer)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
@@ -168,6 +168,12 @@ def main(cfg: Config):
             print(f"[rank {d.rank}] skipped sample: {line}")
         metrics = {"step": step + 1, **res, "lr": lr, "skipped_samples": skipped_total,
                    "time_step": round(time.time() - t0, 4)}
+        if cfg.embeddings_cache:  # as train_grpo.py logs them; said once, at the first step that has any
+            metrics["cache_misses"] = int(dp_all_reduce(torch.tensor([len(misses)]), spi)[0])
+            if metrics["cache_misses"] and not misses_total:
+                print0(f"warning: step {step + 1}: {metrics['cache_misses']} videos not in the embeddings cache "
+                       f"{cfg.embeddings_cache} (decoded live, tower run; cache_misses in metrics.jsonl)")
+            misses_total += metrics["cache_misses"]
         # the last step's evaluation too, before its checkpoint: a run extended with --resume keeps it in its curve
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
             ev = evaluate(f"step{step + 1}")
@@ -180,6 +186,8 @@ def main(cfg: Config):
             save_checkpoint(cfg.out_dir, step + 1, finite(model, "checkpointed"), optimizer,
                             {"loader": loader.state(), "curve": curve, "skipped": skipped_total}, cfg.keep_last)
     result = {"steps": cfg.max_steps, "skipped_samples": skipped_total}
+    if cfg.embeddings_cache:
+        result["cache_misses"] = misses_total  # (this run's steps: not those before a --resume)
     # the final evaluation ran in the loop; here only if no step ran and the resumed checkpoint's curve lacks it
     if held_out and (not curve or curve[-1]["step"] != cfg.max_steps):
         ev = evaluate(f"step{cfg.max_steps}")

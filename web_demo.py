@@ -69,6 +69,23 @@ def stream_hf(model, processor, prompt, max_new_tokens: int, temperature: float,
             yield processor.tokenizer.decode(ids, skip_special_tokens=True), len(ids)
 
 
+def frame_sampling(cfg: WebConfig, frames_by: str, frames, vllm: bool) -> WebConfig:
+    """cfg with the frame sampling the page asks for: a count of 1-8,192 frames, or a rate above 0 and up to 60
+    fps. Anything else is a ValueError saying so (a count of 0.5 would pass `0 < frames`, then sample int(0.5) =
+    0 frames)."""
+    try:
+        frames = float(frames)
+    except (TypeError, ValueError):
+        raise ValueError(f"frames {frames!r}: give a number") from None
+    if frames_by == "count" and not 1 <= frames <= MAX_FRAMES:  # (NaN fails every comparison)
+        raise ValueError(f"frames {frames:g}: give 1-{MAX_FRAMES} frames")
+    if frames_by != "count" and not 0 < frames <= 60:
+        raise ValueError(f"frames {frames:g}: give a rate above 0 and up to 60 fps")
+    return dataclasses.replace(cfg, num_frames=int(frames) if frames_by == "count" else 0,
+                               fps=frames if frames_by == "fps" else 0.0,
+                               max_frames=cfg.max_frames if vllm else MAX_FRAMES)  # vLLM: its own cap
+
+
 def answer(model, processor, engine, cfg: WebConfig, video_path, question: str, frames_by: str, frames: float,
            think: bool, max_new_tokens: int, temperature: float):
     """The page's one action, a generator of (answer, frame strip, status) that the page shows as they come.
@@ -82,12 +99,11 @@ def answer(model, processor, engine, cfg: WebConfig, video_path, question: str, 
         return
     name = os.path.basename(str(video_path))
     try:
-        frames = float(frames)
-        if not 0 < frames <= (MAX_FRAMES if frames_by == "count" else 60):
-            raise ValueError(f"frames {frames:g}: give 1-{MAX_FRAMES} frames, or a rate above 0 and up to 60 fps")
-        sampling = dataclasses.replace(cfg, num_frames=int(frames) if frames_by == "count" else 0,
-                                       fps=frames if frames_by == "fps" else 0.0,
-                                       max_frames=cfg.max_frames if engine else MAX_FRAMES)  # vLLM: its own cap
+        sampling = frame_sampling(cfg, frames_by, frames, engine is not None)
+    except ValueError as e:  # a setting, not the video: said as such
+        yield "", [], str(e)
+        return
+    try:
         t0 = time.time()
         video = load_video(str(video_path), sampling, family(model))
         t1 = time.time()

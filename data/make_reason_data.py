@@ -15,7 +15,9 @@ video x category: ok or dropped with the reason), filter.jsonl (k-sample policy 
 eval.jsonl (data/datasets.py rows, split by video), cot.jsonl (train rows + "response": <think>reasoning</think>
 <answer>X</answer>, for a CoT/format warm-up), easy.jsonl (train rows the filter removed), report.json.
 Every stage appends one flushed line per finished item and skips finished items on restart, so a killed run
-continues where it stopped; output files are rewritten whole from those logs.
+continues where it stopped; output files are rewritten whole from those logs. Captions, questions and filter
+scores are keyed by the video's "source" too (its size and mtime, the caption settings): a video replaced at the
+same path, or captioned with other settings, is captioned and asked about anew, its old rows left unused.
 Deviations: a clip is (video, start, end), never re-encoded; an endpoint failure leaves the item for the next
 run, a malformed reply is retried once (told what was wrong) then recorded as dropped, never repaired; options
 are shuffled (seeded per question) so the answer letter is uniform, hence reasoning may not name a letter.
@@ -204,9 +206,16 @@ def clip_spans(duration: float, clip_seconds: float) -> list:
     return [(round(a, 3), round(b, 3)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def source(row: dict, cfg) -> str:
+    """What a video's captions (hence its questions) are made from: the file (size, mtime: a replaced video is
+    another source) and the caption settings."""
+    return (f"{row['size']}:{row['mtime']}|{cfg.caption_backend}:{cfg.caption_model}|"
+            f"frames={cfg.frames_per_clip}|pixels={cfg.max_pixels}")
+
+
 def video_clips(row: dict, cfg) -> list:
-    return [{"clip": f"{row['video']}@{a:.3f}-{b:.3f}", "video": row["video"], "start": a, "end": b}
-            for a, b in clip_spans(row["duration"], cfg.clip_seconds)]
+    return [{"clip": f"{row['video']}@{a:.3f}-{b:.3f}", "video": row["video"], "start": a, "end": b,
+             "source": source(row, cfg)} for a, b in clip_spans(row["duration"], cfg.clip_seconds)]
 
 
 def stage_clips(cfg, stats) -> list:
@@ -328,9 +337,9 @@ def clip_frames(batch: list, cfg, multiple: int, log, stats) -> tuple:
 
 def stage_captions(cfg, videos: list, stats, models):
     path = os.path.join(cfg.out, "captions.jsonl")
-    done = {r["clip"] for r in read_log(path)}
+    done = {(r["clip"], r.get("source")) for r in read_log(path)}  # (no source: made before sources were logged)
     clips = [c for v in videos for c in video_clips(v, cfg)]
-    todo = [c for c in clips if c["clip"] not in done]
+    todo = [c for c in clips if (c["clip"], c["source"]) not in done]
     stats.update(clips=len(clips), clips_done_before=len(clips) - len(todo))
     todo = todo[:cfg.max_clips or None]
     if not todo:
@@ -406,13 +415,23 @@ def check_question(item) -> tuple:
 def parse_reply(text: str, n: int) -> tuple:
     """([n question dicts], "") or (None, "kind: detail") for one model reply."""
     body = text.rsplit("</think>", 1)[-1]  # a reasoning model thinks first (its "<think>" may sit in the prompt)
-    m = re.search(r"[\[{].*[\]}]", body, re.DOTALL)  # the JSON, with or without ```json fences around it
-    if not m:
+    if not re.search(r"[\[{].*[\]}]", body, re.DOTALL):
         return None, "no JSON: the reply has no JSON object"
-    try:
-        data = json.loads(m.group(0))
-    except json.JSONDecodeError as e:
-        return None, f"bad JSON: {e.msg}"
+    # the first JSON value that parses from some "{" or "[" on (fenced or not), of the shape asked for if any is:
+    # prose around it may hold brackets too ("exactly one option [A-D] is correct")
+    shaped = lambda v: isinstance(v, dict) or (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))
+    found, error = [], None
+    for m in re.finditer(r"[\[{]", body):
+        try:
+            found.append(json.JSONDecoder().raw_decode(body, m.start())[0])
+        except json.JSONDecodeError as e:
+            error = error or e
+            continue
+        if shaped(found[-1]):
+            break
+    if not found:
+        return None, f"bad JSON: {error.msg}"
+    data = found[-1] if shaped(found[-1]) else found[0]  # none of that shape: the checks below name the problem
     items = data.get("questions", data) if isinstance(data, dict) else data
     items = [items] if isinstance(items, dict) else items
     if not isinstance(items, list) or len(items) != n:
@@ -428,10 +447,10 @@ def parse_reply(text: str, n: int) -> tuple:
 
 def question_units(cfg, videos: list, stats, done: set) -> list:
     """(video, category) units still to ask, for the videos whose clips are all captioned."""
-    caps = {r["clip"]: r for r in read_log(os.path.join(cfg.out, "captions.jsonl"))}
+    caps = {(r["clip"], r.get("source")): r for r in read_log(os.path.join(cfg.out, "captions.jsonl"))}
     units = []
     for v in videos:
-        rows = [caps.get(c["clip"]) for c in video_clips(v, cfg)]
+        rows = [caps.get((c["clip"], c["source"])) for c in video_clips(v, cfg)]
         if any(r is None for r in rows):
             stats["videos_waiting_for_captions"] += 1
         elif any(r.get("error") for r in rows):
@@ -439,8 +458,8 @@ def question_units(cfg, videos: list, stats, done: set) -> list:
         elif cfg.max_caption_chars and sum(len(r["caption"]) for r in rows) > cfg.max_caption_chars:
             stats["videos_captions_too_long"] += 1
         else:
-            units += [{"video": v["video"], "category": cat, "captions": rows} for cat in cfg.categories
-                      if (v["video"], cat) not in done]
+            units += [{"video": v["video"], "source": source(v, cfg), "category": cat, "captions": rows}
+                      for cat in cfg.categories if (v["video"], source(v, cfg), cat) not in done]
     return units
 
 
@@ -462,7 +481,7 @@ def ask_wave(units: list, generate, cfg, log, stats, streak: int) -> int:
     for attempt in (1, 2):
         again = []
         for u, conv, (text, err) in zip(units, convs, generate(convs)):
-            key = {"video": u["video"], "category": u["category"]}
+            key = {"video": u["video"], "source": u["source"], "category": u["category"]}
             if err:  # transient: not logged, the next run asks again
                 stats["question_endpoint_errors"] += 1
                 stats["last_endpoint_error"], streak = err, streak + 1
@@ -488,7 +507,7 @@ def ask_wave(units: list, generate, cfg, log, stats, streak: int) -> int:
 
 def stage_questions(cfg, videos: list, stats, models):
     path = os.path.join(cfg.out, "questions.jsonl")
-    done = {(r["video"], r["category"]) for r in read_log(path)}
+    done = {(r["video"], r.get("source"), r["category"]) for r in read_log(path)}
     units = question_units(cfg, videos, stats, done)
     stats["question_units_todo"] = len(units)
     if not units:
@@ -514,11 +533,12 @@ def is_eval(rel: str, fraction: float) -> bool:
 
 def collect(cfg, videos: list) -> list:
     """Every accepted question as a dataset row (+ id, split, reasoning), options shuffled if asked."""
-    keep, cats = {v["video"] for v in videos}, set(cfg.categories)
-    latest = {(r["video"], r["category"]): r for r in read_log(os.path.join(cfg.out, "questions.jsonl"))}
+    keep, cats = {v["video"]: source(v, cfg) for v in videos}, set(cfg.categories)
+    latest = {(r["video"], r["category"]): r for r in read_log(os.path.join(cfg.out, "questions.jsonl"))
+              if r["video"] in keep and r.get("source") == keep[r["video"]]}  # current file and caption settings
     rows = []
     for (rel, cat), r in sorted(latest.items()):
-        if r["status"] != "ok" or rel not in keep or cat not in cats:
+        if r["status"] != "ok" or cat not in cats:
             continue
         for i, q in enumerate(r["questions"]):
             qid = f"{rel}#{cat}#{i}"
@@ -531,16 +551,18 @@ def collect(cfg, videos: list) -> list:
                          "problem": q["question"],
                          "options": [f"{L}. {q['options'][o]}" for L, o in zip("ABCD", order)],
                          "answer": "ABCD"[order.index("ABCD".index(q["answer"]))],
-                         "problem_type": "multiple_choice", "category": cat, "reasoning": q["reasoning"]})
+                         "problem_type": "multiple_choice", "category": cat, "reasoning": q["reasoning"],
+                         "source": r["source"]})
     return rows
 
 
 def stage_filter(cfg, rows: list, stats, models) -> dict:
-    """{question id: correct samples out of filter_k} for the train questions, scored with rewards.py."""
+    """{(question id, source): correct samples out of filter_k} for the train questions, scored with rewards.py
+    (a replaced video's questions have the same ids: the source tells them apart)."""
     path = os.path.join(cfg.out, "filter.jsonl")
     setting = f"{cfg.filter_model}|k={cfg.filter_k}|T={cfg.filter_temperature}|frames={cfg.filter_num_frames}"
-    scored = {r["id"]: r["correct"] for r in read_log(path) if r["setting"] == setting}
-    todo = [r for r in rows if r["split"] == "train" and r["id"] not in scored]
+    scored = {(r["id"], r.get("source")): r["correct"] for r in read_log(path) if r["setting"] == setting}
+    todo = [r for r in rows if r["split"] == "train" and (r["id"], r["source"]) not in scored]
     if todo:
         model, processor = local_model(cfg, cfg.filter_model, models)
         vcfg = types.SimpleNamespace(fps=0.0, num_frames=cfg.filter_num_frames, max_frames=cfg.filter_num_frames,
@@ -550,6 +572,7 @@ def stage_filter(cfg, rows: list, stats, models) -> dict:
             for batch in chunks(todo, cfg.filter_batch_size):
                 samples = [Sample(video=os.path.join(root, r["video"]), problem=r["problem"], answer=r["answer"],
                                   problem_type=r["problem_type"], options=r["options"], source=r["id"]) for r in batch]
+                made_from = {r["id"]: r["source"] for r in batch}
                 skipped = []
                 prompts = rollout.prepare_prompts(model, processor, samples, vcfg, True, skipped)
                 stats["filter_videos_unreadable"] += len(skipped)
@@ -562,19 +585,22 @@ def stage_filter(cfg, rows: list, stats, models) -> dict:
                 for o, a in zip(outs, acc):
                     correct[prompts[o.prompt_index].sample.source] += int(a)
                 for p in prompts:
-                    scored[p.sample.source] = correct[p.sample.source]
-                    log.write({"id": p.sample.source, "correct": correct[p.sample.source], "setting": setting})
+                    qid = p.sample.source
+                    scored[qid, made_from[qid]] = correct[qid]
+                    log.write({"id": qid, "source": made_from[qid], "correct": correct[qid], "setting": setting})
                 pbar.update(len(batch))
     return scored
 
 
 def stage_output(cfg, rows: list, scored: dict, stats):
     def clean(r):
-        return {k: v for k, v in r.items() if k != "split"}
+        return {k: v for k, v in r.items() if k not in ("split", "source")}
     train = [clean(r) for r in rows if r["split"] == "train"]
     evals = [clean(r) for r in rows if r["split"] == "eval"]
     cot = [{**r, "response": f"<think>\n{r['reasoning']}\n</think>\n<answer>{r['answer']}</answer>"} for r in train]
-    easy = [r for r in train if scored.get(r["id"], -1) >= cfg.filter_k] if cfg.filter_model else []
+    made_from = {r["id"]: r["source"] for r in rows}  # (one source per video: collect keeps the current one)
+    easy = [r for r in train if scored.get((r["id"], made_from[r["id"]]), -1) >= cfg.filter_k] \
+        if cfg.filter_model else []
     easy_ids = {r["id"] for r in easy}
     kept = [r for r in train if r["id"] not in easy_ids]
     for name, part in (("train", kept), ("eval", evals), ("cot", cot), ("easy", easy)):

@@ -84,7 +84,8 @@ def test_stale_entries_are_clear_errors(work, tmp_path):
     assert C.load_cached(cfg.out, video, cfg, q25) is not None
     with pytest.raises(ValueError, match=r"stale embeddings-cache entry .*v1.mp4: another frame sampling"):
         C.load_cached(cfg.out, video, cache_cfg(work, "qwen2_5_vl", num_frames=5), q25)
-    with pytest.raises(ValueError, match=r"another model .*qwen3_vl.*another model family"):
+    with pytest.raises(ValueError, match=r"another model family .*qwen3_vl.*other vision-tower weights .*"
+                                         r"built from --model=.*qwen2_5_vl"):
         C.load_cached(cfg.out, video, cfg, q3)
     (copy := tmp_path / "v.mp4").write_bytes((work / "v1.mp4").read_bytes())
     (tmp_path / "one.jsonl").write_text(json.dumps({"video": str(copy), "problem": "q?", "answer": "A"}) + "\n")
@@ -93,6 +94,50 @@ def test_stale_entries_are_clear_errors(work, tmp_path):
     with pytest.raises(ValueError, match="the video file changed since it was cached"):
         C.load_cached(one.out, str(copy), one, q25)
     assert C.load_cached(one.out, str(work / "v0.mp4"), one, q25) is None  # never cached: a miss, not an error
+
+
+def test_other_tower_weights_are_stale(work, tmp_path):
+    """The key holds a fingerprint of the tower's weights, not only the model folder: new weights saved into the
+    cached model's folder, or a run's weights loaded over it (train_grpo.py --model=BASE --init_from=SFT_RUN, the
+    SFT run having trained the tower), make its entries stale; a cache built from a folder with those weights is
+    used, whatever --model the reader names; a bf16 cache stays valid for an fp32 model of the same weights."""
+    model_dir = str(tmp_path / "m")
+    make_tiny_model(model_dir, "qwen2_5_vl", seed=0)
+    (tmp_path / "one.jsonl").write_text(json.dumps({"video": str(work / "v1.mp4"), "problem": "q?", "answer": "A"}))
+    cfg = cache_cfg(tmp_path, "", out="c", data="one.jsonl", model=model_dir)
+    C.main(cfg)
+    video = str(work / "v1.mp4")
+    assert C.load_cached(cfg.out, video, cfg, vlm.load_model(model_dir)[0]) is not None
+    bf16 = dataclasses.replace(cfg, out=str(tmp_path / "c_bf16"), dtype="bfloat16")  # what dtype=auto gives on a GPU
+    C.main(bf16)
+    assert C.load_cached(bf16.out, video, bf16, vlm.load_model(model_dir)[0]) is not None  # read in fp32
+    # the documented recipe: a run that trained the tower, loaded over the base model the cache was built from
+    tuned, _ = vlm.load_model(model_dir)
+    with torch.no_grad():
+        for p in tuned.model.visual.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    common.save_checkpoint(str(tmp_path / "sft"), 1, tuned, torch.optim.AdamW(tuned.parameters()), {"step": 1})
+    model, processor = vlm.load_model(model_dir)
+    assert C.load_cached(cfg.out, video, cfg, model) is not None  # fingerprint taken from the base weights ...
+    common.load_model_weights(str(tmp_path / "sft"), model)       # ... and taken again once they change
+    samples = load_jsonl(cfg.data)
+    with pytest.raises(ValueError, match=r"stale embeddings-cache entry .*c_/.*v1.mp4: other vision-tower weights"):
+        rollout.prepare_prompts(model, processor, samples, cfg, True, [], cfg.out, [])
+    # a cache of the tuned tower (built from a folder holding its weights) serves --model=BASE --init_from=SFT
+    tuned.save_pretrained(str(tmp_path / "tuned"))
+    processor.save_pretrained(str(tmp_path / "tuned"))
+    C.main(tuned_cfg := dataclasses.replace(cfg, model=str(tmp_path / "tuned"), out=str(tmp_path / "c_tuned")))
+    misses = []
+    cached = rollout.prepare_prompts(model, processor, samples, tuned_cfg, True, [], tuned_cfg.out, misses)
+    live = rollout.prepare_prompts(model, processor, samples, tuned_cfg, True, [])
+    assert not misses and cached[0].video_features is not None
+    with torch.no_grad():
+        a, b = vlm.encode_videos(model, cached).pooler_output[0], vlm.encode_videos(model, live).pooler_output[0]
+    assert torch.allclose(a, b, atol=1e-5)
+    # new weights saved into the cached model's folder (a re-merge, a re-save)
+    make_tiny_model(model_dir, "qwen2_5_vl", seed=1)
+    with pytest.raises(ValueError, match="other vision-tower weights"):
+        C.load_cached(cfg.out, video, cfg, vlm.load_model(model_dir)[0])
 
 
 def test_two_ranks_write_each_video_once(work):

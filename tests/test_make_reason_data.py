@@ -147,6 +147,16 @@ def test_malformed_replies_are_named(reply, problem):
                                           "reasoning": "s1\ns2"}], "")
 
 
+def test_json_between_bracketed_prose():
+    """The first JSON value of the expected shape is taken: prose with brackets before or after it is no error."""
+    q = {"question": "q", "options": ["a", "b", "c", "d"], "answer": "A", "reasoning": "r"}
+    want = ([{**q, "options": ["a", "b", "c", "d"]}], "")
+    fenced = "```json\n" + json.dumps({"questions": [q]}) + "\n```"
+    assert mrd.parse_reply(fenced + "\nNote: exactly one option [A-D] is correct.", 1) == want
+    assert mrd.parse_reply("<think>{x}</think> As asked {in JSON}, [1] question:\n" + fenced + " {done}", 1) == want
+    assert mrd.parse_reply("Here: " + json.dumps([q]) + " (see [1])", 1) == want
+
+
 def test_pipeline_local_captions_resume_and_output(tmp_path, videos, tiny, server, monkeypatch):
     srv, out = server(), tmp_path / "out"
     calls, crash_at, real = [], [0], rollout.hf_generate
@@ -233,3 +243,30 @@ def test_difficulty_filter(tmp_path, videos, tiny, server, monkeypatch):
     assert "Temporal" not in {s.category for s in load_jsonl(str(out / "train.jsonl"))}
     mrd.main(cfg(filter_k=3))
     assert sum(calls) == 8  # scores are logged: not asked again
+
+
+def test_replaced_video_is_redone(tmp_path, server):
+    """A video replaced by another file at the same path (size or mtime differ) is re-captioned and re-asked, and
+    the outputs hold only the new file's questions; so is a video captioned with other caption settings. An
+    unchanged re-run asks nothing."""
+    srv, videos = server(), tmp_path / "videos"
+    videos.mkdir()
+    write_video(str(videos / "a.mp4"), (np.full((56, 56, 3), 2 * i, np.uint8) for i in range(80)), fps=4)  # 4 clips
+    cfg = lambda **kw: config(tmp_path / "out", str(videos), caption_base_url=srv.url, question_base_url=srv.url,
+                              categories=["Temporal"], **kw)
+    mrd.main(cfg())
+    assert [s.problem for s in load_jsonl(str(tmp_path / "out" / "train.jsonl"))] == \
+        ["Temporal: what changes from 0:00:00 to 0:00:20 over 4 clips?"]
+    (videos / "a.mp4").unlink()  # another, 10-s video (2 clips) at the same path
+    write_video(str(videos / "a.mp4"), (np.full((56, 56, 3), 200, np.uint8) for _ in range(40)), fps=4)
+    before = dict(srv.calls)
+    mrd.main(cfg())
+    assert (srv.calls["caption"] - before["caption"], srv.calls["Temporal"] - before["Temporal"]) == (2, 1)
+    assert [s.problem for s in load_jsonl(str(tmp_path / "out" / "train.jsonl"))] == \
+        ["Temporal: what changes from 0:00:00 to 0:00:10 over 2 clips?"]
+    before = dict(srv.calls)
+    mrd.main(cfg())
+    assert srv.calls == before  # unchanged: everything is skipped
+    r = mrd.main(cfg(frames_per_clip=3))  # other caption settings: captions, then questions, made anew
+    assert (srv.calls["caption"] - before["caption"], srv.calls["Temporal"] - before["Temporal"]) == (2, 1)
+    assert r["train"] == 1 and lines(tmp_path / "out" / "captions.jsonl")[-1]["caption"] == "3 frames of 56x56"

@@ -6,6 +6,7 @@ from_pretrained and gives the training model's logits; a checkpoint of another m
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -99,3 +100,38 @@ def test_synthetic_run_merges_onto_its_tiny_model(tmp_path):
     (tmp_path / "run" / "tiny-model" / "config.json").write_text("{}")
     step_dir, base, source, trained = merge.resolve(str(step))
     assert base == trained == str(tmp_path / "run" / "tiny-model") and "synthetic run" in source
+
+
+def test_out_in_the_run_or_a_step_folder_is_refused(trained, tmp_path):
+    """--out=the run folder would overwrite its config.json (the next merge then failed with KeyError 'model');
+    inside a step folder it would mix into the checkpoint (and go when the step is rotated out)."""
+    run = shutil.copytree(trained / "run", tmp_path / "run")
+    before = (run / "config.json").read_text()
+    for out in (run, run / "step_00000001", run / "step_00000001" / "hf", tmp_path / "run" / "." ):
+        with pytest.raises(ValueError, match=r"--out=.*: (the run folder|inside the checkpoint) .*run"):
+            merge.merge(merge.MergeConfig(checkpoint=str(run), out=str(out)))
+    with pytest.raises(ValueError, match=r"--out=.*inside the checkpoint"):
+        merge.merge(merge.MergeConfig(checkpoint=str(run / "step_00000001"), out=str(run / "step_00000001")))
+    assert (run / "config.json").read_text() == before and not (run / "model.safetensors").exists()
+    assert merge.merge(merge.MergeConfig(checkpoint=str(run), out=str(run / "hf"))) == str(run / "hf")  # beside: fine
+
+
+def test_run_config_model_path_is_resolved_or_clearly_missing(trained, tmp_path, monkeypatch):
+    """A run trained from the project folder with relative paths (--model=models/m --out_dir=runs/r) merges from
+    any working directory; a config.json without "model", or a base model that is gone, is a clear error."""
+    proj = tmp_path / "proj"
+    run = shutil.copytree(trained / "run", proj / "runs" / "r")
+    shutil.copytree(trained / "model", proj / "models" / "m")
+    (run / "config.json").write_text(json.dumps({"model": "models/m", "out_dir": "runs/r"}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    step_dir, base, source, trained_model = merge.resolve(str(run))
+    assert base == trained_model == str(proj / "models" / "m") and source == str(run / "config.json")
+    assert merge.merge(merge.MergeConfig(checkpoint=str(run), out="hf")) == "hf"
+    (run / "config.json").write_text(json.dumps({"out_dir": "runs/r"}))  # e.g. another tool's config.json
+    with pytest.raises(ValueError, match=r"config.json has no \"model\" field.*--base"):
+        merge.resolve(str(run))
+    (run / "config.json").write_text(json.dumps({"model": "models/gone", "out_dir": "runs/r"}))
+    with pytest.raises(ValueError, match=r"(?s)cannot load the base model models/gone \(from .*config.json\).*--base"):
+        merge.merge(merge.MergeConfig(checkpoint=str(run), out="hf2"))
+

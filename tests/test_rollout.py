@@ -227,6 +227,33 @@ def test_cli_question_and_eval_skip_bad_videos(tiny, videos, tmp_path, capsys):
     assert "settings: model" in printed and "read as " in printed
 
 
+def test_eval_header_says_greedy_and_default_path_is_beside_the_eval_file(tiny, videos, tmp_path, monkeypatch):
+    """--eval answers greedily whatever --temperature says: the settings line says what ran (temperature 0, no
+    top-p or seed; the embeddings cache). The default predictions file sits beside an eval file without an
+    extension in a folder with a dot in its name."""
+    path, _, _ = tiny["qwen2_5_vl"]
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("ev.d")
+    with open("ev.d/evalset", "w") as f:
+        f.write(json.dumps({"video": videos[1], "problem": "q?", "options": ["A. a", "B. b"], "answer": "A"}) + "\n")
+    rollout.main(rollout.RolloutConfig(model=path, eval="./ev.d/evalset", num_frames=8, max_new_tokens=4,
+                                       max_pixels=64 * 64, temperature=1.5, top_p=0.5, seed=3, progress=False))
+    settings = json.loads(open(tmp_path / "ev.d" / "evalset.predictions.jsonl").readline())["settings"]
+    assert settings["temperature"] == 0.0 and "top_p" not in settings and "seed" not in settings
+    assert settings["embeddings_cache"] == "" and settings["max_new_tokens"] == 4
+
+
+@pytest.mark.parametrize("max_new_tokens", [0, 32769, 10 ** 12])
+def test_cli_refuses_max_new_tokens_outside_the_context_before_decoding(tiny, videos, max_new_tokens, monkeypatch):
+    """Checked against the text model's context (the tiny model's 32,768 positions) before any video is decoded
+    (a huge cap used to fail in the allocator after the decoding)."""
+    path, _, _ = tiny["qwen2_5_vl"]
+    monkeypatch.setattr(rollout, "load_video", lambda *a, **k: pytest.fail("the video was decoded"))
+    with pytest.raises(SystemExit, match=r"--max_new_tokens=\d+: give 1 to 32768 \(max_position_embeddings"):
+        rollout.main(rollout.RolloutConfig(model=path, video=videos[0], question="q?", num_frames=8,
+                                           max_new_tokens=max_new_tokens, progress=False))
+
+
 def test_reload_noise_filter_drops_only_position_table_lines():
     """The filter on vLLM's layerwise-reload logger drops its 'Failed to load weights' line for rotary embeddings
     and the Omni audio encoder's sinusoids (computed tables, nothing to push there; both seen on an H100) and keeps

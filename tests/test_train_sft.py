@@ -156,6 +156,16 @@ def test_sft_reports_skipped_eval_videos_and_names_a_too_small_dataset(tiny_run,
         S.main(sft_cfg(tiny_run, tmp_path / "big", max_steps=1, batch_size=32))
 
 
+def test_sft_counts_and_reports_embeddings_cache_misses(tiny_run, tmp_path, capsys):
+    """A cache that holds none of the videos (a typo, another cache): each step's misses are logged as
+    cache_misses (as train_grpo.py does) and said once."""
+    res = S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=2, eval_data="", freeze_vision=True,
+                         embeddings_cache=str(tmp_path / "no_such_cache")))
+    assert [r["cache_misses"] for r in rows(tmp_path / "run" / "metrics.jsonl")] == [4, 4] and res["cache_misses"] == 8
+    out = capsys.readouterr().out
+    assert out.count("not in the embeddings cache") == 1 and str(tmp_path / "no_such_cache") in out
+
+
 def test_sft_on_two_gloo_ranks_equals_one_rank(tiny_run, tmp_path):
     """The same global batch of 4 rows on 1 process and on 2 (2 rows each, FSDP2 over gloo): equal losses and
     weights (the token count in the normaliser is global, so ragged targets weigh the same on either)."""

@@ -78,6 +78,7 @@ def test_frame_strip_spreads_over_the_video():
     (None, QUESTION, "count", 8, "Upload a video"),
     ("examples/clip.mp4", " ", "count", 8, "Ask a question"),
     ("examples/clip.mp4", QUESTION, "count", 9000, "give 1-8192 frames"),
+    ("examples/clip.mp4", QUESTION, "count", 0.5, "frames 0.5: give 1-8192 frames"),  # int(0.5) frames = 0
     ("examples/clip.mp4", QUESTION, "fps", 0, "a rate above 0 and up to 60 fps"),
 ])
 def test_bad_input_gives_a_message_not_an_error(demo, video, question, frames_by, frames, message):
