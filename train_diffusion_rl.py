@@ -16,7 +16,9 @@ clipped-ratio loss (+ beta KL to the reference), backward -> AdamW step(s) -> lo
 Deliberate deviations: follow Flow-GRPO, not Long-RL (which resets the scheduler inside every SDE step, trains only
 step 0, uses one group per batch); CFG is one forward on cat[uncond, cond] for Wan too (upstream: two passes);
 `updates_per_step` optimizer steps per sampling round (upstream 2: the second is off-policy, where the ratio clip
-acts; our demo uses 1); no EMA; the Fast window is drawn once per step for all samples; eval is an Euler ODE.
+acts; our demo uses 1); no EMA; the Fast window is drawn once per step for all samples (every rank the same
+one); eval is an Euler ODE. A reward that fails or is not finite costs only its samples (advantage 0, counted in
+`reward_skipped`), a non-finite gradient norm only its update (`updates_skipped`); non-finite weights are never saved.
 Expected (CPU demo, seed 0): held-out redness (40-step ODE, 16 prompts) -0.011 -> 0.238 in 85 s on 2 idle cores
 (seeds 1, 2: -0.010 -> 0.240 / 0.239); grid: runs/diffusion_tiny_image/before_after.png (top before, bottom after).
 """
@@ -42,8 +44,8 @@ from tqdm import tqdm
 from transformers import (AutoTokenizer, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection,
                           PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel)
 
-from common import (Dist, barrier, init_distributed, latest_checkpoint, load_checkpoint, print0, save_checkpoint,
-                    wrap_fsdp)
+from common import (Dist, all_reduce, barrier, finite, init_distributed, keep_metrics_until, latest_checkpoint,
+                    load_checkpoint, print0, refuse_old_run, save_checkpoint, wrap_fsdp)
 from configurator import parse_config, print_config
 
 
@@ -55,7 +57,7 @@ class Config:
     kind: str = "sd3"  # sd3 (StableDiffusion3Pipeline, images) | wan (WanPipeline, videos)
     prompts: str = ""  # training prompts, one a line; "" = built-in synthetic prompts
     eval_prompts: str = ""  # held-out prompts, one a line; "" = built-in held-out prompts
-    num_eval_prompts: int = 16  # held-out prompts used per eval (multiple of the world size)
+    num_eval_prompts: int = 16  # held-out prompts used per eval (the first ones of the list; any number of ranks)
     # sampling
     height: int = 32  # pixels
     width: int = 32  # pixels
@@ -63,13 +65,13 @@ class Config:
     max_sequence_length: int = 128  # T5 tokens (SD3 128, Wan 512)
     num_steps: int = 10  # SDE sampling steps for training (Flow-GRPO 10; Wan 20)
     eval_num_steps: int = 40  # Euler ODE steps at eval (eta = 0)
-    eta: float = 0.7  # SD3 SDE noise level a in sigma_t = a*sqrt(sigma/(1-sigma)); Wan uses sigmas[1]*sigma if > 0
+    eta: float = 0.7  # SD3 SDE noise level a in sigma_t = a*sqrt(sigma/(1-sigma)); Wan uses sigmas[1]*sigma; > 0
     guidance_scale: float = 4.5  # CFG weight at sampling AND training (<= 1: no CFG)
     sde_window_size: int = 0  # Flow-GRPO-Fast: SDE only in a random window of this many steps, ODE elsewhere; 0 = off
-    sde_window_range: tuple = (0, 5)  # the window lies inside steps [lo, hi)
+    sde_window_range: tuple = (0, 5)  # the window lies inside steps [lo, hi): 0 <= lo, lo + size <= hi <= num_steps
     # GRPO
     prompts_per_step: int = 8  # distinct prompts per step, over all ranks (multiple of the world size)
-    group_size: int = 8  # samples per prompt (G); Flow-GRPO 16-24 (SD3), 4 (Wan)
+    group_size: int = 8  # samples per prompt (G, >= 2); Flow-GRPO 16-24 (SD3), 4 (Wan)
     sample_batch_size: int = 64  # per-rank samples per sampling forward (x2 with CFG)
     train_batch_size: int = 64  # per-rank samples per training micro-batch
     updates_per_step: int = 1  # optimizer steps per sampling round; all but the first are off-policy (ratio clip acts)
@@ -94,7 +96,7 @@ class Config:
     bf16: bool = False  # bf16 compute (FSDP2 mixed precision, frozen encoders/VAE in bf16); fp32 master weights
     gradient_checkpointing: bool = False  # recompute transformer blocks in backward
     eval_every: int = 50  # steps between held-out evals (also at step 0 and the end); 0 = never
-    ckpt_every: int = 50  # steps between checkpoints (also at the end)
+    ckpt_every: int = 50  # steps between checkpoints (also at the end); 0 = only at the end
     keep_last: int = 2  # checkpoints kept
     resume: bool = False  # continue from the latest checkpoint in out_dir
     bench: bool = False  # time one step of a random-init SD3.5-medium / Wan2.1-1.3B-shaped transformer (GPU), exit
@@ -199,19 +201,20 @@ def make_trainable(transformer, cfg: Config, d: Dist):
 
 
 def embedder(pipe, cfg: Config, device):
-    """prompts -> {"embeds": (B,L,D), "pooled": (B,D) SD3 only}; each prompt goes through the text encoders once."""
-    cache = {}
+    """prompts -> {"embeds": (B,L,D), "pooled": (B,D) SD3 only}. Each distinct prompt goes through the text encoders
+    on its own: the encoders' rounding depends on the batch (a prompt encoded beside others differs by ~1e-7), so
+    batched, a prompt's embedding would depend on the prompts it first came with, and --resume would differ."""
 
     @torch.no_grad()
+    def encode(p):  # SD3: CLIP-L + CLIP-G + T5 -> (1, 77+T5 tokens, 4096), pooled (1, 2048); Wan: UMT5 -> (1, L, 4096)
+        out = pipe.encode_prompt([p], **({"prompt_2": None, "prompt_3": None} if cfg.kind == "sd3" else {}),
+                                 do_classifier_free_guidance=False, device=device,
+                                 max_sequence_length=cfg.max_sequence_length)
+        return {"embeds": out[0][0], **({"pooled": out[2][0]} if len(out) == 4 else {})}
+
     def embed(prompts):
-        new = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if new:  # SD3: CLIP-L + CLIP-G + T5 -> (B, 77+T5 tokens, 4096), pooled (B, 2048); Wan: UMT5 -> (B, L, 4096)
-            out = pipe.encode_prompt(new, **({"prompt_2": None, "prompt_3": None} if cfg.kind == "sd3" else {}),
-                                     do_classifier_free_guidance=False, device=device,
-                                     max_sequence_length=cfg.max_sequence_length)
-            cache.update({p: {"embeds": out[0][i].cpu(), **({"pooled": out[2][i].cpu()} if len(out) == 4 else {})}
-                          for i, p in enumerate(new)})
-        return {k: torch.stack([cache[p][k] for p in prompts]).to(device) for k in cache[prompts[0]]}
+        one = {p: encode(p) for p in dict.fromkeys(prompts)}  # a group's G copies are encoded once
+        return {k: torch.stack([one[p][k] for p in prompts]).to(device) for k in one[prompts[0]]}
     return embed
 
 
@@ -353,14 +356,34 @@ def make_reward_fn(cfg: Config, device):
     return reward_fn
 
 
+def score(reward_fn, images, prompts: list, batch: int):
+    """Rewards (N,) of images in batches of `batch`. A batch whose reward function raises (a reward server down, an
+    image it cannot read) scores NaN, with a message naming it: its samples are skipped (advantage 0), the run goes
+    on."""
+    rewards = []
+    for b in range(0, len(prompts), batch):
+        ps = prompts[b:b + batch]
+        try:
+            rewards.append(reward_fn(images[b:b + batch], ps).float())
+        except Exception as e:  # noqa: BLE001  any failure of the scorer costs its batch only
+            print(f"warning: reward {type(e).__name__}: {e}: {len(ps)} samples skipped (prompts: "
+                  f"{'; '.join(dict.fromkeys(ps))})", flush=True)
+            rewards.append(torch.full((len(ps),), float("nan"), device=images.device))
+    return torch.cat(rewards)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # GRPO on the denoising chain
 
 def compute_advantages(rewards, global_std: bool, clip: float):
     """rewards (P, G), one row per prompt -> A = clip((r - mean_row) / (std + 1e-4), +-clip); std (ddof 0) over
-    ALL rewards of the step (global_std, Flow-GRPO SD3) or over the row (Wan)."""
-    std = rewards.std(unbiased=False) if global_std else rewards.std(1, unbiased=False, keepdim=True)
-    return ((rewards - rewards.mean(1, keepdim=True)) / (std + 1e-4)).clamp(-clip, clip)
+    ALL rewards of the step (global_std, Flow-GRPO SD3) or over the row (Wan). A non-finite reward (a failed or
+    broken score) is left out of the means and stds, and its sample gets A = 0."""
+    r = torch.where(torch.isfinite(rewards), rewards, float("nan"))  # NaN = skipped: nanmean leaves it out
+    mean = r.nanmean(1, keepdim=True)
+    dev2 = (r - (r.nanmean() if global_std else mean)) ** 2  # squared deviations from the step's / the row's mean
+    std = dev2.nanmean().sqrt() if global_std else dev2.nanmean(1, keepdim=True).sqrt()
+    return ((r - mean) / (std + 1e-4)).clamp(-clip, clip).nan_to_num(0.0)
 
 
 def flow_grpo_loss(transformer, ref, x, x_next, logp_old, adv, j, cond, uncond, sigmas, timesteps, cfg: Config):
@@ -395,6 +418,15 @@ def gather(t):
     return torch.cat(out)
 
 
+def gather0(t):
+    """gather along dim 0 onto rank 0 (None on the others; identity on one process): every rank sends t's shape."""
+    if not dist.is_initialized():
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())] if dist.get_rank() == 0 else None
+    dist.gather(t.contiguous(), out, dst=0)
+    return torch.cat(out) if out else None
+
+
 def save_grid(images, path: str):
     """(N,3,H,W) or (N,F,3,H,W) in [0,1] -> PNG, 8 images a row; a video is one row, its frames side by side."""
     video = images.dim() == 5
@@ -403,39 +435,64 @@ def save_grid(images, path: str):
 
 @torch.no_grad()
 def evaluate(pipe, transformer, prompts, embed, uncond, reward_fn, shape, cfg: Config, d: Dist, path: str):
-    """Held-out prompts, Euler ODE (eta=0), eval_num_steps, the same noise at every eval -> mean reward, grid PNG."""
+    """Held-out prompts, Euler ODE (eta=0), eval_num_steps, the same noise at every eval -> mean reward over all
+    prompts (failed rewards left out), grid PNG of all of them in order (rank 0). Rank r takes prompts r, r+W, ...;
+    a shorter share is padded with a repeated prompt (its reward and image dropped), so that every rank runs the
+    same sampling batches (FSDP gathers the weights in each forward) and sends as many rewards and images."""
     sigmas, timesteps = schedule(pipe.scheduler, cfg.eval_num_steps)
     noise = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(cfg.seed + 12345))
-    mine, rewards, images = list(range(d.rank, len(prompts), d.world_size)), [], []
-    for b in range(0, len(mine), cfg.sample_batch_size):
-        idx = mine[b:b + cfg.sample_batch_size]
+    W, n = d.world_size, len(prompts)
+    mine = list(range(d.rank, n, W))
+    share = -(-n // W)  # ceil(n / W) prompts sampled on every rank
+    padded, rewards, images = mine + [mine[0] if mine else 0] * (share - len(mine)), [], []
+    for b in range(0, share, cfg.sample_batch_size):
+        idx = padded[b:b + cfg.sample_batch_size]
         ps = [prompts[i] for i in idx]
         xs, _ = sample(transformer, embed(ps), uncond, noise[idx].to(d.device), sigmas, timesteps,
                        replace(cfg, eta=0.0), sde_js=())
         images.append(decode(pipe, xs[:, -1], cfg.kind))
-        rewards.append(reward_fn(images[-1], ps))
+        rewards.append(score(reward_fn, images[-1], ps, len(ps)))
+    rewards = torch.cat(rewards)
+    rewards[len(mine):] = float("nan")  # the padding: left out of the mean
+    images = gather0(torch.cat(images))  # (W * share, ...): rank r's j-th image at r * share + j
     if d.is_main:
-        save_grid(torch.cat(images), path)
-    return gather(torch.cat(rewards)).mean().item()
+        save_grid(images[[i % W * share + i // W for i in range(n)]], path)  # prompt i: rank i % W's (i // W)-th
+    rewards = gather(rewards)
+    return rewards[torch.isfinite(rewards)].mean().item()
+
+
+def read_prompt_file(path: str, field: str) -> list:
+    """The non-blank lines of a UTF-8 text file, stripped; an error naming the file and the setting if none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} (--{field}): not UTF-8 text ({e})") from None
+    if not lines:
+        raise ValueError(f"{path} (--{field}): no prompts (the file is empty or its lines are blank)")
+    return lines
 
 
 def read_prompts(cfg: Config):
-    """(train, held-out) prompt lists: from files, or the built-in ones split by a fixed shuffle."""
-    if cfg.prompts:
-        train = [line.strip() for line in open(cfg.prompts) if line.strip()]
-        held = [line.strip() for line in open(cfg.eval_prompts or cfg.prompts) if line.strip()]
-        return train, held[:cfg.num_eval_prompts]
+    """(train, held-out) prompt lists, each from its file, or the built-in ones split by a fixed shuffle (56 train,
+    16 held out)."""
     shuffled = random.Random(0).sample(PROMPTS, len(PROMPTS))
-    return shuffled[16:], shuffled[:16][:cfg.num_eval_prompts]
+    train = read_prompt_file(cfg.prompts, "prompts") if cfg.prompts else shuffled[16:]
+    held = read_prompt_file(cfg.eval_prompts, "eval_prompts") if cfg.eval_prompts else shuffled[:16]
+    if len(train) < cfg.prompts_per_step:  # a step draws prompts_per_step distinct prompts
+        raise ValueError(f"{cfg.prompts or 'the built-in prompts'}: {len(train)} training prompts, fewer than "
+                         f"--prompts_per_step={cfg.prompts_per_step} (distinct prompts a step)")
+    return train, held[:cfg.num_eval_prompts]
 
 
 # ----------------------------------------------------------------------------------------------------------
 
-def sde_window(cfg: Config, T: int) -> list:
+def sde_window(cfg: Config, T: int, rng) -> list:
     """The denoising steps that use the SDE (and so carry log-probs): a random window of sde_window_size steps
-    (Flow-GRPO-Fast, train_sd3_fast.py: start ~ U{lo, hi - size}), or all T steps."""
+    (Flow-GRPO-Fast, train_sd3_fast.py: start ~ U{lo, hi - size}), or all T steps. rng is the step's generator,
+    the same on every rank: one window for all samples."""
     if cfg.sde_window_size > 0:
-        start = random.randint(cfg.sde_window_range[0], cfg.sde_window_range[1] - cfg.sde_window_size)
+        start = int(rng.integers(cfg.sde_window_range[0], cfg.sde_window_range[1] - cfg.sde_window_size + 1))
         return list(range(start, start + cfg.sde_window_size))
     return list(range(T))
 
@@ -459,10 +516,11 @@ def train_round(transformer, ref, optimizer, params, xs, logps, adv, cond, uncon
                 cfg: Config):
     """Recompute log p at the stored (x_j, t_j, x_j+1) with the current model. Gradients accumulate over
     micro-batches x trained steps, then a clipped AdamW step; updates_per_step of them per sampling round.
-    -> (per-micro-step loss stats, the last update's gradient norm)."""
+    An update whose gradient norm is not finite is skipped (a NaN would reach every weight through the step).
+    -> (per-micro-step loss stats, the last update's gradient norm, updates skipped)."""
     N = len(xs)
     per_update = N // cfg.updates_per_step  # samples per optimizer step
-    n_acc, stats = (per_update // cfg.train_batch_size) * len(train_js), []  # loss = mean over the n_acc terms
+    n_acc, stats, skipped = (per_update // cfg.train_batch_size) * len(train_js), [], 0  # loss: mean of n_acc
     for b in range(0, N, cfg.train_batch_size):
         mb, update = slice(b, b + cfg.train_batch_size), (b + cfg.train_batch_size) % per_update == 0
         for k, j in enumerate(train_js):
@@ -474,19 +532,32 @@ def train_round(transformer, ref, optimizer, params, xs, logps, adv, cond, uncon
             stats.append(st)
         if update:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2 DTensor
-            optimizer.step()
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP2
+            if math.isfinite(grad_norm):  # the same on every rank: all step or all skip
+                optimizer.step()
+            else:
+                print0(f"warning: non-finite gradient norm ({grad_norm}): optimizer step skipped, gradients dropped")
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
-    return stats, grad_norm
+    return stats, grad_norm, skipped
 
 
-def step_metrics(step: int, all_rewards, stats: list, grad_norm, sde_js: list, times: list) -> dict:
-    """One metrics.jsonl row: reward, loss stats averaged over micro-steps (ratio min/max as extremes), timings."""
+def step_metrics(step: int, all_rewards, stats: list, grad_norm: float, updates_skipped: int, sde_js: list,
+                 times: list, device) -> dict:
+    """One metrics.jsonl row, over all ranks: rewards (the skipped ones counted, left out of mean and std), loss
+    stats over all micro-steps (means; ratio min/max as extremes), the update's gradient norm; timings of rank 0."""
     t0, t1, t2, t3 = times
-    return {"step": step + 1, "reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std().item(),
-            **{k: float({"ratio_min": min, "ratio_max": max}.get(k, np.mean)([st[k] for st in stats]))
-               for k in stats[0]},
-            "grad_norm": grad_norm.item(), "sde_window": [sde_js[0], sde_js[-1]],
+    ok = all_rewards[torch.isfinite(all_rewards)]
+    means = [k for k in stats[0] if k not in ("ratio_min", "ratio_max")]
+    local = lambda f, k: torch.tensor([float(f([st[k] for st in stats]))], dtype=torch.float64, device=device)  # noqa
+    # every rank has as many micro-steps, so the mean over all of them is the mean of the ranks' means
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    agg = {k: all_reduce(local(np.mean, k)).item() / world for k in means}
+    agg["ratio_min"] = all_reduce(local(min, "ratio_min"), op=dist.ReduceOp.MIN).item()
+    agg["ratio_max"] = all_reduce(local(max, "ratio_max"), op=dist.ReduceOp.MAX).item()
+    return {"step": step + 1, "reward_mean": ok.mean().item(), "reward_std": ok.std().item(),
+            "reward_skipped": all_rewards.numel() - ok.numel(), **{k: agg[k] for k in stats[0]},
+            "grad_norm": grad_norm, "updates_skipped": updates_skipped, "sde_window": [sde_js[0], sde_js[-1]],
             "t_sample": t1 - t0, "t_reward": t2 - t1, "t_train": t3 - t2}
 
 
@@ -501,17 +572,61 @@ def save_before_after(cfg: Config, state: dict):
     save_image(torch.cat(grids, 1) / 255, os.path.join(cfg.out_dir, "before_after.png"))
 
 
+def check_config(cfg: Config, world: int = 1):
+    """Start-up checks: a setting that would fail later (after the model is loaded, or mid-run) or train nothing
+    stops here, naming the field."""
+    if cfg.kind not in ("sd3", "wan"):
+        raise ValueError(f"--kind={cfg.kind}: choose sd3 (StableDiffusion3Pipeline, images) or wan (WanPipeline, "
+                         "videos)")
+    if cfg.eta <= 0:
+        raise ValueError(f"--eta={cfg.eta}: Flow-GRPO needs eta > 0 (eta = 0 is the ODE sampler: no log-probs, so "
+                         "no gradient)")
+    if cfg.group_size < 2:
+        raise ValueError(f"--group_size={cfg.group_size}: the advantage compares the G samples of a prompt, G = 1 "
+                         "gives every sample advantage 0; use G >= 2")
+    if cfg.sde_window_size:  # Fast: the window start ~ U{lo, hi - size} must exist, its steps lie in 0..num_steps-1
+        r = cfg.sde_window_range
+        if len(r) != 2 or not 0 <= r[0] < r[1] <= cfg.num_steps:
+            raise ValueError(f"--sde_window_range={tuple(r)}: need (lo, hi) with 0 <= lo < hi <= "
+                             f"num_steps={cfg.num_steps}")
+        if not 0 < cfg.sde_window_size <= r[1] - r[0]:
+            raise ValueError(f"--sde_window_size={cfg.sde_window_size}: the window must fit in sde_window_range "
+                             f"{tuple(r)}: 1 .. {r[1] - r[0]} steps, or 0 = off")
+    elif not 0 < cfg.timestep_fraction <= 1 or int(cfg.num_steps * cfg.timestep_fraction) < 1:
+        raise ValueError(f"--num_steps={cfg.num_steps} --timestep_fraction={cfg.timestep_fraction}: the first "
+                         "int(num_steps * timestep_fraction) steps are trained: need >= 1 (fraction in (0, 1])")
+    for name in ("prompts_per_step", "sample_batch_size", "train_batch_size", "updates_per_step"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)}: must be >= 1")
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"--prompts_per_step={cfg.prompts_per_step} must be a multiple of the {world} ranks: each "
+                         "rank holds whole groups")
+    n = cfg.prompts_per_step // world * cfg.group_size  # samples per rank per step
+    if n % cfg.sample_batch_size:
+        raise ValueError(f"--sample_batch_size={cfg.sample_batch_size} must divide the {n} samples per rank "
+                         f"(prompts_per_step / {world} ranks x group_size)")
+    if n % (cfg.updates_per_step * cfg.train_batch_size):
+        raise ValueError(f"--train_batch_size={cfg.train_batch_size} x --updates_per_step={cfg.updates_per_step} "
+                         f"must divide the {n} samples per rank: each update takes whole micro-batches")
+    if cfg.ckpt_every < 0:
+        raise ValueError(f"--ckpt_every={cfg.ckpt_every}: steps between checkpoints, or 0 = only at the end")
+    if cfg.eval_every > 0 and cfg.num_eval_prompts < 1:
+        raise ValueError(f"--num_eval_prompts={cfg.num_eval_prompts} with --eval_every={cfg.eval_every}: an eval "
+                         "needs >= 1 prompt (or eval_every=0: no eval)")
+
+
 def main(cfg: Config):
     d = init_distributed(cfg.device)
+    check_config(cfg, d.world_size)
+    if not cfg.resume:  # before anything is written: another run's log and checkpoints stay as they are
+        refuse_old_run(cfg.out_dir)
+    train_prompts, eval_prompts = read_prompts(cfg)  # checked before the model is loaded
     random.seed(cfg.seed + d.rank)
     np.random.seed(cfg.seed + d.rank)
-    torch.manual_seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed + d.rank)  # the sampling noise: each rank its own
     W, G = d.world_size, cfg.group_size
     P = cfg.prompts_per_step // W  # prompts per rank; each rank holds whole groups
     N = P * G  # samples per rank per step
-    assert cfg.prompts_per_step % W == 0 and N % cfg.sample_batch_size == 0
-    assert N % (cfg.updates_per_step * cfg.train_batch_size) == 0, "each update takes whole micro-batches"
-    assert cfg.num_eval_prompts % W == 0, "every rank must run the same number of eval forwards"
     os.makedirs(cfg.out_dir, exist_ok=True)
     if d.is_main:
         print_config(cfg)
@@ -522,7 +637,6 @@ def main(cfg: Config):
     pipe, transformer, ref = load_pipeline(path, cfg, d)
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    train_prompts, eval_prompts = read_prompts(cfg)
     embed, reward_fn, shape = embedder(pipe, cfg, d.device), make_reward_fn(cfg, d.device), latent_shape(pipe, cfg)
     uncond = embed([""])  # the negative prompt "" for CFG, encoded once
     sigmas, timesteps = schedule(pipe.scheduler, cfg.num_steps)
@@ -537,6 +651,8 @@ def main(cfg: Config):
         print0(f"resumed from {latest_checkpoint(cfg.out_dir)} at step {state['step']}")
     run_eval = lambda s: evaluate(pipe, transformer, eval_prompts, embed, uncond, reward_fn, shape, cfg, d,  # noqa
                                   os.path.join(cfg.out_dir, f"eval_{s:06d}.png"))
+    if d.is_main and cfg.resume:  # rows logged after the checkpoint (before a stop) are logged again from here, and
+        keep_metrics_until(cfg.out_dir, state["step"] if state["step"] else -1)  # at step 0 the step-0 eval too
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if d.is_main else None
     if state["step"] == 0 and cfg.eval_every > 0:
         state["eval_before"] = run_eval(0)
@@ -547,25 +663,29 @@ def main(cfg: Config):
     for step in bar:
         t0 = time.time()
         # ---- sample: P prompts x G samples on this rank; SDE in the window (Fast) or everywhere, ODE elsewhere
-        pick = np.random.default_rng([cfg.seed, step]).choice(len(train_prompts), cfg.prompts_per_step, replace=False)
+        rng = np.random.default_rng([cfg.seed, step])  # the same on every rank and after --resume: a function of step
+        pick = rng.choice(len(train_prompts), cfg.prompts_per_step, replace=False)
         prompts = [train_prompts[i] for i in pick[d.rank * P:(d.rank + 1) * P] for _ in range(G)]  # data pos = f(step)
-        sde_js = sde_window(cfg, T)
+        sde_js = sde_window(cfg, T, rng)
         train_js = sde_js[:n_train]  # default: steps 0..T-2 (the very sharp last step is skipped)
         cond = embed(prompts)
         xs, logps, images = sample_round(pipe, transformer, prompts, cond, uncond, shape, sigmas, timesteps, cfg,
                                          sde_js, d.device)
         t1 = time.time()
         # ---- reward + advantage: rewards gathered from all ranks, normalised per group (or globally)
-        rewards = reward_fn(images, prompts)  # (N,)
+        rewards = score(reward_fn, images, prompts, cfg.sample_batch_size)  # (N,), NaN where the reward failed
         all_rewards = gather(rewards).view(-1, G)  # (prompts_per_step, G), rank-major rows
+        if not torch.isfinite(all_rewards).all():
+            print0(f"step {step + 1}: {(~torch.isfinite(all_rewards)).sum().item()} of {all_rewards.numel()} rewards "
+                   "failed or not finite: those samples skipped (advantage 0)")
         adv = compute_advantages(all_rewards, cfg.global_std, cfg.adv_clip_max)[d.rank * P:(d.rank + 1) * P].flatten()
         t2 = time.time()
         # ---- train
-        stats, grad_norm = train_round(transformer, ref, optimizer, params, xs, logps, adv, cond, uncond, sigmas,
-                                       timesteps, train_js, cfg)
+        stats, grad_norm, skipped = train_round(transformer, ref, optimizer, params, xs, logps, adv, cond, uncond,
+                                                sigmas, timesteps, train_js, cfg)
         t3 = time.time()
         # ---- log + eval + ckpt
-        m = step_metrics(step, all_rewards, stats, grad_norm, sde_js, [t0, t1, t2, t3])
+        m = step_metrics(step, all_rewards, stats, grad_norm, skipped, sde_js, [t0, t1, t2, t3], d.device)
         if cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
             m["eval_reward"] = state["eval_last"] = run_eval(step + 1)
         if d.is_main:
@@ -573,8 +693,8 @@ def main(cfg: Config):
             log.flush()
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", clip=f"{m['clipfrac']:.2f}",
                             **({"eval": f"{m['eval_reward']:.3f}"} if "eval_reward" in m else {}))
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(cfg.out_dir, step + 1, transformer, optimizer,
+        if (cfg.ckpt_every > 0 and (step + 1) % cfg.ckpt_every == 0) or step + 1 == cfg.max_steps:
+            save_checkpoint(cfg.out_dir, step + 1, finite(transformer, "checkpointed"), optimizer,  # good ones stay
                             {k: state[k] for k in ("eval_before", "eval_last")}, cfg.keep_last)
     if d.is_main:
         save_before_after(cfg, state)
