@@ -776,3 +776,20 @@ def test_sp_peers_share_the_first_ranks_rewards():
         mp.spawn(_score_on_sp_peers, args=(2, free_port(), out), nprocs=2, join=True)
         assert out[0] == out[1]
         assert out[1][0] == pytest.approx([0.1, 0.1]) and out[1][2] == [1.0, 1.0]
+
+
+def test_dp2_x_sp2_first_step_equals_dp2_x_sp1(tiny_run, tmp_path):
+    """4 gloo processes as 2 data-parallel groups of 2 SP peers give the first step of 2 data-parallel processes
+    without SP: the same rollouts, loss and gradient norm (each token counted once, on the SP peer that holds it;
+    the DP all-reduces over one peer of each group)."""
+    common = dict(max_steps=1, eval_data="", save_every=100, sp_split_rollout=False, sft_steps=12, sft_lr=2e-2,
+                  sft_batch_size=8, n=8, temperature=1.5, max_new_tokens=16)
+    rows = {}
+    for name, nproc, sp in (("dp2", 2, 1), ("dp2sp2", 4, 2)):
+        cfg = tiny_cfg(tiny_run, tmp_path / name, sp_size=sp, **common)
+        assert f"dp 2 x sp {sp}" in torchrun("train_grpo.py", [write_preset(cfg, tmp_path / f"{name}.py")], nproc)
+        rows[name] = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
+    one, two = rows["dp2"], rows["dp2sp2"]
+    assert one["reward"] == two["reward"] and one["response_len"] == two["response_len"] and one["loss"] != 0.0
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-6)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
