@@ -81,7 +81,9 @@ class StaticKV:
     def attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """transformers' attention interface, for decoding through the model's own layers."""
         self.write(module.layer_idx, key, value)
-        if key.shape[2] > 1:  # the prompt: plain SDPA over its own keys, with transformers' causal+padding mask
+        # the prompt (its rows are the prompts, not the cache's P x n sample rows: also a prompt of one token):
+        # plain SDPA over its own keys, with transformers' causal+padding mask
+        if key.shape[2] > 1 or key.shape[0] != self.shape[1]:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0)
         return self.decode(module.layer_idx, query, scaling or query.shape[-1] ** -0.5), None
 
@@ -211,13 +213,14 @@ def fused_forward(model, kv: StaticKV, compile_kernels: bool = False, concat_wei
             cos, sin = cos[0], sin[0]
         cos, sin = cos[:, :, None], sin[:, :, None]                          # [B, S, 1, D] against [B, S, heads, D]
         x = norm(h, layers[0]["norm1"], layers[0]["eps"])
-        mask = kv.decode_mask(h.dtype) if S == 1 else prompt_mask            # the same for every layer
+        decode = S == 1 and B == kv.shape[1]  # else the prompt pass (P rows, not P x n: also 1-token prompts)
+        mask = kv.decode_mask(h.dtype) if decode else prompt_mask            # the same for every layer
         for i, w in enumerate(layers):
             q, k, v = project(x, w["qkv"], w["qkv_bias"], w["sizes"])
             q, k = rope(q.view(B, S, -1, D), k.view(B, S, -1, D), cos, sin, w["q_norm"], w["k_norm"], w["qk_eps"])
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, S, -1, D).transpose(1, 2)  # [B, heads, S, D]
             kv.write(i, k, v)
-            if S == 1:
+            if decode:
                 att = kv.decode(i, q, scale, mask)                           # [B, 1, H, D]
             else:  # the prompt's own keys: causal (cuDNN / flash kernels), or causal + padding with a mask
                 att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,

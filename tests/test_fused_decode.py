@@ -166,3 +166,17 @@ def test_no_kv_cache_outlives_the_rollout(tiny, videos, fused):
     rollout.hf_generate(model, processor, prompts, n=3, max_new_tokens=4, static_cache=True, fused=fused,
                         cuda_graph=False)
     assert not kv_buffers()
+
+
+@pytest.mark.parametrize("engine", ["static", "fused"])
+def test_one_token_prompts_with_several_samples(tiny, engine):
+    """A prompt pass of one-token prompts has S = 1 like a decode step, but P rows, not the cache's P x n: it is
+    still the prompt pass (before: a shape error, or n^2 rows for one prompt). Same samples as DynamicCache."""
+    _, model, processor = tiny["qwen2_5_vl"]
+    prompts = text_prompts([1, 1])
+    kw = dict(n=2, temperature=1.0, max_new_tokens=5, seed=3)
+    ref = rollout.hf_generate(model, processor, prompts, static_cache=False, **kw)
+    out = rollout.hf_generate(model, processor, prompts, static_cache=True, fused=engine == "fused",
+                              cuda_graph=False, **kw)
+    assert [o.response_ids for o in out] == [o.response_ids for o in ref]
+    assert max(abs(a - b) for s, r in zip(out, ref) for a, b in zip(s.logprobs, r.logprobs)) < 1e-4
