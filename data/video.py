@@ -67,7 +67,8 @@ class VideoInfo:
 class SampledVideo:
     frames: np.ndarray  # uint8 [T, H, W, 3], RGB
     timestamps: np.ndarray  # float64 [T], seconds from the start of the video stream
-    indices: list  # frame indices into the source video
+    indices: list  # frame indices into the source video (variable frame rate: nominal, time x average fps;
+                   # the timestamps are the decoded frames' own)
     fps: float  # source average fps
     total_frames: int  # source frame count
     duration: float  # source duration in seconds
@@ -133,11 +134,23 @@ def _video_stream(container, path):
     return streams[0]
 
 
+def _tagged_duration(stream) -> float:
+    """The stream's own duration tag in seconds (Matroska / WebM: DURATION = "00:00:10.000000000"), 0 without."""
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration") or ""
+    try:
+        h, m, sec = tag.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return 0.0
+
+
 def _info(container, stream, path) -> VideoInfo:
     tb = stream.time_base
     fps = float(stream.average_rate or stream.guessed_rate or 0)
     if stream.duration:
         duration = float(stream.duration * tb)
+    elif _tagged_duration(stream) > 0:  # mkv: the video's own length, not the container's (a longer audio track)
+        duration = _tagged_duration(stream)
     elif container.duration:  # container duration can include a longer audio track; END_SLACK_S absorbs it
         duration = container.duration / av.time_base
     else:
@@ -355,20 +368,30 @@ def _chain(first, rest):
 
 
 def load_audio(path, sr=16000) -> np.ndarray:
-    """Mono float32 waveform of the first audio track, resampled to sr. ValueError if there is none."""
+    """Mono float32 waveform of the first audio track, resampled to sr, on the video's clock: sample 0 is the
+    video's first instant (an audio track that starts later is preceded by silence, one that starts earlier is
+    cut), as the Omni layout puts audio token j at j / 25 s of video time. ValueError if there is no audio."""
     with _open(path) as container:
         if not container.streams.audio:
             raise ValueError(f"{path}: no audio track")
         stream = container.streams.audio[0]
+        video = container.streams.video[0] if container.streams.video else None
+        video_start = float(video.start_time * video.time_base) if video is not None and video.start_time else 0.0
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sr)
-        chunks = []
+        chunks, audio_start = [], None
         try:
             for frame in container.decode(stream):
+                if audio_start is None and frame.time is not None:
+                    audio_start = frame.time  # seconds, the stream's first decoded sample
                 chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
             chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]  # flush the resampler
         except av.error.FFmpegError as e:
             raise ValueError(f"{path}: corrupt audio stream ({e})") from e
-    return np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    wave = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    if video is None or audio_start is None:
+        return wave
+    shift = int(round((audio_start - video_start) * sr))  # > 0: the audio starts after the video
+    return np.concatenate([np.zeros(shift, np.float32), wave]) if shift > 0 else wave[-shift:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -457,3 +457,37 @@ def test_audio_only_file_still_loads_audio(tmp_path):
     path = write_audio_only(tmp_path / "speech.m4a", seconds=2.0)
     wav = load_audio(path)
     assert abs(len(wav) / 16000 - 2.0) < 0.1
+
+
+def test_mkv_with_a_longer_audio_track_has_the_videos_length(tmp_path):
+    """Matroska stores no frame count nor stream duration, but a per-stream DURATION tag: a 10 s video with 15 s of
+    audio is 10 s and 100 frames (before: the container's 15 s, 151 frames, and a valid file refused as truncated)."""
+    path = str(tmp_path / "long_audio.mkv")
+    write_video(path, [np.full((32, 32, 3), 2 * i, np.uint8) for i in range(100)], 10,
+                audio=np.zeros(15 * 16000, np.float32))
+    info = probe(path)
+    assert info.duration == pytest.approx(10.0) and info.num_frames == 100
+    assert sample_frames(path, num_frames=8).indices == [0, 14, 28, 42, 57, 71, 85, 99]
+
+
+def test_audio_that_starts_after_the_video_is_placed_on_the_videos_clock(tmp_path):
+    """A click at every whole second of video time, in an audio track that starts 1 s after the video: load_audio's
+    sample 0 is video time 0 (silence first), so the clicks land at 1, 2, 3 s (before: 1 s early)."""
+    path, sr = str(tmp_path / "late_audio.mp4"), 16000
+    clicks = np.zeros(5 * sr, np.float32)
+    clicks[::sr] = 0.8  # the audio's own seconds 0..4 = video seconds 1..5
+    with av.open(path, "w") as out:
+        vs = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=10)
+        vs.width, vs.height, vs.pix_fmt = 32, 32, "yuv420p"
+        aus = out.add_stream("aac", rate=sr, layout="mono")
+        for i in range(60):
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), i, np.uint8), format="rgb24")))
+        out.mux(vs.encode())
+        for s in range(0, len(clicks), 1024):
+            frame = av.AudioFrame.from_ndarray(clicks[None, s:s + 1024], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = sr, sr + s, Fraction(1, sr)  # starts at 1 s
+            out.mux(aus.encode(frame))
+        out.mux(aus.encode())
+    wave = load_audio(path, sr)
+    onsets = np.flatnonzero((np.abs(wave[1:]) > 0.3) & (np.abs(wave[:-1]) <= 0.3)) / sr
+    assert onsets[:4] == pytest.approx([1.0, 2.0, 3.0, 4.0], abs=0.01)
