@@ -303,10 +303,13 @@ def keep_metrics_until(out_dir: str, step: int):
 
 
 class MetricsLog:
-    """One json line per step in out_dir/metrics.jsonl, written by rank 0 (and to tensorboard / W&B if asked)."""
+    """One json line per step in out_dir/metrics.jsonl, written by rank 0 (and to tensorboard / W&B if asked),
+    continuing at start_step (a resumed run: rows logged past it before the stop are dropped, keep_metrics_until)."""
 
     def __init__(self, out_dir: str, is_main: bool, tensorboard: bool = False, wandb_project: str = "",
-                 config: dict = None):
+                 config: dict = None, start_step: int = 0):
+        if is_main:
+            keep_metrics_until(out_dir, start_step)
         self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if is_main else None
         self.tb = self.wandb = None
         if is_main and tensorboard:

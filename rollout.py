@@ -629,6 +629,8 @@ def evaluate_all(policy, processor, samples: list, cfg, engine, tag: str, out_di
     if rank == 0:
         with open(os.path.join(out_dir, f"eval_{tag}.jsonl"), "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in res["predictions"])
+        if out["skipped"]:  # videos that did not load, counted over all ranks (each rank's names stay with it)
+            print(f"eval {tag}: {out['skipped']} of {len(samples)} held-out videos skipped (not loadable)")
     return out
 
 

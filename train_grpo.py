@@ -26,9 +26,8 @@ from tqdm import tqdm
 
 import rollout
 import vlm
-from common import (MetricsLog, Dist, all_reduce, exit_distributed, finite, gpu_used_gib, keep_metrics_until,
-                    latest_checkpoint, load_checkpoint, load_model_weights, plot_curve, print0, profiled,
-                    save_checkpoint)
+from common import (MetricsLog, Dist, all_reduce, exit_distributed, finite, gpu_used_gib, latest_checkpoint,
+                    load_checkpoint, load_model_weights, plot_curve, print0, profiled, save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from data.rewards import JudgeConfig, RewardStats, compute_rewards
@@ -625,10 +624,7 @@ def main(cfg: Config):
     def evaluate(tag: str) -> dict:  # greedy held-out accuracy over all ranks, through the engine if there is one
         if engine:
             engine.wake()
-        ev = rollout.evaluate_all(policy, processor, held_out, cfg, engine, tag, cfg.out_dir)
-        if ev["skipped"]:  # videos that did not load: counted over all ranks (evaluate_all returns no names)
-            print0(f"eval {tag}: {ev['skipped']} of {len(held_out)} held-out videos skipped (not loadable)")
-        return ev
+        return rollout.evaluate_all(policy, processor, held_out, cfg, engine, tag, cfg.out_dir)
 
     if engine:  # the engine starts from the warmed-up (or resumed) policy, before any evaluation
         engine.load_weights(rollout.full_tensors(finite(model, "pushed into vLLM")))
@@ -637,9 +633,7 @@ def main(cfg: Config):
         curve.append({"step": 0, **ev})
         print0(f"held-out before GRPO: accuracy {ev['accuracy']:.3f}, format {ev['format']:.3f} "
                f"({ev['num_scored']} videos, {ev['skipped']} skipped)")
-    if d.is_main:  # rows past the checkpoint (logged before a stop, not saved) are logged again from here
-        keep_metrics_until(cfg.out_dir, start_step)
-    log = MetricsLog(cfg.out_dir, d.is_main, cfg.tensorboard, cfg.wandb_project, cfg.__dict__)
+    log = MetricsLog(cfg.out_dir, d.is_main, cfg.tensorboard, cfg.wandb_project, cfg.__dict__, start_step)
     bar = tqdm(range(start_step, cfg.max_steps), desc="grpo", disable=not (cfg.progress and d.is_main),
                initial=start_step, total=cfg.max_steps)
     for step in bar:

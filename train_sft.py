@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import rollout
 import vlm
-from common import (MetricsLog, exit_distributed, finite, keep_metrics_until, latest_checkpoint, load_checkpoint,
-                    plot_curve, print0, save_checkpoint)
+from common import (MetricsLog, exit_distributed, finite, latest_checkpoint, load_checkpoint, plot_curve, print0,
+                    save_checkpoint)
 from configurator import parse_config
 from data.datasets import Loader, load_jsonl
 from policy import (PolicyConfig, build_policy, placeholder_seq, sft_nll, sft_step, start_run, target_seqs,
@@ -135,19 +135,12 @@ def main(cfg: Config):
                                   (prompts, skipped) if spi.sp_size == 1 else None)
         return {"eval_loss": loss, **ev}
 
-    def report_skips(tag: str, ev: dict):  # videos that did not load: counted over all ranks (no names returned)
-        if ev["skipped"]:
-            print0(f"eval {tag}: {ev['skipped']} of {len(held_out)} held-out videos skipped (not loadable)")
-
     if held_out and not last:
         ev = evaluate("step0")
-        report_skips("step0", ev)
         curve.append({"step": 0, **ev})
         print0(f"held-out before SFT: loss {ev['eval_loss']:.3f}, accuracy {ev['accuracy']:.3f}, "
                f"format {ev['format']:.3f} ({ev['num_scored']} videos, {ev['skipped']} skipped)")
-    if d.is_main:  # rows past the checkpoint (logged before a stop, not saved) are logged again from here
-        keep_metrics_until(cfg.out_dir, start_step)
-    log = MetricsLog(cfg.out_dir, d.is_main, cfg.tensorboard, cfg.wandb_project, cfg.__dict__)
+    log = MetricsLog(cfg.out_dir, d.is_main, cfg.tensorboard, cfg.wandb_project, cfg.__dict__, start_step)
     bar = tqdm(range(start_step, cfg.max_steps), desc="sft", disable=not (cfg.progress and d.is_main),
                initial=start_step, total=cfg.max_steps)
     for step in bar:
@@ -177,7 +170,6 @@ def main(cfg: Config):
         # the last step's evaluation too, before its checkpoint: a run extended with --resume keeps it in its curve
         if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
             ev = evaluate(f"step{step + 1}")
-            report_skips(f"step{step + 1}", ev)
             curve.append({"step": step + 1, **ev})
             metrics.update(eval_loss=ev["eval_loss"], eval_accuracy=ev["accuracy"], eval_skipped=ev["skipped"])
         log.write(metrics, step + 1)
@@ -191,7 +183,6 @@ def main(cfg: Config):
     # the final evaluation ran in the loop; here only if no step ran and the resumed checkpoint's curve lacks it
     if held_out and (not curve or curve[-1]["step"] != cfg.max_steps):
         ev = evaluate(f"step{cfg.max_steps}")
-        report_skips(f"step{cfg.max_steps}", ev)
         curve.append({"step": cfg.max_steps, **ev})
     if curve:
         result.update(before=curve[0]["accuracy"], after=curve[-1]["accuracy"], curve=curve)

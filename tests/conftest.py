@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,15 @@ def torchrun(script: str, args: list, nproc: int = 2, timeout: int = 300) -> str
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout
+
+
+def eval_with_missing_videos(run_dir, tmp_path) -> str:
+    """tiny_run's first 4 held-out rows, the first 2 pointing at videos that do not exist: an eval file to skip 2 of."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "data", "eval.jsonl"))][:4]
+    for k, r in enumerate(rows):
+        r["video"] = f"moved/{k}.mp4" if k < 2 else os.path.join(run_dir, "data", r["video"])
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(tmp_path / "eval.jsonl")
 
 
 @pytest.fixture(scope="module")

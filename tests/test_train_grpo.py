@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 import common as C
 import train_grpo as T
-from conftest import ROOT, torchrun, write_preset
+from conftest import ROOT, eval_with_missing_videos, torchrun, write_preset
 
 
 # ---- algorithms, by hand ---------------------------------------------------------------------------------
@@ -498,11 +498,7 @@ def test_a_run_without_resume_in_an_old_runs_folder_is_refused(tiny_run, tmp_pat
 def test_skipped_eval_videos_are_reported_and_logged(tiny_run, tmp_path, capsys):
     """Held-out rows whose video does not load are skipped: the count is printed with each evaluation and logged
     as eval_skipped (not only 'held-out ... (2 videos)')."""
-    rows = [json.loads(line) for line in open(os.path.join(tiny_run, "data", "eval.jsonl"))][:4]
-    for k, r in enumerate(rows):
-        r["video"] = f"moved/{k}.mp4" if k < 2 else os.path.join(tiny_run, "data", r["video"])
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=1, eval_data=str(tmp_path / "eval.jsonl")))
+    T.main(tiny_cfg(tiny_run, tmp_path / "run", max_steps=1, eval_data=eval_with_missing_videos(tiny_run, tmp_path)))
     out = capsys.readouterr().out
     assert "(2 videos, 2 skipped)" in out and "eval step1: 2 of 4 held-out videos skipped" in out
     assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["eval_skipped"] == 2

@@ -17,7 +17,7 @@ import policy as P
 import train_grpo as T
 import train_sft as S
 import vlm
-from conftest import torchrun, write_preset
+from conftest import eval_with_missing_videos, torchrun, write_preset
 from data.datasets import Sample
 
 
@@ -143,11 +143,7 @@ def test_sft_refuses_an_old_runs_folder_without_resume(tiny_run, tmp_path):
 
 
 def test_sft_reports_skipped_eval_videos_and_names_a_too_small_dataset(tiny_run, tmp_path, capsys):
-    rows_ = [json.loads(line) for line in open(os.path.join(tiny_run, "data", "eval.jsonl"))][:4]
-    for k, r in enumerate(rows_):
-        r["video"] = f"moved/{k}.mp4" if k < 2 else os.path.join(tiny_run, "data", r["video"])
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_))
-    S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=1, eval_data=str(tmp_path / "eval.jsonl")))
+    S.main(sft_cfg(tiny_run, tmp_path / "run", max_steps=1, eval_data=eval_with_missing_videos(tiny_run, tmp_path)))
     out = capsys.readouterr().out
     assert "(2 videos, 2 skipped)" in out and "eval step1: 2 of 4 held-out videos skipped" in out
     assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["eval_skipped"] == 2
